@@ -1,0 +1,65 @@
+"""Reproduce the bundled sample checkpoints and data bundles (needs Debian's dataset-fashion-mnist).
+
+    python sample_checkpoints/make_samples.py [--force]
+
+Trains ResNet-18-CIFAR (width 16, 701k parameters) on 30,000 Fashion-MNIST training images
+(seeded subset) with beta-scheduled momentum, once with SGD and once with Adam, same seed and
+data, and tests each epoch on the full 10,000-image test set. Writes beside this file:
+- fmnist_resnet18w16_sgd_beta.safetensors, fmnist_resnet18w16_adam_beta.safetensors
+- fmnist_test_3k.safetensors: 3,000 test images (seeded), the default data of `rank`
+- fmnist_train_5k.safetensors: 5,000 training images the samples never saw, for `repair`
+The checkpoints record the two bundles as their default data, so they run with no --data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from beta_diag import checkpoint, data
+from beta_diag.schedules import MomentumSchedule
+from beta_diag.training import OptimizerName, TrainConfig, train
+
+HERE = Path(__file__).resolve().parent
+TRAIN_LIMIT, SEED = 30_000, 0
+RUNS = {
+    "fmnist_resnet18w16_sgd_beta.safetensors": TrainConfig(epochs=6, lr=0.05, optimizer=OptimizerName.sgd, weight_decay=5e-4),
+    "fmnist_resnet18w16_adam_beta.safetensors": TrainConfig(epochs=6, lr=0.002, optimizer=OptimizerName.adam, weight_decay=0.0),
+}
+BUNDLES = {"train": "fmnist_train_5k.safetensors", "test": "fmnist_test_3k.safetensors"}
+
+
+def make_bundles(force: bool) -> None:
+    full_train = data.load("fashion-mnist", "train")
+    unseen = data.subset_index(len(full_train), 5_000, SEED, skip=TRAIN_LIMIT)  # after the 30k trained on
+    test = data.load("fashion-mnist", "test")
+    for split, ds in (("train", full_train.subset(unseen)), ("test", test.subset(data.subset_index(len(test), 3_000, SEED)))):
+        out = HERE / BUNDLES[split]
+        if force or not out.exists():
+            data.save_bundle(out, replace(ds, split=split))
+            print(f"wrote {out.name}: {len(ds)} images", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument("--only", choices=sorted(RUNS), help="train one checkpoint only")
+    args = parser.parse_args()
+    make_bundles(args.force)
+    for name, config in RUNS.items():
+        if args.only and name != args.only:
+            continue
+        start = time.perf_counter()
+        result = train("resnet18_cifar", "fashion-mnist", arch_kwargs={"width": 16}, config=config, limit=TRAIN_LIMIT)
+        defaults = {split: {"spec": file, "split": split} for split, file in BUNDLES.items()}
+        meta = replace(result.metadata, data=defaults)
+        checkpoint.save(HERE / name, result.model.state_dict(), meta, force=args.force)
+        last = meta.history[-1]
+        print(f"wrote {name}: test accuracy {last['test_acc']:.4f} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

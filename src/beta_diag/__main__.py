@@ -1,0 +1,3 @@
+from beta_diag.cli import main
+
+main()

@@ -1,0 +1,325 @@
+"""Checkpoint files: ``.safetensors`` with metadata, ``.pt/.pth`` state dicts, HF-style folders.
+
+Metadata lives in the safetensors header (``__metadata__``, string values, JSON where
+structured). ``.pt/.pth`` files are read with ``torch.load(weights_only=True)`` only.
+Writes are atomic: a temporary name beside the target, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from beta_diag import models
+from beta_diag.errors import CheckpointError, OutputError
+
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+# Metadata keys stored as JSON; everything else is a plain string.
+_JSON_KEYS = ("arch_kwargs", "num_classes", "input_shape", "mean", "std", "class_names", "data", "training", "history", "repair")
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What a checkpoint says about itself. ``extra`` carries provenance (training, history, repair)."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    input_shape: tuple[int, int, int] | None = None  # (C, H, W)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    dataset: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # {"train": {"spec", "split"}, "test": {...}}
+    training: dict[str, Any] = field(default_factory=dict)
+    history: tuple[dict[str, Any], ...] = ()
+    repair: dict[str, Any] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        out = {"format": "beta-diag", "format_version": FORMAT_VERSION}
+        for key, value in self.to_dict().items():
+            if value in (None, {}, (), []):
+                continue
+            out[key] = json.dumps(value) if key in _JSON_KEYS else str(value)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "mean": list(self.mean) if self.mean else None,
+            "std": list(self.std) if self.std else None,
+            "class_names": list(self.class_names) if self.class_names else None,
+            "dataset": self.dataset,
+            "data": self.data,
+            "training": self.training,
+            "history": list(self.history),
+            "repair": self.repair,
+        }
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str], source: str) -> Metadata:
+        values: dict[str, Any] = {}
+        for key in ("arch", "dataset", *_JSON_KEYS):
+            if key not in raw:
+                continue
+            value: Any = raw[key]
+            if key in _JSON_KEYS and isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    raise CheckpointError(f"{source}: metadata '{key}' is not valid JSON: re-save the checkpoint") from None
+            values[key] = value
+        return cls.from_dict(values, source)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str) -> Metadata:
+        def check(key: str, ok: bool, want: str) -> None:
+            if key in values and values[key] is not None and not ok:
+                raise CheckpointError(f"{source}: metadata '{key}' must be {want}, got {values[key]!r}: fix or remove it")
+
+        v = values
+        check("arch", isinstance(v.get("arch"), str), "a string")
+        check("arch_kwargs", isinstance(v.get("arch_kwargs"), dict), "a JSON object")
+        check("num_classes", isinstance(v.get("num_classes"), int) and v.get("num_classes", 0) > 0, "a positive integer")
+        check("input_shape", _int_list(v.get("input_shape"), 3), "a list of 3 integers [C, H, W]")
+        check("mean", _num_list(v.get("mean")), "a list of numbers")
+        check("std", _num_list(v.get("std")) and all(s > 0 for s in v.get("std") or [1]), "a list of positive numbers")
+        check("class_names", isinstance(v.get("class_names"), list), "a list of strings")
+        check("data", isinstance(v.get("data"), dict), "a JSON object")
+        check("history", isinstance(v.get("history"), list), "a list")
+        return cls(
+            arch=v.get("arch"),
+            arch_kwargs=v.get("arch_kwargs") or {},
+            num_classes=v.get("num_classes"),
+            input_shape=tuple(v["input_shape"]) if v.get("input_shape") else None,
+            mean=tuple(v["mean"]) if v.get("mean") else None,
+            std=tuple(v["std"]) if v.get("std") else None,
+            class_names=tuple(str(c) for c in v["class_names"]) if v.get("class_names") else None,
+            dataset=v.get("dataset"),
+            data=v.get("data") or {},
+            training=v.get("training") or {},
+            history=tuple(v.get("history") or ()),
+            repair=v.get("repair") or {},
+        )
+
+
+def _int_list(value: Any, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(isinstance(x, int) and x > 0 for x in value)
+
+
+def _num_list(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(x, (int, float)) for x in value)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Weights plus metadata, as read from ``path``."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    metadata: Metadata
+    sha256: str
+
+    def with_overrides(self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> Checkpoint:
+        """The same checkpoint with the architecture given by hand (``--arch``)."""
+        meta = self.metadata
+        if arch is not None:
+            meta = replace(meta, arch=arch)
+        if arch_kwargs:
+            meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **arch_kwargs})
+        return replace(self, metadata=meta)
+
+    def build_model(self) -> nn.Module:
+        """Build the architecture named in the metadata and load the weights strictly (eval mode)."""
+        meta = self.metadata
+        if not meta.arch:
+            raise CheckpointError(f"{self.path}: metadata has no 'arch': pass --arch, e.g. --arch resnet18_cifar")
+        kwargs = dict(meta.arch_kwargs)
+        if meta.num_classes is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = meta.num_classes
+        model = models.build(meta.arch, kwargs)
+        load_weights(model, self.state_dict, str(self.path))
+        return model.eval()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _describe_keys(kind: str, keys: list[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+    return f"{len(keys)} {kind} ({shown})"
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error listing missing/unexpected keys and shape mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = [_describe_keys(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(
+            f"{source}: weights do not match architecture: {'; '.join(parts)}: pass the --arch (and its arguments) the checkpoint was trained with"
+        )
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state_dict[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(
+            f"{source}: {len(wrong)} weight shape(s) differ from the architecture (file vs model): {', '.join(sorted(wrong)[:3])}: "
+            "pass the architecture arguments the checkpoint was trained with (e.g. --arch-arg width=16)"
+        )
+    bad = {}
+    for k, t in state_dict.items():
+        if t.is_floating_point():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                group = k.split(".")[0]
+                bad[group] = bad.get(group, 0) + n
+    if bad:
+        listed = ", ".join(f"{g}: {n}" for g, n in sorted(bad.items()))
+        raise CheckpointError(f"{source}: weights hold NaN/Inf values ({listed}): the checkpoint is corrupt; retrain or restore it")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: file is empty or truncated ({size} bytes), not a safetensors checkpoint: re-save or re-download it")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise CheckpointError(
+            f"{path}: header claims {header_len} bytes but the file has {size}: not a safetensors file, or truncated; re-save or re-download it"
+        )
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}): re-save or re-download it") from None
+    return tensors, raw_meta
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: the file holds Python objects beyond plain tensors, and beta-diag only loads with "
+            "weights_only=True; re-save it with torch.save(model.state_dict(), path) or as .safetensors"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(exc).__name__}): re-save it with torch.save(model.state_dict(), path)") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors: re-save it with torch.save(model.state_dict(), path)")
+    return obj
+
+
+def load(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint: ``.safetensors``, ``.pt``/``.pth``, or a folder with ``model.safetensors``.
+
+    Raises CheckpointError with the fix for every unreadable or unsafe input.
+    Example: ``ckpt = load('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors')``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file: check the path")
+    config: dict[str, Any] = {}
+    file = path
+    if path.is_dir():
+        file = path / "model.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{path}: folder has no model.safetensors: pass the checkpoint file itself")
+        if (path / "config.json").is_file():
+            try:
+                config = json.loads((path / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{path / 'config.json'}: not valid JSON: fix or remove it") from None
+    suffix = file.suffix.lower()
+    if suffix == ".safetensors":
+        tensors, raw = _read_safetensors(file)
+        meta_values: dict[str, Any] = dict(Metadata.from_strings(raw, str(file)).to_dict())
+        if config:
+            meta_values = {**{k: v for k, v in config.items() if k in meta_values}, **{k: v for k, v in meta_values.items() if v not in (None, {}, [])}}
+        metadata = Metadata.from_dict(meta_values, str(file))
+    elif suffix in (".pt", ".pth", ".bin"):
+        tensors, metadata = _read_torch(file), Metadata()
+    else:
+        raise CheckpointError(f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors")
+    return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file))
+
+
+def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that is an input, exists (without ``force``) or sits in a missing folder."""
+    for src in inputs:
+        if src.exists() and out.exists() and out.resolve() == src.resolve():
+            raise OutputError(f"{out}: output would overwrite an input: choose another -o path")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists: choose another -o path or pass --force")
+    if out.exists() and out.is_dir():
+        raise OutputError(f"{out}: is a folder: pass a file path to -o")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: folder does not exist: create it or choose another -o path")
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError(f"{out.parent}: folder is not writable: choose another -o path")
+
+
+@contextlib.contextmanager
+def atomic_path(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save(
+    path: str | os.PathLike[str],
+    state_dict: dict[str, torch.Tensor],
+    metadata: Metadata,
+    force: bool = False,
+    inputs: tuple[Path, ...] = (),
+) -> str:
+    """Write a ``.safetensors`` checkpoint atomically; returns its sha256."""
+    out = Path(path)
+    if out.suffix.lower() != ".safetensors":
+        raise OutputError(f"{out}: outputs are written as safetensors: give -o a name ending in .safetensors")
+    check_output(out, force, inputs)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    with atomic_path(out) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata.to_strings())
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write ({exc.strerror}): choose another -o path") from None
+    return file_sha256(out)

@@ -1,0 +1,201 @@
+"""The ``beta-diag`` command line: each command parses, calls one library function, renders."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from beta_diag import checkpoint, groups, models, plots, report, schedules
+from beta_diag.errors import BetaDiagError, ConfigError
+from beta_diag.schedules import MomentumSchedule
+from beta_diag.training import OptimizerName, TrainConfig
+
+app = typer.Typer(
+    name="beta-diag", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Find the layer groups that carry a classifier's errors, compare across optimizers, repair just those.",
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON only on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show the traceback of an error (for bug reports).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")]
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")]
+ArchArgOpt = Annotated[Optional[list[str]], typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")]
+CkptArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw a PNG figure to this path.")]
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into ``Error: ...`` + exit 1, Ctrl-C into exit 130; tracebacks only with --verbose."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = kwargs.get("verbose", False)
+        try:
+            return func(*args, **kwargs)
+        except BetaDiagError as exc:
+            if verbose:
+                traceback.print_exc()
+            print(f"Error: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print("Error: interrupted; no output was written", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:  # a bug: say so, keep the traceback for --verbose
+            if verbose:
+                traceback.print_exc()
+            print(f"Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
+    """``["width=16", "name=x"]`` -> ``{"width": 16, "name": "x"}`` (values parsed as JSON when they can be)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--arch-arg '{item}' is not KEY=VALUE: write e.g. --arch-arg width=16")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_checkpoint(path: Path, arch: str | None, arch_args: list[str] | None) -> checkpoint.Checkpoint:
+    return checkpoint.load(path).with_overrides(arch, parse_arch_args(arch_args))
+
+
+@app.command()
+@handle_errors
+def train(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
+    arch: Annotated[str, typer.Option("--arch", "--model", help="Architecture name or package.module:factory.")] = "resnet18_cifar",
+    arch_arg: ArchArgOpt = None,
+    data: Annotated[str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")] = "fashion-mnist",
+    test_data: Annotated[Optional[str], typer.Option("--test-data", help="Test data spec (default: the test split of --data).")] = None,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName.sgd,
+    momentum: Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule.")] = MomentumSchedule.beta,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.05 for sgd, 0.001 for adam/adamw).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 5e-4,
+    warmup: Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")] = 0.0,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "auto",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a seeded subset of N images.")] = None,
+    test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a model with a momentum schedule and save it with its per-epoch history."""
+    from beta_diag.training import train as train_model
+
+    checkpoint.check_output(output, force)
+    if output.suffix.lower() != ".safetensors":
+        raise ConfigError(f"{output}: outputs are written as safetensors: give -o a name ending in .safetensors")
+    config = TrainConfig(
+        epochs=epochs, lr=lr if lr is not None else (0.05 if optimizer is OptimizerName.sgd else 0.001), batch_size=batch_size,
+        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup, augment=augment, seed=seed, device=device,
+    )
+    with report.progress(quiet or as_json) as progress:
+        result = train_model(arch, data, test_data, parse_arch_args(arch_arg), config, limit, test_limit, progress)
+    sha = checkpoint.save(output, result.model.state_dict(), result.metadata, force=force)
+    history = list(result.metadata.history)
+    summary = {"path": str(output), "sha256": sha, "history": history, "regimes": schedules.regime_fractions(history)}
+    report.print_json(summary) if as_json else report.train_summary(summary)
+
+
+def describe(ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
+    """The ``info`` figures: metadata, parameters per group, history summary."""
+    info: dict[str, Any] = {"path": str(ckpt.path), "sha256": ckpt.sha256, "metadata": ckpt.metadata.to_dict()}
+    info["metadata"].pop("history")
+    if ckpt.metadata.arch:
+        model = ckpt.build_model()
+        found = groups.layer_groups(model)
+        total = sum(g.numel for g in found)
+        info["parameters"] = total
+        info["groups"] = [{"name": g.name, "numel": g.numel, "share": g.numel / total} for g in found]
+    else:
+        info["tensors"] = len(ckpt.state_dict)
+        info["parameters"] = sum(t.numel() for t in ckpt.state_dict.values())
+    info["history_summary"] = report.history_summary(ckpt.metadata.history)
+    return info
+
+
+@app.command()
+@handle_errors
+def info(
+    ckpt: CkptArg,
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """What a checkpoint holds: metadata, parameters per layer group, training history."""
+    result = describe(load_checkpoint(ckpt, arch, arch_arg))
+    report.print_json(result) if as_json else report.info_table(result)
+
+
+@app.command()
+@handle_errors
+def schedule(
+    ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint whose training history to show (omit to plan a schedule).")] = None,
+    momentum: Annotated[Optional[list[MomentumSchedule]], typer.Option("--momentum", help="Schedule(s) to plan; repeatable.")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the planned schedule.")] = 0.1,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 200,
+    steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch", min=1)] = 391,
+    warmup: Annotated[float, typer.Option("--warmup", min=0.0)] = 0.0,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName.sgd,
+    plot: PlotOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """LR, momentum, critical momentum, damping ratio and regime per epoch: of a checkpoint, or planned."""
+    if ckpt is not None:
+        if momentum:
+            raise ConfigError("--momentum plans a schedule without a checkpoint: drop it, or drop the checkpoint")
+        loaded = checkpoint.load(ckpt)
+        if not loaded.metadata.history:
+            raise ConfigError(f"{ckpt}: no training history in its metadata: plan one instead, e.g. beta-diag schedule --lr 0.05 --epochs 30")
+        runs = [{"name": str(ckpt), "epochs": list(loaded.metadata.history)}]
+    else:
+        runs = [
+            {"name": m.value, "epochs": schedules.plan(m, lr, epochs, steps_per_epoch, warmup, optimizer.value)}
+            for m in (momentum or [MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid])
+        ]
+    for run in runs:
+        run["regimes"] = schedules.regime_fractions(run["epochs"])
+    if plot is not None:
+        plots.schedule(runs, plot, force)
+    report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)
+
+
+@app.command()
+@handle_errors
+def archs(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
+    """List the architecture names --arch accepts."""
+    names = models.available()
+    report.print_json(names) if as_json else report.stdout().print("\n".join(names))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,57 @@
+"""PNG figures (matplotlib, the ``plot`` extra). Written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from beta_diag.checkpoint import atomic_path, check_output
+from beta_diag.errors import ConfigError
+from beta_diag.schedules import BAND, critical_momentum
+
+REGIME_COLOUR = {"underdamped": "#d62728", "critical": "#2ca02c", "overdamped": "#1f77b4"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'beta-diag[plot]'") from None
+    return plt
+
+
+def _save(fig: Any, path: Path, force: bool) -> None:
+    check_output(path, force)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False) -> None:
+    """The paper's Figures 1 and 3: LR; momentum against the critical curve; regime per epoch."""
+    plt = _pyplot()
+    fig, (ax_lr, ax_mu, ax_reg) = plt.subplots(1, 3, figsize=(15, 4))
+    for sched in schedules:
+        epochs = [h["epoch"] for h in sched["epochs"]]
+        ax_lr.plot(epochs, [h["lr"] for h in sched["epochs"]], label=sched["name"])
+        ax_mu.plot(epochs, [h["momentum"] for h in sched["epochs"]], label=sched["name"])
+    ref = schedules[0]["epochs"]
+    epochs = [h["epoch"] for h in ref]
+    mu_c = [critical_momentum(h["lr"], clamp=None) for h in ref]
+    ax_mu.plot(epochs, mu_c, "--", color="grey", label="critical 1-2*sqrt(lr)")
+    ax_mu.fill_between(epochs, [m + BAND for m in mu_c], 1.0, color=REGIME_COLOUR["underdamped"], alpha=0.08, label="underdamped")
+    ax_mu.fill_between(epochs, 0.0, [m - BAND for m in mu_c], color=REGIME_COLOUR["overdamped"], alpha=0.08, label="overdamped")
+    ax_mu.set_ylim(0.3, 1.0)
+    for row, sched in enumerate(schedules):
+        for h in sched["epochs"]:
+            ax_reg.barh(row, 1, left=h["epoch"] - 1, color=REGIME_COLOUR[h["regime"]])
+    ax_reg.set_yticks(range(len(schedules)), [s["name"] for s in schedules])
+    for ax, title in ((ax_lr, "learning rate"), (ax_mu, "momentum"), (ax_reg, "damping regime per epoch")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    ax_lr.legend(fontsize=7)
+    ax_mu.legend(fontsize=7)
+    _save(fig, path, force)
+    plt.close(fig)

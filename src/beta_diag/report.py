@@ -1,0 +1,131 @@
+"""Rendering: rich tables on stdout, progress on stderr, JSON. The only module that imports rich.
+
+Plots live in ``plots`` (matplotlib, optional extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from beta_diag.schedules import regime_fractions
+from beta_diag.training import Progress as ProgressFn
+
+REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
+
+
+def stdout() -> Console:
+    return Console(file=sys.stdout, soft_wrap=True)
+
+
+def stderr() -> Console:
+    return Console(file=sys.stderr, soft_wrap=True)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, tuples lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Deterministic JSON (sorted keys) for ``--json`` and saved results."""
+    return json.dumps(_clean(value), indent=2, sort_keys=True)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(dumps(value) + "\n")
+
+
+@contextlib.contextmanager
+def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
+    """A progress callback drawing rich bars on stderr; None when quiet or stderr is not a TTY."""
+    console = stderr()
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(description: str, done: int, total: int) -> None:
+        if description not in tasks:
+            tasks[description] = bars.add_task(description, total=total)
+        bars.update(tasks[description], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
+    if not history:
+        return {}
+    accs = [h.get("test_acc") for h in history if h.get("test_acc") is not None]
+    return {
+        "epochs": len(history),
+        "final_test_acc": accs[-1] if accs else None,
+        "best_test_acc": max(accs) if accs else None,
+        "seconds": sum(h.get("seconds", 0.0) for h in history),
+        "regimes": regime_fractions(history),
+    }
+
+
+def info_table(info: dict[str, Any]) -> None:
+    out = stdout()
+    meta = info["metadata"]
+    out.print(f"[bold]{info['path']}[/]  sha256 {info['sha256'][:16]}...")
+    table = Table("field", "value", title="metadata", title_justify="left")
+    for key in ("arch", "arch_kwargs", "num_classes", "input_shape", "mean", "std", "dataset", "class_names"):
+        if meta.get(key) not in (None, {}, []):
+            table.add_row(key, json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key])
+    for key in ("training", "data", "repair"):
+        if meta.get(key):
+            table.add_row(key, json.dumps(meta[key], sort_keys=True))
+    out.print(table)
+    if info.get("groups"):
+        groups = Table("group", "parameters", "share", title=f"{info['parameters']:,} parameters in {len(info['groups'])} groups", title_justify="left")
+        for g in info["groups"]:
+            groups.add_row(g["name"], f"{g['numel']:,}", f"{100 * g['share']:.2f}%")
+        out.print(groups)
+    summary = info.get("history_summary")
+    if summary:
+        regimes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["regimes"].items())
+        acc = summary["final_test_acc"]
+        out.print(
+            f"history: {summary['epochs']} epochs, {summary['seconds']:.0f} s, final test accuracy "
+            f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}; regimes: {regimes}"
+        )
+
+
+def schedule_table(schedules: list[dict[str, Any]]) -> None:
+    out = stdout()
+    for sched in schedules:
+        table = Table("epoch", "lr", "momentum", "mu_c", "zeta", "regime", "test acc", title=sched["name"], title_justify="left")
+        for h in sched["epochs"]:
+            acc = h.get("test_acc")
+            table.add_row(
+                str(h["epoch"]), f"{h['lr']:.5f}", f"{h['momentum']:.4f}", f"{h['mu_c']:.4f}", f"{h['zeta']:.3f}",
+                f"[{REGIME_STYLE[h['regime']]}]{h['regime']}[/]", "" if acc is None else f"{100 * acc:.2f}%",
+            )
+        out.print(table)
+        out.print("regimes: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sched["regimes"].items()))
+
+
+def train_summary(result: dict[str, Any]) -> None:
+    schedule_table([{"name": f"trained {result['path']}", "epochs": result["history"], "regimes": result["regimes"]}])
+    stdout().print(f"wrote {result['path']} (sha256 {result['sha256'][:16]}...)")

@@ -1,0 +1,260 @@
+"""The one train/evaluate loop, shared by ``train`` and ``repair``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from beta_diag import data as data_mod
+from beta_diag.data import Dataset, Preprocess
+from beta_diag.errors import ConfigError
+from beta_diag.checkpoint import Metadata
+from beta_diag.schedules import MomentumSchedule, MomentumScheduler, epoch_record, lr_scheduler
+
+Progress = Callable[[str, int, int], None]  # (task description, completed, total)
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``momentum`` picks the schedule; the LR follows cosine (or 1cycle)."""
+
+    epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 128
+    optimizer: OptimizerName = OptimizerName.sgd
+    momentum: MomentumSchedule = MomentumSchedule.beta
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
+        return d
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Eval-mode outputs over a dataset, in dataset order (CPU)."""
+
+    logits: torch.Tensor  # (N, classes), float32
+    labels: torch.Tensor  # (N,)
+
+    @property
+    def preds(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.preds == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean())
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}': use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available: use --device auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device '{name}': use auto, cpu or cuda")
+    return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 (or fp16) autocast on CUDA; nothing on CPU, where results must be exact."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def prepare(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 512,
+    progress: Progress | None = None,
+) -> Predictions:
+    """Eval-mode logits for every example, streamed in batches."""
+    model.eval()
+    out = []
+    for i, (x, _, _) in enumerate(data_mod.batches(ds, batch_size, device)):
+        with autocast(device):
+            out.append(model(preprocess(x)).float().cpu())
+        if progress:
+            progress("evaluate", min((i + 1) * batch_size, len(ds)), len(ds))
+    return Predictions(torch.cat(out), ds.labels.clone())
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with 2-pixel zero padding and horizontal flip, per example. x: (B, C, H, W)."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (2, 2, 2, 2))
+    oy = torch.randint(0, 5, (b,), generator=gen).to(x.device)
+    ox = torch.randint(0, 5, (b,), generator=gen).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 4)
+    cols = (ox[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    x = padded.gather(2, rows).gather(3, cols)
+    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device).view(b, 1, 1, 1)
+    return torch.where(flip, x.flip(3), x)
+
+
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    name = OptimizerName(config.optimizer)
+    if name is OptimizerName.sgd:
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if name is OptimizerName.adam else torch.optim.AdamW
+    return cls(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Train mode only for modules that own a trainable parameter; frozen parts stay in eval mode.
+
+    So a frozen BatchNorm keeps its running statistics, and a trained one updates them.
+    """
+    model.eval()
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.train()
+
+
+def fit(
+    model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Preprocess, config: TrainConfig,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Train the parameters that have ``requires_grad``; return the per-epoch history."""
+    if config.epochs < 1 or config.lr <= 0 or config.batch_size < 1:
+        raise ConfigError("epochs, lr and batch size must be positive: check --epochs, --lr, --batch-size")
+    device = resolve_device(config.device)
+    model = prepare(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen; choose at least one layer group")
+    opt = make_optimizer(params, config)
+    steps_per_epoch = -(-len(train_ds) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    sched = lr_scheduler(opt, config.momentum, total, round(config.warmup_epochs * steps_per_epoch))
+    mom = MomentumScheduler(opt, config.momentum)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    gen = torch.Generator().manual_seed(config.seed)
+    history = []
+    for epoch in range(config.epochs):
+        start = time.perf_counter()
+        set_train_mode(model)
+        lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
+        for step, (x, y, _) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
+            inputs = preprocess(x)
+            if config.augment:
+                inputs = augment(inputs, gen)
+            if device.type == "cuda":
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            lrs.append(opt.param_groups[0]["lr"])
+            mus.append(mom.step())
+            with autocast(device):
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += float(loss.detach()) * y.numel()
+            hits += int((logits.argmax(1) == y).sum())
+            seen += y.numel()
+            if progress:
+                progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
+        record = {"epoch": epoch + 1, **epoch_record(lrs, mus), "train_loss": loss_sum / seen, "train_acc": hits / seen}
+        if test_ds is not None:
+            record["test_acc"] = evaluate(model, test_ds, preprocess, device).accuracy
+        record["seconds"] = time.perf_counter() - start
+        history.append(record)
+    model.eval()
+    return history
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG (model initialisation) and restore it afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained model (eval mode, CPU) and the metadata to save with it."""
+
+    model: nn.Module
+    metadata: Metadata
+
+
+def train(
+    arch: str, data: str = "fashion-mnist", test_data: str | None = None, arch_kwargs: dict | None = None,
+    config: TrainConfig = TrainConfig(), limit: int | None = None, test_limit: int | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train ``arch`` on the train split of ``data``, testing each epoch on ``test_data`` (default: its test split).
+
+    Example: ``train('resnet18_cifar', 'fashion-mnist', arch_kwargs={'width': 16}, limit=2000)``.
+    """
+    import inspect
+
+    from beta_diag import models
+
+    train_ds = data_mod.load(data, "train", limit=limit, seed=config.seed)
+    test_spec = test_data or data
+    test_ds = data_mod.load(test_spec, "test", limit=test_limit, seed=config.seed)
+    data_mod.check_fits(train_ds, 10**9, min_classes=2)
+    num_classes = max(len(train_ds.class_names), int(train_ds.labels.max()) + 1)
+    data_mod.check_fits(test_ds, num_classes)
+    kwargs = dict(arch_kwargs or {})
+    channels, height, width = train_ds.images.shape[1:]
+    mean, std = data_mod.channel_stats(train_ds.images)
+    if "in_channels" in inspect.signature(models.resolve(arch)).parameters:
+        kwargs.setdefault("in_channels", int(channels))
+    elif channels == 1:  # torchvision models take RGB: grey is repeated over 3 channels
+        channels, mean, std = 3, mean * 3, std * 3
+    kwargs.setdefault("num_classes", num_classes)
+    with seeded(config.seed):
+        model = models.build(arch, kwargs)
+    preprocess = Preprocess((int(channels), int(height), int(width)), mean, std)
+    history = fit(model, train_ds, test_ds, preprocess, config, progress=progress)
+    meta = Metadata(
+        arch=arch, arch_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"}, num_classes=num_classes,
+        input_shape=preprocess.input_shape, mean=mean, std=std, class_names=train_ds.class_names,
+        dataset=data.partition(":")[0] if not data.endswith(".safetensors") else data,
+        data={"train": {"spec": data, "split": "train"}, "test": {"spec": test_spec, "split": "test"}},
+        training={**config.to_dict(), "limit": limit, "test_limit": test_limit, "train_examples": len(train_ds), "test_examples": len(test_ds),
+                  "torch": torch.__version__},
+        history=tuple(history),
+    )
+    return TrainResult(model.cpu().eval(), meta)

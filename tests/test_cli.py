@@ -1,0 +1,139 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from beta_diag import checkpoint
+from beta_diag.cli import app
+from tests.conftest import sha, write_bundle
+
+runner = CliRunner()
+
+
+def run(*args: str) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_info_json_and_table(tiny: dict[str, Path]) -> None:
+    result = run("info", tiny["ckpt"], "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert [g["name"] for g in info["groups"]] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    assert sum(g["numel"] for g in info["groups"]) == info["parameters"]
+    assert info["metadata"]["arch_kwargs"] == {"width": 4, "in_channels": 1}
+    assert info["history_summary"]["epochs"] == 1
+    table = run("info", tiny["ckpt"])
+    assert table.exit_code == 0 and "layer4" in table.stdout and "history: 1 epochs" in table.stdout
+
+
+def test_schedule_of_checkpoint_and_planned(tiny: dict[str, Path], tmp_path: Path) -> None:
+    result = run("schedule", tiny["ckpt"], "--json")
+    assert result.exit_code == 0, result.stderr
+    runs = json.loads(result.stdout)["schedules"]
+    assert len(runs) == 1 and runs[0]["epochs"][0]["epoch"] == 1
+    plot = tmp_path / "s.png"
+    planned = run("schedule", "--lr", "0.1", "--epochs", "20", "--steps-per-epoch", "5", "--json", "--plot", plot)
+    assert planned.exit_code == 0, planned.stderr
+    names = [r["name"] for r in json.loads(planned.stdout)["schedules"]]
+    assert names == ["constant", "beta", "hybrid"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_writes_checkpoint_with_history(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    result = run(
+        "train", "--data", tiny["train"], "--test-data", tiny["test"], "--arch-arg", "width=2", "--epochs", "2",
+        "--batch-size", "64", "--momentum", "hybrid", "--optimizer", "adam", "--device", "cpu", "-o", out, "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["sha256"] == checkpoint.file_sha256(out)
+    meta = checkpoint.load(out).metadata
+    assert meta.training["momentum"] == "hybrid" and meta.training["optimizer"] == "adam" and meta.training["lr"] == 0.001
+    assert [h["epoch"] for h in meta.history] == [1, 2]
+    assert set(meta.history[0]) >= {"lr", "momentum", "mu_c", "zeta", "regime", "train_loss", "test_acc", "seconds"}
+
+
+def test_train_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for out in outs:
+        result = run("train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1", "--test-data", tiny["test"], "--device", "cpu", "-o", out)
+        assert result.exit_code == 0, result.stderr
+    a, b = (checkpoint.load(o).state_dict for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def bad_cases(tiny: dict[str, Path], tmp: Path) -> list[tuple[list, str]]:
+    """(arguments, expected error text) for inputs a user can get wrong."""
+    truncated = tmp / "truncated.safetensors"
+    truncated.write_bytes(tiny["ckpt"].read_bytes()[:1000])
+    not_ckpt = tmp / "notes.safetensors"
+    not_ckpt.write_text("these are my notes, not a checkpoint")
+    no_arch = tmp / "noarch.safetensors"
+    save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(no_arch))
+    eleven = write_bundle(tmp / "eleven.safetensors", 24, classes=12)
+    exists = tmp / "exists.safetensors"
+    exists.write_bytes(b"keep me")
+    train = ["train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1"]
+    return [
+        (["info", tmp / "missing.safetensors"], "missing.safetensors: no such file: check the path"),
+        (["info", not_ckpt], "not a safetensors file, or truncated"),
+        (["info", truncated], "header claims"),
+        (["info", tiny["ckpt"], "--arch", "resnet19"], "unknown architecture 'resnet19'"),
+        (["info", tiny["ckpt"], "--arch", "resnet20_cifar"], "weights do not match architecture"),
+        (train + ["--data", tmp / "nowhere.safetensors", "-o", tmp / "o1.safetensors"], "data bundle"),
+        (train + ["--test-data", eleven, "-o", tmp / "o2.safetensors"], "has label 11 but the model has 4 classes"),
+        (train + ["--test-data", tiny["test"], "-o", exists], "already exists: choose another -o path or pass --force"),
+        (train + ["--limit", "0", "-o", tmp / "o3.safetensors"], "--limit 0: pass a positive number of examples"),
+        (train + ["--device", "cuda", "-o", tmp / "o4.safetensors"], "no CUDA device is available") if not torch.cuda.is_available() else
+        (["info", tmp / "missing2.safetensors"], "no such file"),
+    ]
+
+
+def test_bad_input_one_line_error_exit_1_nothing_written(tiny: dict[str, Path], tmp_path: Path) -> None:
+    cases = bad_cases(tiny, tmp_path)
+    for args, message in cases:
+        before = {p: sha(p) for p in tmp_path.iterdir()} | {tiny["ckpt"]: sha(tiny["ckpt"])}
+        result = run(*args)
+        assert result.exit_code == 1, (args, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr + result.stdout
+        assert {p: sha(p) for p in tmp_path.iterdir()} | {tiny["ckpt"]: sha(tiny["ckpt"])} == before, args
+
+
+def test_info_on_plain_state_dict_without_arch(tiny: dict[str, Path], tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
+    info = json.loads(run("info", plain, "--json").stdout)
+    assert info["metadata"]["arch"] is None and info["tensors"] > 0 and "groups" not in info
+    with_arch = json.loads(run("info", plain, "--arch", "resnet18_cifar", "--arch-arg", "width=4", "--arch-arg", "in_channels=1",
+                               "--arch-arg", "num_classes=4", "--json").stdout)
+    assert len(with_arch["groups"]) == 7
+
+
+def test_usage_error_exits_2(tiny: dict[str, Path]) -> None:
+    assert run("info").exit_code == 2
+    assert run("train", "--optimizer", "lbfgs", "-o", "x.safetensors").exit_code == 2
+
+
+def test_verbose_shows_traceback(tmp_path: Path) -> None:
+    result = run("info", tmp_path / "missing.safetensors", "--verbose")
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_archs_lists_names() -> None:
+    names = json.loads(run("archs", "--json").stdout)
+    assert names[:2] == ["resnet18_cifar", "resnet20_cifar"] and "resnet18" in names
+
+
+@pytest.mark.parametrize("module_args", [["-m", "beta_diag", "--help"]])
+def test_python_dash_m(module_args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, *module_args], capture_output=True, text=True, check=True)
+    assert "beta-diag" in out.stdout or "Usage" in out.stdout
