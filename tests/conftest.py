@@ -15,8 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_checkpoints"
 
 
-def make_images(n: int, classes: int = 4, size: int = 8, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learnable synthetic images: class c lights up quadrant c (plus noise). uint8 (N, C, H, W)."""
+def make_images(
+    n: int, classes: int = 4, size: int = 8, channels: int = 1, seed: int = 0, label_noise: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable synthetic images: class c lights up quadrant c (plus noise). uint8 (N, C, H, W).
+
+    ``label_noise``: this fraction of the labels is shifted by one class, so any model makes errors.
+    """
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % classes
     images = torch.randint(0, 60, (n, channels, size, size), generator=gen)
@@ -24,11 +29,13 @@ def make_images(n: int, classes: int = 4, size: int = 8, channels: int = 1, seed
     for c in range(classes):
         r, q = divmod(c % 4, 2)
         images[labels == c, :, r * half : (r + 1) * half, q * half : (q + 1) * half] += 150 + 20 * (c // 4)
+    flip = torch.rand(n, generator=gen) < label_noise
+    labels = torch.where(flip, (labels + 1) % classes, labels)
     return images.clamp(0, 255).to(torch.uint8), labels
 
 
-def write_bundle(path: Path, n: int, classes: int = 4, seed: int = 0, channels: int = 1, size: int = 8) -> Path:
-    images, labels = make_images(n, classes, size, channels, seed)
+def write_bundle(path: Path, n: int, classes: int = 4, seed: int = 0, channels: int = 1, size: int = 8, label_noise: float = 0.0) -> Path:
+    images, labels = make_images(n, classes, size, channels, seed, label_noise)
     data.save_bundle(path, data.Dataset(images, labels, tuple(f"c{i}" for i in range(classes)), "synthetic", "train"))
     return path
 
@@ -41,10 +48,10 @@ def sha(path: Path) -> str:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Bundles of 8x8 grey images in 4 classes and a width-4 resnet18_cifar trained on them."""
     root = tmp_path_factory.mktemp("tiny")
-    train_file = write_bundle(root / "train.safetensors", 256, seed=1)
-    test_file = write_bundle(root / "test.safetensors", 128, seed=2)
+    train_file = write_bundle(root / "train.safetensors", 256, seed=1, label_noise=0.1)
+    test_file = write_bundle(root / "test.safetensors", 128, seed=2, label_noise=0.15)
     result = train(
-        "resnet18_cifar", str(train_file), str(test_file), {"width": 4}, TrainConfig(epochs=1, batch_size=32, lr=0.05, device="cpu"),
+        "resnet18_cifar", str(train_file), str(test_file), {"width": 4}, TrainConfig(epochs=4, batch_size=32, lr=0.05, device="cpu"),
     )
     ckpt = root / "tiny.safetensors"
     checkpoint.save(ckpt, result.model.state_dict(), result.metadata)

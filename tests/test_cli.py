@@ -24,9 +24,9 @@ def test_info_json_and_table(tiny: dict[str, Path]) -> None:
     assert [g["name"] for g in info["groups"]] == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
     assert sum(g["numel"] for g in info["groups"]) == info["parameters"]
     assert info["metadata"]["arch_kwargs"] == {"width": 4, "in_channels": 1}
-    assert info["history_summary"]["epochs"] == 1
+    assert info["history_summary"]["epochs"] == 4
     table = run("info", tiny["ckpt"])
-    assert table.exit_code == 0 and "layer4" in table.stdout and "history: 1 epochs" in table.stdout
+    assert table.exit_code == 0 and "layer4" in table.stdout and "history: 4 epochs" in table.stdout
 
 
 def test_schedule_of_checkpoint_and_planned(tiny: dict[str, Path], tmp_path: Path) -> None:

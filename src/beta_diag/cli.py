@@ -13,7 +13,10 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 
 from beta_diag import checkpoint, groups, models, plots, report, schedules
-from beta_diag.errors import BetaDiagError, ConfigError
+from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
+from beta_diag.groups import Granularity
+from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
+from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.training import OptimizerName, TrainConfig
 
@@ -43,6 +46,9 @@ def handle_errors(func: F) -> F:
         verbose = kwargs.get("verbose", False)
         try:
             return func(*args, **kwargs)
+        except NoErrorsToDiagnose as exc:
+            print(f"Nothing to rank: {exc}", file=sys.stderr)
+            raise typer.Exit(3) from None
         except BetaDiagError as exc:
             if verbose:
                 traceback.print_exc()
@@ -187,6 +193,68 @@ def schedule(
     if plot is not None:
         plots.schedule(runs, plot, force)
     report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)
+
+
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="train or test (default: test, the held-out split).")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded random subset of N examples.")]
+MetricOpt = Annotated[Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
+GranularityOpt = Annotated[Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
+BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --limit, the correct-example sample and the bootstrap.")]
+GroupsOpt = Annotated[Optional[str], typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
+
+
+def rank_config(metric: Metric, granularity: Granularity, top_k: int | None, bootstrap: int, seed: int, by_class: bool, groups_glob: str | None) -> RankConfig:
+    include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob else ()
+    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include)
+
+
+@app.command()
+@handle_errors
+def rank(
+    ckpt: CkptArg,
+    data: DataOpt = None,
+    split: SplitOpt = None,
+    limit: LimitOpt = None,
+    metric: MetricOpt = DEFAULT_METRIC,
+    granularity: GranularityOpt = Granularity.group,
+    top_k: TopKOpt = None,
+    bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP,
+    seed: SeedOpt = 0,
+    by_class: Annotated[bool, typer.Option("--by-class", help="Also show which true classes' errors load each group.")] = False,
+    groups_glob: GroupsOpt = None,
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Save the ranking as JSON for compare and repair.")] = None,
+    plot: PlotOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rank layer groups by gradient attribution over the misclassified examples; flag the problem layers.
+
+    Exit codes: 0 ranked, 1 error, 2 usage, 3 nothing to rank (every example classified correctly).
+    """
+    from beta_diag.ranking import rank as rank_fn
+    from beta_diag.session import open_session
+
+    for path in (out, plot):
+        if path is not None:
+            checkpoint.check_output(path, force, (ckpt,))
+    config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg), device)
+    with report.progress(quiet or as_json) as progress:
+        result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
+    if out is not None:
+        with checkpoint.atomic_path(out) as tmp:
+            tmp.write_text(report.dumps(result.to_dict()) + "\n")
+    if plot is not None:
+        plots.ranking(result, plot, force)
+    report.print_json(result.to_dict()) if as_json else report.rank_table(result)
 
 
 @app.command()

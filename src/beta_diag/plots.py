@@ -55,3 +55,20 @@ def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False) -
     ax_mu.legend(fontsize=7)
     _save(fig, path, force)
     plt.close(fig)
+
+
+def ranking(r: Any, path: Path, force: bool = False) -> None:
+    """Scores per group in rank order with bootstrap 5-95% bars and P(flagged); flagged groups in red."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(r.groups)), 4))
+    names = [g.name for g in r.groups]
+    colours = ["#d62728" if g.flagged else "#7f7f7f" for g in r.groups]
+    errs = [[g.score - g.score_lo for g in r.groups], [g.score_hi - g.score for g in r.groups]]
+    ax.bar(range(len(names)), [g.score for g in r.groups], color=colours, yerr=errs, capsize=3)
+    for i, g in enumerate(r.groups):
+        ax.annotate(f"P={g.p_flagged:.2f}", (i, g.score_hi), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel(r.config.metric.value)
+    ax.set_title(r.verdict)
+    _save(fig, path, force)
+    plt.close(fig)

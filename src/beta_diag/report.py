@@ -23,7 +23,7 @@ REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
 
 
 def stdout() -> Console:
-    return Console(file=sys.stdout, soft_wrap=True)
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
 
 
 def stderr() -> Console:
@@ -129,3 +129,32 @@ def schedule_table(schedules: list[dict[str, Any]]) -> None:
 def train_summary(result: dict[str, Any]) -> None:
     schedule_table([{"name": f"trained {result['path']}", "epochs": result["history"], "regimes": result["regimes"]}])
     stdout().print(f"wrote {result['path']} (sha256 {result['sha256'][:16]}...)")
+
+
+def rank_table(ranking: Any) -> None:
+    """The ranking as a table plus a one-line verdict."""
+    out = stdout()
+    metric = ranking.config.metric.value
+    out.print(
+        f"{ranking.checkpoint}: {ranking.examples} examples of {ranking.data} ({ranking.split}), accuracy {100 * ranking.accuracy:.2f}%, "
+        f"{len(ranking.error_index)} errors, {ranking.correct_sampled} correct examples for contrast"
+    )
+    table = Table(
+        "rank", "group", "params", metric, "norm", "contrast", "flagged", "P(flagged)", "rank 90% CI",
+        title=f"ranked by {metric} ({ranking.config.granularity.value}s, {ranking.config.bootstrap} bootstrap replicates)", title_justify="left",
+    )
+    for g in ranking.groups:
+        style = "bold red" if g.flagged else None
+        table.add_row(
+            str(g.rank), g.name, f"{100 * g.param_share:.2f}%", f"{g.score:.4g}", f"{g.scores['norm']:.4g}", f"{g.scores['contrast']:.3g}",
+            "yes" if g.flagged else "", f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}", style=style,
+        )
+    out.print(table)
+    if ranking.by_class:
+        names = list(ranking.group_names)
+        by = Table("class", *names, title="mean share of the squared error gradient, by true class", title_justify="left")
+        for cls, row in ranking.by_class.items():
+            top = max(row, key=row.get)
+            by.add_row(cls, *[f"[bold]{row[n]:.2f}[/]" if n == top else f"{row[n]:.2f}" for n in names])
+        out.print(by)
+    out.print(f"[bold]{ranking.verdict}[/]")

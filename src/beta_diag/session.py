@@ -1,0 +1,93 @@
+"""A loaded checkpoint ready to run: model, preprocessing, and the data its metadata points to.
+
+``rank``, ``compare`` and ``repair`` all start here, so a checkpoint means the same thing to each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from beta_diag import checkpoint
+from beta_diag import data as data_mod
+from beta_diag.checkpoint import Checkpoint
+from beta_diag.data import Dataset, Preprocess
+from beta_diag.errors import DataError
+from beta_diag.training import Predictions, evaluate, prepare, resolve_device
+
+
+@dataclass(frozen=True)
+class DataChoice:
+    """Which data to use: a spec (None: the checkpoint's own), a split (None: test), a seeded limit."""
+
+    spec: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Session:
+    ckpt: Checkpoint
+    model: nn.Module  # eval mode, on ``device``
+    preprocess: Preprocess
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        meta = self.ckpt.metadata
+        if meta.num_classes:
+            return meta.num_classes
+        last = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        return last[-1].out_features if last else 0
+
+    def resolve_data(self, choice: DataChoice, default_split: str = "test") -> tuple[str, str]:
+        """(spec, split): explicit choice first, then the checkpoint's recorded data, then its data set name."""
+        split = choice.split or default_split
+        if choice.spec:
+            return choice.spec, split
+        meta = self.ckpt.metadata
+        recorded = meta.data.get(split)
+        if isinstance(recorded, dict) and recorded.get("spec"):
+            return data_mod.resolve_spec(recorded["spec"], self.ckpt.path.parent), split
+        if meta.dataset:
+            return data_mod.resolve_spec(meta.dataset, self.ckpt.path.parent), split
+        raise DataError(f"{self.ckpt.path}: metadata names no data: pass --data, e.g. --data fashion-mnist")
+
+    def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2) -> Dataset:
+        spec, split = self.resolve_data(choice, default_split)
+        ds = data_mod.load(spec, split, limit=choice.limit, seed=choice.seed, image_size=self.preprocess.input_shape[1:])
+        data_mod.check_fits(ds, self.num_classes, min_classes=min_classes)
+        return ds
+
+    def evaluate(self, ds: Dataset, progress: Any = None) -> Predictions:
+        return evaluate(self.model, ds, self.preprocess, self.device, progress=progress)
+
+
+def preprocess_for(ckpt: Checkpoint, model: nn.Module) -> Preprocess:
+    """Model input from metadata; a plain state dict gets [0, 1] scaling and a 3-channel guess refined by the first conv."""
+    meta = ckpt.metadata
+    if meta.input_shape and meta.mean and meta.std:
+        return Preprocess(meta.input_shape, meta.mean, meta.std)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    shape = meta.input_shape or (channels, 32, 32)
+    return Preprocess(shape, meta.mean or (0.5,) * shape[0], meta.std or (0.5,) * shape[0])
+
+
+def open_session(
+    path: str | Path | Checkpoint, device: str = "auto", arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+) -> Session:
+    """Load a checkpoint, build its model on the device, and derive its preprocessing.
+
+    Example: ``open_session('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors')``.
+    """
+    ckpt = path if isinstance(path, Checkpoint) else checkpoint.load(path)
+    ckpt = ckpt.with_overrides(arch, arch_kwargs)
+    dev = resolve_device(device)
+    model = prepare(ckpt.build_model(), dev).eval()
+    return Session(ckpt, model, preprocess_for(ckpt, model), dev)
