@@ -259,6 +259,39 @@ def rank(
 
 @app.command()
 @handle_errors
+def compare(
+    inputs: Annotated[list[Path], typer.Argument(help="Two or more checkpoints (or rankings saved by rank --out).")],
+    data: DataOpt = None,
+    split: SplitOpt = None,
+    limit: LimitOpt = None,
+    metric: MetricOpt = DEFAULT_METRIC,
+    granularity: GranularityOpt = Granularity.group,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Flag exactly K groups in each, and report overlap@K.")] = None,
+    bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP,
+    seed: SeedOpt = 0,
+    groups_glob: GroupsOpt = None,
+    device: DeviceOpt = "auto",
+    plot: PlotOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Do the same layer groups carry the errors in each checkpoint (e.g. SGD- vs Adam-trained)?"""
+    from beta_diag.compare import compare as compare_fn
+
+    if plot is not None:
+        checkpoint.check_output(plot, force, tuple(inputs))
+    config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
+    with report.progress(quiet or as_json) as progress:
+        result = compare_fn(list(inputs), DataChoice(data, split, limit, seed), config, device, top_k, progress)
+    if plot is not None:
+        plots.comparison(result, plot, force)
+    report.print_json(result.to_dict()) if as_json else report.compare_table(result)
+
+
+@app.command()
+@handle_errors
 def archs(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """List the architecture names --arch accepts."""
     names = models.available()

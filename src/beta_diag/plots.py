@@ -72,3 +72,21 @@ def ranking(r: Any, path: Path, force: bool = False) -> None:
     ax.set_title(r.verdict)
     _save(fig, path, force)
     plt.close(fig)
+
+
+def comparison(c: Any, path: Path, force: bool = False) -> None:
+    """Rank bump chart: each group's rank in each input, flagged ranks marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(c.rankings), 4))
+    for name in c.group_names:
+        rows = [next(g for g in r.groups if g.name == name) for r in c.rankings]
+        xs, ys = list(range(len(rows))), [g.rank for g in rows]
+        ax.plot(xs, ys, "-", color="#bbbbbb")
+        ax.scatter(xs, ys, c=["#d62728" if g.flagged else "#7f7f7f" for g in rows], zorder=3)
+        ax.annotate(name, (len(rows) - 1 + 0.05, ys[-1]), va="center", fontsize=8)
+    ax.set_xticks(range(len(c.rankings)), [Path(lab).stem for lab in c.labels], rotation=15)
+    ax.set_ylabel("rank (1 = most implicated)")
+    ax.invert_yaxis()
+    ax.set_title(c.verdict, fontsize=8)
+    _save(fig, path, force)
+    plt.close(fig)

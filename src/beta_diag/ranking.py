@@ -107,6 +107,7 @@ class Stability:
     score_lo: np.ndarray  # (G,) 5th percentile of the score
     score_hi: np.ndarray  # (G,) 95th percentile
     flag_sets: np.ndarray  # (B, G) bool: each replicate's flags (compare uses them)
+    replicate_ranks: np.ndarray  # (B, G) each replicate's ranks
 
 
 def bootstrap(m: Matrices, metric: Metric, top_k: int | None, replicates: int, seed: int) -> Stability:
@@ -118,7 +119,7 @@ def bootstrap(m: Matrices, metric: Metric, top_k: int | None, replicates: int, s
     values = scores(m, ew, cw)[Metric(metric).value]
     rk, fl = ranks(values), flags(values, top_k)
     return Stability(
-        fl.mean(0), np.percentile(rk, 5, axis=0), np.percentile(rk, 95, axis=0), np.percentile(values, 5, axis=0), np.percentile(values, 95, axis=0), fl,
+        fl.mean(0), np.percentile(rk, 5, axis=0), np.percentile(rk, 95, axis=0), np.percentile(values, 5, axis=0), np.percentile(values, 95, axis=0), fl, rk,
     )
 
 
@@ -193,6 +194,7 @@ class Ranking:
     correct_sampled: int
     groups: tuple[GroupScore, ...]  # in rank order
     bootstrap_flags: tuple[tuple[bool, ...], ...]  # (B, G) in model order of ``group_names``
+    bootstrap_ranks: tuple[tuple[int, ...], ...]  # (B, G) likewise
     group_names: tuple[str, ...]  # model order
     by_class: dict[str, dict[str, float]] | None = None
     matrices: Matrices | None = field(default=None, compare=False, repr=False)
@@ -224,7 +226,7 @@ class Ranking:
         return cls(
             d["checkpoint"], d["sha256"], d["data"], d["split"], d["limit"], config, d["examples"], d["accuracy"], tuple(d["error_index"]),
             d["correct_sampled"], tuple(GroupScore(**g) for g in d["groups"]), tuple(tuple(r) for r in d["bootstrap_flags"]),
-            tuple(d["group_names"]), d.get("by_class"),
+            tuple(tuple(r) for r in d["bootstrap_ranks"]), tuple(d["group_names"]), d.get("by_class"),
         )
 
 
@@ -313,5 +315,6 @@ def rank(
     return Ranking(
         str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
         tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
-        tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (), tuple(g.name for g in found), by_class, m,
+        tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
+        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, m,
     )

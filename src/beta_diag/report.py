@@ -158,3 +158,34 @@ def rank_table(ranking: Any) -> None:
             by.add_row(cls, *[f"[bold]{row[n]:.2f}[/]" if n == top else f"{row[n]:.2f}" for n in names])
         out.print(by)
     out.print(f"[bold]{ranking.verdict}[/]")
+
+
+def compare_table(comparison: Any) -> None:
+    """Side by side per group, the pairwise figures, and a verdict."""
+    out = stdout()
+    labels = [f"[{i + 1}]" for i in range(len(comparison.labels))]
+    for label, r, path in zip(labels, comparison.rankings, comparison.labels):
+        out.print(f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}")
+    metric = comparison.rankings[0].config.metric.value
+    table = Table("group", *[f"{lab} rank" for lab in labels], *[f"{lab} {metric}" for lab in labels], *[f"{lab} flag" for lab in labels])
+    order = sorted(comparison.group_names, key=lambda n: next(g.rank for g in comparison.rankings[0].groups if g.name == n))
+    for name in order:
+        rows = [next(g for g in r.groups if g.name == name) for r in comparison.rankings]
+        table.add_row(name, *[str(g.rank) for g in rows], *[f"{g.score:.4g}" for g in rows], *["yes" if g.flagged else "" for g in rows])
+    out.print(table)
+    pairs = Table("pair", "overlap@k (90% CI)", "Jaccard", "Spearman", "Kendall", "P(same flags)", title="pairwise", title_justify="left")
+    for p in comparison.pairs:
+        overlaps = ", ".join(
+            f"@{k} {v:.2f}" + (f" ({comparison_ci(p, k)})" if k in p.overlap_ci else "") for k, v in p.overlap.items()
+        )
+        pairs.add_row(f"{labels[p.a]} vs {labels[p.b]}", overlaps, f"{p.jaccard:.2f}", f"{p.spearman:.2f}", f"{p.kendall:.2f}",
+                      "n/a" if p.p_same_flags is None else f"{p.p_same_flags:.2f}")
+    out.print(pairs)
+    if len(comparison.rankings) > 2:
+        out.print(f"flagged by all: {', '.join(comparison.flagged_by_all) or 'none'}; by a majority: {', '.join(comparison.flagged_by_majority) or 'none'}")
+    out.print(f"[bold]{comparison.verdict}[/]")
+
+
+def comparison_ci(pair: Any, k: int) -> str:
+    lo, hi = pair.overlap_ci[k]
+    return f"{lo:.2f}-{hi:.2f}"

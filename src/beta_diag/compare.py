@@ -1,0 +1,202 @@
+"""Rankings of two or more checkpoints -> Comparison: overlap@k, Jaccard, Spearman, Kendall,
+and the bootstrap probability that the flagged sets coincide."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from beta_diag import checkpoint, ranking
+from beta_diag.attribution import Progress
+from beta_diag.errors import ConfigError
+from beta_diag.ranking import Ranking, RankConfig
+from beta_diag.session import DataChoice, open_session
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks by descending value, ties sharing their average rank."""
+    order = np.argsort(-values, kind="stable")
+    out = np.empty(len(values))
+    sorted_vals = values[order]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        out[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of the average ranks (ties handled); 1.0 when both are constant and equal."""
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float(np.array_equal(ra, rb))
+
+
+def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-b over all pairs, ties counted as in tau-b."""
+    concordant = discordant = ties_a = ties_b = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+        if da == 0 and db == 0:
+            continue
+        if da == 0:
+            ties_a += 1
+        elif db == 0:
+            ties_b += 1
+        elif da == db:
+            concordant += 1
+        else:
+            discordant += 1
+    denom = np.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return float((concordant - discordant) / denom) if denom > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: int
+    b: int
+    overlap: dict[int, float]  # k -> |top-k(A) & top-k(B)| / k
+    overlap_ci: dict[int, tuple[float, float]]  # k -> bootstrap 5-95% interval
+    jaccard: float  # of the flagged sets
+    spearman: float
+    kendall: float
+    p_same_flags: float | None  # bootstrap probability that the flagged sets coincide
+
+
+@dataclass(frozen=True)
+class Comparison:
+    labels: tuple[str, ...]
+    rankings: tuple[Ranking, ...]
+    group_names: tuple[str, ...]
+    pairs: tuple[Pair, ...]
+    flagged_by_all: tuple[str, ...]
+    flagged_by_majority: tuple[str, ...]
+
+    @property
+    def verdict(self) -> str:
+        first = self.pairs[0]
+        g = len(self.group_names)
+        same = all(set(r.flagged) == set(self.rankings[0].flagged) for r in self.rankings)
+        rho = min(p.spearman for p in self.pairs)
+        who = "both" if len(self.rankings) == 2 else f"all {len(self.rankings)}"
+        if same:
+            flagged = self.rankings[0].flagged
+            return f"same {len(flagged)} of {g} groups flagged in {who}: {', '.join(flagged)}; Spearman {rho:.2f}"
+        sets = "; ".join(f"{label}: {', '.join(r.flagged)}" for label, r in zip(self.labels, self.rankings))
+        return f"flagged sets differ ({sets}); Jaccard {first.jaccard:.2f}, Spearman {rho:.2f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "beta-diag-comparison",
+            "verdict": self.verdict,
+            "inputs": [{"label": label, "checkpoint": r.checkpoint, "sha256": r.sha256, "flagged": list(r.flagged), "accuracy": r.accuracy,
+                        "errors": len(r.error_index)} for label, r in zip(self.labels, self.rankings)],
+            "options": self.rankings[0].options(),
+            "group_names": list(self.group_names),
+            "groups": [{"name": n, "per_input": [_group_row(r, n) for r in self.rankings]} for n in self.group_names],
+            "pairs": [{"a": self.labels[p.a], "b": self.labels[p.b], "overlap_at_k": {str(k): v for k, v in p.overlap.items()},
+                       "overlap_at_k_ci": {str(k): list(v) for k, v in p.overlap_ci.items()}, "jaccard": p.jaccard, "spearman": p.spearman,
+                       "kendall": p.kendall, "p_same_flags": p.p_same_flags} for p in self.pairs],
+            "flagged_by_all": list(self.flagged_by_all),
+            "flagged_by_majority": list(self.flagged_by_majority),
+        }
+
+
+def _group_row(r: Ranking, name: str) -> dict[str, Any]:
+    g = next(g for g in r.groups if g.name == name)
+    return {"rank": g.rank, "score": g.score, "flagged": g.flagged, "p_flagged": g.p_flagged}
+
+
+def _scores(r: Ranking) -> np.ndarray:
+    by_name = {g.name: g.score for g in r.groups}
+    return np.array([by_name[n] for n in r.group_names])
+
+
+def _ranks(r: Ranking) -> np.ndarray:
+    by_name = {g.name: g.rank for g in r.groups}
+    return np.array([by_name[n] for n in r.group_names])
+
+
+def _pair(i: int, j: int, a: Ranking, b: Ranking, top_k: int | None) -> Pair:
+    ks = sorted({len(a.flagged), len(b.flagged)} | ({top_k} if top_k else set()))
+    ra, rb = _ranks(a), _ranks(b)
+    overlap = {k: float(((ra <= k) & (rb <= k)).sum() / k) for k in ks}
+    fa, fb = set(a.flagged), set(b.flagged)
+    jaccard = len(fa & fb) / len(fa | fb) if fa | fb else 1.0
+    ci: dict[int, tuple[float, float]] = {}
+    p_same = None
+    n = min(len(a.bootstrap_ranks), len(b.bootstrap_ranks))
+    if n:
+        bra, brb = np.array(a.bootstrap_ranks[:n]), np.array(b.bootstrap_ranks[:n])
+        for k in ks:
+            per = ((bra <= k) & (brb <= k)).sum(1) / k
+            ci[k] = (float(np.percentile(per, 5)), float(np.percentile(per, 95)))
+        p_same = float((np.array(a.bootstrap_flags[:n]) == np.array(b.bootstrap_flags[:n])).all(1).mean())
+    return Pair(i, j, overlap, ci, jaccard, spearman(_scores(a), _scores(b)), kendall_tau_b(_scores(a), _scores(b)), p_same)
+
+
+def compare_rankings(rankings: list[Ranking], labels: list[str] | None = None, top_k: int | None = None) -> Comparison:
+    """Compare rankings made with the same options over the same groups."""
+    if len(rankings) < 2:
+        raise ConfigError("compare needs two or more checkpoints or rankings")
+    labels = labels or [r.checkpoint for r in rankings]
+    first = rankings[0]
+    for label, r in zip(labels[1:], rankings[1:]):
+        if set(r.group_names) != set(first.group_names):
+            differ = sorted(set(r.group_names) ^ set(first.group_names))
+            raise ConfigError(f"{label} has other layer groups than {labels[0]} (differing: {', '.join(differ[:8])}): compare checkpoints of one architecture")
+        for key, value in first.options().items():
+            if r.options().get(key) != value:
+                raise ConfigError(f"{label} was ranked with {key}={r.options().get(key)!r}, {labels[0]} with {value!r}: rank both with the same options")
+    pairs = tuple(_pair(i, j, rankings[i], rankings[j], top_k) for i, j in itertools.combinations(range(len(rankings)), 2))
+    names = first.group_names
+    counts = {n: sum(n in r.flagged for r in rankings) for n in names}
+    return Comparison(
+        tuple(labels), tuple(rankings), names, pairs, tuple(n for n in names if counts[n] == len(rankings)),
+        tuple(n for n in names if counts[n] > len(rankings) / 2),
+    )
+
+
+def _load_saved(path: Path) -> Ranking:
+    saved = ranking.load(path)
+    ckpt = Path(saved.checkpoint)
+    if ckpt.is_file() and checkpoint.file_sha256(ckpt) != saved.sha256:
+        raise ConfigError(f"{path} is stale: {ckpt} changed since it was ranked (sha256 differs): rerun beta-diag rank --out")
+    return saved
+
+
+def compare(
+    inputs: list[str | Path], data: DataChoice = DataChoice(), config: RankConfig = RankConfig(), device: str = "auto",
+    top_k: int | None = None, progress: Progress | None = None,
+) -> Comparison:
+    """Rank each checkpoint (or read each saved ranking) with identical options, then compare.
+
+    The data is decoded once for all checkpoints. Example:
+    ``compare(['sgd.safetensors', 'adam.safetensors']).verdict``.
+    """
+    paths = [Path(p) for p in inputs]
+    saved = {i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json"}
+    sessions = {i: open_session(p, device) for i, p in enumerate(paths) if i not in saved}
+    specs = {i: s.resolve_data(data) for i, s in sessions.items()}
+    if len({(Path(sp).name if sp.endswith(".safetensors") else sp, split) for sp, split in specs.values()}) > 1:
+        listed = ", ".join(f"{paths[i]}: {sp}" for i, (sp, _) in specs.items())
+        raise ConfigError(f"the checkpoints name different data ({listed}): pass --data to rank all on the same data")
+    if saved and sessions:  # rank checkpoints with the options of the saved ranking, so that they compare
+        ref = next(iter(saved.values()))
+        config = replace(ref.config, by_class=config.by_class)
+        data = DataChoice(data.spec or ref.data, ref.split, ref.limit, ref.config.seed)
+    dataset = sessions[min(sessions)].load_data(data) if sessions else None
+    results: dict[int, Ranking] = dict(saved)
+    done: dict[str, Ranking] = {}
+    for i, session in sessions.items():
+        if session.ckpt.sha256 not in done:  # the same file twice is ranked once
+            done[session.ckpt.sha256] = ranking.rank(session, data, config, dataset=dataset, progress=progress)
+        results[i] = done[session.ckpt.sha256]
+    return compare_rankings([results[i] for i in range(len(paths))], [str(p) for p in paths], top_k)

@@ -1,0 +1,95 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from beta_diag import compare as cmp
+from beta_diag import ranking
+from beta_diag.cli import app
+from beta_diag.errors import ConfigError
+from beta_diag.ranking import GroupScore, Ranking, RankConfig
+from tests.conftest import sha
+
+runner = CliRunner()
+
+
+def made_up(scores: list[float], flagged: set[str], config: RankConfig = RankConfig(), boot: tuple = ((), ())) -> Ranking:
+    names = tuple(f"g{i + 1}" for i in range(len(scores)))
+    rks = ranking.ranks(__import__("numpy").array(scores))
+    groups = tuple(sorted(
+        (GroupScore(n, 1, 0.25, {}, s, int(r), n in flagged, 1.0, r, r, s, s) for n, s, r in zip(names, scores, rks)), key=lambda g: g.rank,
+    ))
+    return Ranking("ckpt", "sha", "data", "test", None, config, 10, 0.9, (1, 2), 2, groups, boot[0], boot[1], names)
+
+
+def test_figures_equal_hand_computation_with_ties() -> None:
+    a = made_up([3, 2, 2, 1], {"g1"})  # ranks g1 1, g2 2, g3 3 (tie broken by model order), g4 4
+    b = made_up([4, 1, 3, 2], {"g1", "g3"})  # ranks g1 1, g3 2, g4 3, g2 4
+    pair = cmp.compare_rankings([a, b], ["A", "B"]).pairs[0]
+    assert pair.overlap == {1: 1.0, 2: 0.5}  # top-1 {g1} both; top-2 {g1, g2} vs {g1, g3}
+    assert pair.jaccard == 0.5
+    # average ranks A (1, 2.5, 2.5, 4), B (1, 4, 2, 3): centred products 2.25 + 0 + 0 + 0.75 over sqrt(4.5 * 5)
+    assert pair.spearman == pytest.approx(3 / math.sqrt(22.5))
+    # pairs: 4 concordant, 1 discordant, 1 tied in A only -> (4 - 1) / sqrt(6 * 5)
+    assert pair.kendall == pytest.approx(3 / math.sqrt(30))
+    assert pair.p_same_flags is None and pair.overlap_ci == {}
+
+
+def test_bootstrap_agreement() -> None:
+    flags_a = ((True, False, False), (True, True, False))
+    flags_b = ((True, False, False), (True, False, False))
+    ranks_a = ((1, 2, 3), (2, 1, 3))
+    ranks_b = ((1, 2, 3), (1, 3, 2))
+    a = made_up([3, 2, 1], {"g1"}, boot=(flags_a, ranks_a))
+    b = made_up([3, 2, 1], {"g1"}, boot=(flags_b, ranks_b))
+    pair = cmp.compare_rankings([a, b]).pairs[0]
+    assert pair.p_same_flags == 0.5
+    assert pair.overlap_ci[1] == pytest.approx((0.05, 0.95))  # replicate overlaps@1: 1 and 0
+
+
+def test_refusals() -> None:
+    a = made_up([3, 2, 1], {"g1"})
+    other = made_up([3, 2, 1, 0], {"g1"})
+    with pytest.raises(ConfigError, match=r"has other layer groups than A \(differing: g4\)"):
+        cmp.compare_rankings([a, other], ["A", "B"])
+    seeded = made_up([3, 2, 1], {"g1"}, RankConfig(seed=4))
+    with pytest.raises(ConfigError, match="B was ranked with seed=4, A with 0: rank both with the same options"):
+        cmp.compare_rankings([a, seeded], ["A", "B"])
+    with pytest.raises(ConfigError, match="two or more"):
+        cmp.compare_rankings([a])
+
+
+def test_self_comparison_and_saved_vs_fresh(tiny: dict[str, Path], tmp_path: Path) -> None:
+    saved = tmp_path / "r.json"
+    r = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--out", str(saved), "--bootstrap", "40", "--quiet"])
+    assert r.exit_code == 0, r.stderr
+    result = runner.invoke(app, ["compare", str(tiny["ckpt"]), str(saved), "--bootstrap", "40", "--json"])
+    assert result.exit_code == 0, result.stderr
+    c = json.loads(result.stdout)
+    pair = c["pairs"][0]
+    assert all(v == 1.0 for v in pair["overlap_at_k"].values())
+    assert pair["jaccard"] == pair["spearman"] == pair["kendall"] == pair["p_same_flags"] == 1.0
+    assert c["verdict"].startswith("same ")
+    again = cmp.compare([tiny["ckpt"], tiny["ckpt"]], config=RankConfig(bootstrap=40), device="cpu")
+    assert again.pairs[0].spearman == 1.0 and again.rankings[0] == again.rankings[1]
+
+
+def test_stale_saved_ranking_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(tiny["ckpt"].read_bytes())
+    saved = tmp_path / "r.json"
+    assert runner.invoke(app, ["rank", str(copy), "--out", str(saved), "--bootstrap", "5"]).exit_code == 0
+    copy.write_bytes(tiny["ckpt"].read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    before = sha(copy)
+    r = runner.invoke(app, ["compare", str(tiny["ckpt"]), str(saved)])
+    assert r.exit_code == 1 and "is stale" in r.stderr and sha(copy) == before
+
+
+def test_compare_cli_table_and_plot(tiny: dict[str, Path], tmp_path: Path) -> None:
+    plot = tmp_path / "c.png"
+    r = runner.invoke(app, ["compare", str(tiny["ckpt"]), str(tiny["ckpt"]), str(tiny["ckpt"]), "--bootstrap", "10", "--plot", str(plot)])
+    assert r.exit_code == 0, r.stderr
+    assert "flagged by all:" in r.stdout and "in all 3" in r.stdout
+    assert plot.read_bytes()[:4] == b"\x89PNG"
