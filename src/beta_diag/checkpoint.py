@@ -298,6 +298,9 @@ def atomic_path(out: Path) -> Iterator[Path]:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -7,6 +7,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -16,6 +17,7 @@ from beta_diag import checkpoint, groups, models, plots, report, schedules
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
+from beta_diag.repair import Baseline, Focus, RepairConfig
 from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.training import OptimizerName, TrainConfig
@@ -288,6 +290,58 @@ def compare(
     if plot is not None:
         plots.comparison(result, plot, force)
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
+
+
+@app.command()
+@handle_errors
+def repair(
+    ckpt: CkptArg,
+    layers: Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")] = "auto",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")] = None,
+    ranking_file: Annotated[Optional[Path], typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
+    train_data: Annotated[Optional[str], typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
+    split: SplitOpt = None,
+    limit: LimitOpt = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = RepairConfig.epochs,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = RepairConfig.lr,
+    momentum: Annotated[MomentumSchedule, typer.Option("--momentum")] = MomentumSchedule.beta,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName.sgd,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = RepairConfig.batch_size,
+    focus: Annotated[Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")] = Focus.all,
+    baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
+    metric: MetricOpt = DEFAULT_METRIC,
+    granularity: GranularityOpt = Granularity.group,
+    top_k: TopKOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
+    plot: PlotOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fine-tune only the flagged (or named) layers with beta-scheduled momentum; verify on held-out data."""
+    from beta_diag.repair import repair as repair_fn
+
+    if plot is not None and not dry_run:
+        checkpoint.check_output(plot, force, (ckpt,))
+    chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
+    config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache)
+    rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
+    with report.progress(quiet or as_json) as progress:
+        result = repair_fn(
+            load_checkpoint(ckpt, None, None), chosen, output, DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed),
+            config, rank_cfg, ranking_file, device, force, dry_run, progress,
+        )
+    if dry_run:
+        report.print_json(asdict(result) | {"fraction": result.fraction}) if as_json else report.plan_table(result)
+        return
+    if plot is not None:
+        plots.repair(result, plot, force)
+    report.print_json(result.to_dict()) if as_json else report.repair_summary(result)
 
 
 @app.command()

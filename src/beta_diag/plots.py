@@ -90,3 +90,24 @@ def comparison(c: Any, path: Path, force: bool = False) -> None:
     ax.set_title(c.verdict, fontsize=8)
     _save(fig, path, force)
     plt.close(fig)
+
+
+def repair(r: Any, path: Path, force: bool = False) -> None:
+    """Held-out errors per class before/after, and the training loss per epoch."""
+    plt = _pyplot()
+    fig, (ax_cls, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    classes = list(r.surgical.verify.per_class)
+    xs = range(len(classes))
+    ax_cls.bar([x - 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_before"] for c in classes], 0.4, label="before", color="#7f7f7f")
+    ax_cls.bar([x + 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_after"] for c in classes], 0.4, label="after", color="#2ca02c")
+    ax_cls.set_xticks(list(xs), classes, rotation=45, ha="right")
+    ax_cls.set_title("held-out errors per class")
+    ax_cls.legend()
+    for name, arm in (("surgical", r.surgical), ("full", r.baseline)):
+        if arm is not None:
+            ax_loss.plot([h["epoch"] for h in arm.history], [h["train_loss"] for h in arm.history], marker="o", label=name)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("training loss")
+    ax_loss.legend()
+    _save(fig, path, force)
+    plt.close(fig)

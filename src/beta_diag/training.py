@@ -145,10 +145,14 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def fit(
-    model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Preprocess, config: TrainConfig,
-    progress: Progress | None = None,
+    model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig,
+    progress: Progress | None = None, frozen_statistics: bool = False,
 ) -> list[dict]:
-    """Train the parameters that have ``requires_grad``; return the per-epoch history."""
+    """Train the parameters that have ``requires_grad``; return the per-epoch history.
+
+    ``frozen_statistics``: keep every module in eval mode (BatchNorm on its running statistics),
+    as repair does; otherwise modules owning a trainable parameter train and the rest stay frozen.
+    """
     if config.epochs < 1 or config.lr <= 0 or config.batch_size < 1:
         raise ConfigError("epochs, lr and batch size must be positive: check --epochs, --lr, --batch-size")
     device = resolve_device(config.device)
@@ -166,7 +170,7 @@ def fit(
     history = []
     for epoch in range(config.epochs):
         start = time.perf_counter()
-        set_train_mode(model)
+        model.eval() if frozen_statistics else set_train_mode(model)
         lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
         for step, (x, y, _) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
             inputs = preprocess(x)

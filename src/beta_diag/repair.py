@@ -1,0 +1,264 @@
+"""Surgical repair: plan (groups, parameters, data) -> apply (fine-tune only those) -> verify -> record.
+
+Policy: only the chosen parameters have ``requires_grad``; the whole model stays in eval mode while
+training, so every BatchNorm (chosen or not) keeps its running statistics and the chosen ones train
+only their affine weights. That is the function the diagnosis differentiated, and a few epochs on a
+few thousand images cannot shift statistics the rest of the network relies on.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from beta_diag import checkpoint, data as data_mod, features, groups, ranking
+from beta_diag.attribution import Progress
+from beta_diag.data import Dataset
+from beta_diag.errors import ConfigError
+from beta_diag.ranking import RankConfig, Ranking
+from beta_diag.schedules import MomentumSchedule
+from beta_diag.session import DataChoice, Session, open_session
+from beta_diag.training import OptimizerName, Predictions, TrainConfig, fit
+
+ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
+
+
+class Focus(str, Enum):
+    all = "all"
+    errors = "errors"
+
+
+class Baseline(str, Enum):
+    none = "none"
+    full = "full"
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """How to fine-tune. Defaults: SGD, beta momentum on a cosine LR from 0.01, 3 epochs."""
+
+    epochs: int = 3
+    lr: float = 0.01
+    batch_size: int = 128
+    optimizer: OptimizerName = OptimizerName.sgd
+    momentum: MomentumSchedule = MomentumSchedule.beta
+    weight_decay: float = 5e-4
+    seed: int = 0
+    focus: str = "all"  # or "errors"
+    baseline: str = "none"  # or "full"
+    cache_features: bool = True
+
+    def train_config(self, device: str) -> TrainConfig:
+        return TrainConfig(self.epochs, self.lr, self.batch_size, self.optimizer, self.momentum, self.weight_decay, 0.0, False, self.seed, device)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
+        return d
+
+
+@dataclass(frozen=True)
+class Plan:
+    groups: tuple[str, ...]
+    trainable: int
+    total: int
+    train_data: dict[str, Any]
+    verify_data: dict[str, Any]
+    config: dict[str, Any]
+    steps: int
+    cached_prefix: str | None  # the frozen prefix whose output is computed once, if any
+    estimated_seconds: float
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Before/after on one data set. fixed: wrong -> right; broken: right -> wrong; net = fixed - broken."""
+
+    examples: int
+    accuracy_before: float
+    accuracy_after: float
+    fixed: int
+    broken: int
+    per_class: dict[str, dict[str, int]]
+
+    @property
+    def net(self) -> int:
+        return self.fixed - self.broken
+
+
+def verdict(before: Predictions, after: Predictions, class_names: tuple[str, ...]) -> Verdict:
+    b, a = before.correct, after.correct
+    per_class = {}
+    for c in torch.unique(before.labels).tolist():
+        m = before.labels == c
+        per_class[class_names[c]] = {"fixed": int((~b & a & m).sum()), "broken": int((b & ~a & m).sum()), "errors_before": int((~b & m).sum()),
+                                     "errors_after": int((~a & m).sum())}
+    return Verdict(len(b), before.accuracy, after.accuracy, int((~b & a).sum()), int((b & ~a).sum()), per_class)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tune: what it trained and what it changed."""
+
+    groups: tuple[str, ...]
+    trainable: int
+    seconds: float
+    verify: Verdict
+    train: Verdict
+    history: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    plan: Plan
+    surgical: Arm
+    baseline: Arm | None
+    output: str | None
+    sha256: str | None
+    parent_sha256: str
+
+    @property
+    def compute_saving(self) -> float | None:
+        return 1 - self.surgical.seconds / self.baseline.seconds if self.baseline else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan"]["fraction"] = self.plan.fraction
+        for arm in ("surgical", "baseline"):
+            if d[arm]:
+                d[arm]["verify"]["net"] = getattr(self, arm).verify.net
+                d[arm]["train"]["net"] = getattr(self, arm).train.net
+        d["compute_saving"] = self.compute_saving
+        return d
+
+
+def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
+    """Names of groups, blocks or modules -> parameter names; unknown names list the valid groups."""
+    if not layers:
+        raise ConfigError("--layers names nothing: pass auto or a comma list such as layer3,fc")
+    known = {g.name: g for gran in groups.Granularity for g in groups.layer_groups(model, gran)}
+    unknown = sorted(n for n in layers if n not in known)
+    if unknown:
+        valid = ", ".join(g.name for g in groups.layer_groups(model))
+        raise ConfigError(f"--layers: unknown name(s) {', '.join(unknown)}: use groups ({valid}), or their blocks/modules (see beta-diag rank --granularity module)")
+    return sorted({p for n in layers for p in known[n].param_names}, key=list(dict(model.named_parameters())).index)
+
+
+def _focus(session: Session, ds: Dataset, focus: str, seed: int) -> Dataset:
+    if focus == "all":
+        return ds
+    if focus != "errors":
+        raise ConfigError(f"--focus {focus}: use all or errors")
+    correct = session.evaluate(ds).correct
+    wrong, right = torch.nonzero(~correct).flatten(), torch.nonzero(correct).flatten()
+    n_right = min(right.numel(), int(wrong.numel() * (1 - ERRORS_SHARE) / ERRORS_SHARE))
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.cat([wrong, right[torch.randperm(right.numel(), generator=gen)[:n_right]]]).sort().values
+    return ds.subset(keep)
+
+
+def _same_data(a: Dataset, b: Dataset) -> bool:
+    """Same source: a bundle file is one split whatever --split says; other specs differ by split."""
+    if a.spec.endswith(".safetensors") and b.spec.endswith(".safetensors"):
+        return Path(a.spec).resolve() == Path(b.spec).resolve()
+    return a.spec == b.spec and a.split == b.split
+
+
+def _fine_tune(session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, progress: Progress | None) -> tuple[nn.Module, list[dict], float]:
+    """Copy the model, train only ``params`` (eval mode throughout), return it with history and seconds."""
+    model = copy.deepcopy(session.model)
+    chosen = set(params)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+    start = time.perf_counter()
+    split = features.split(model, chosen) if config.cache_features else None
+    tc = config.train_config(session.device.type)
+    if split is not None:
+        cached = features.cache(split, train_ds, session.preprocess, session.device)
+        history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress, frozen_statistics=True)
+    else:
+        history = fit(model, train_ds, None, session.preprocess, tc, progress=progress, frozen_statistics=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval(), history, time.perf_counter() - start
+
+
+def plan_and_data(
+    session: Session, layers: list[str] | str, train: DataChoice, verify: DataChoice, config: RepairConfig, rank_config: RankConfig,
+    saved_ranking: Ranking | None, progress: Progress | None,
+) -> tuple[Plan, list[str], Dataset, Dataset]:
+    verify_ds = session.load_data(verify)
+    if layers == "auto":
+        result = saved_ranking or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
+        names = list(result.flagged)
+    else:
+        names = list(layers)
+    params = resolve_layers(session.model, names)
+    train_ds = _focus(session, session.load_data(train, default_split="train"), config.focus, config.seed)
+    if _same_data(train_ds, verify_ds):
+        raise ConfigError(f"refusing to train on the verification data ({verify_ds.spec}, {verify_ds.split}): pass --train-data or --split")
+    sizes = dict((n, p.numel()) for n, p in session.model.named_parameters())
+    split = features.split(session.model, set(params)) if config.cache_features else None
+    steps = config.epochs * -(-len(train_ds) // config.batch_size)
+    plan = Plan(
+        tuple(names), sum(sizes[p] for p in params), sum(sizes.values()),
+        {"spec": train_ds.spec, "split": train_ds.split, "examples": len(train_ds), "focus": config.focus},
+        {"spec": verify_ds.spec, "split": verify_ds.split, "examples": len(verify_ds)},
+        {**config.to_dict(), "lr_schedule": "cosine", "frozen_statistics": True}, steps, split.prefix_name if split else None,
+        features.estimate_seconds(session, train_ds, steps, config.batch_size),
+    )
+    return plan, params, train_ds, verify_ds
+
+
+def repair(
+    ckpt: str | Path | Session, layers: list[str] | str = "auto", output: str | Path | None = None, train: DataChoice = DataChoice(),
+    verify: DataChoice = DataChoice(), config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(),
+    saved_ranking: str | Path | None = None, device: str = "auto", force: bool = False, dry_run: bool = False, progress: Progress | None = None,
+) -> RepairReport | Plan:
+    """Fine-tune only the named (or flagged) layer groups, verify on held-out data, write the result.
+
+    Returns the Plan when ``dry_run``. Example: ``repair('sgd.safetensors', 'auto').surgical.verify.net``.
+    """
+    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
+    out = Path(output) if output else session.ckpt.path.with_name(f"{session.ckpt.path.name.removesuffix('.safetensors')}.repaired.safetensors")
+    if not dry_run:
+        checkpoint.check_output(out, force, (session.ckpt.path,))
+    saved = None
+    if saved_ranking is not None:
+        saved = ranking.load(saved_ranking)
+        if saved.sha256 != session.ckpt.sha256:
+            raise ConfigError(f"{saved_ranking} ranks another checkpoint ({saved.checkpoint}, sha256 differs): rerun beta-diag rank on {session.ckpt.path}")
+        verify = DataChoice(verify.spec or saved.data, verify.split or saved.split, saved.limit, saved.config.seed)
+    plan, params, train_ds, verify_ds = plan_and_data(session, layers, train, verify, config, rank_config, saved, progress)
+    if dry_run:
+        return plan
+    before_v, before_t = session.evaluate(verify_ds), session.evaluate(train_ds)
+    arms = []
+    for arm_params in ([params] + ([[n for n, _ in session.model.named_parameters()]] if config.baseline == "full" else [])):
+        model, history, seconds = _fine_tune(session, arm_params, train_ds, config, progress)
+        after = replace(session, model=model)
+        arms.append(Arm(
+            plan.groups if arm_params is params else ("all",), sum(dict((n, p.numel()) for n, p in model.named_parameters())[p] for p in arm_params),
+            seconds, verdict(before_v, after.evaluate(verify_ds), verify_ds.class_names),
+            verdict(before_t, after.evaluate(train_ds), train_ds.class_names), tuple(history),
+        ))
+        if arm_params is params:
+            repaired = model
+    meta = replace(session.ckpt.metadata, repair={
+        "parent_sha256": session.ckpt.sha256, "parent": session.ckpt.path.name, "groups": list(plan.groups), "trainable_fraction": plan.fraction,
+        "config": plan.config, "train_data": plan.train_data, "verify_data": plan.verify_data,
+        "verify": {**asdict(arms[0].verify), "net": arms[0].verify.net}, "history": list(arms[0].history),
+    })
+    sha = checkpoint.save(out, repaired.state_dict(), meta, force=force, inputs=(session.ckpt.path,))
+    return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256)
