@@ -28,10 +28,17 @@ def cli_args(command: str) -> list[str]:
     return shlex.split(command.split("&& ")[-1].removeprefix(".venv/bin/"))[1:]
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for all README commands, run in README order (later ones use earlier outputs)."""
+    path = tmp_path_factory.mktemp("readme")
+    (path / "sample_checkpoints").symlink_to(SAMPLES)
+    return path
+
+
 @pytest.mark.parametrize("command", [SETUP[0].strip()] + COMMANDS)
-def test_readme_command_runs(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "sample_checkpoints").symlink_to(SAMPLES)
-    monkeypatch.chdir(tmp_path)
+def test_readme_command_runs(command: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
     before = {p.name: sha(p) for p in SAMPLES.glob("*.safetensors")}
     result = CliRunner().invoke(app, cli_args(command))
     assert result.exit_code == 0, (command, result.stderr)

@@ -1,0 +1,51 @@
+"""Surgical repair vs full fine-tune with the same budget, in one run; and the repair's net over seeds.
+
+    python benchmarks/repair_speed.py [--quick] [--seeds 0,1,2]
+
+On the SGD sample: (1) repair of the back-half groups layer4 + fc against `--baseline full`
+(same epochs, data, LR): wall-clock ratio (goal <= 0.25x) and fraction of parameters trained;
+(2) the default repair (`--layers auto`) per seed: held-out fixed / broken / net, mean and spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from beta_diag.repair import RepairConfig, repair
+from beta_diag.session import DataChoice
+
+SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 epoch on 1,000 verification images, one seed")
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}")
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    verify = DataChoice(limit=1000 if args.quick else None)
+    epochs = 1 if args.quick else RepairConfig.epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=RepairConfig(epochs=epochs, baseline="full"), device="cpu")
+        s, f = r.surgical, r.baseline
+        assert f is not None
+        print(f"layer4+fc: {100 * r.plan.fraction:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
+              f"full fine-tune {f.seconds:.1f} s (net {f.verify.net:+d}); wall-clock ratio {s.seconds / f.seconds:.3f}x (goal <= 0.25x)")
+        nets = []
+        for seed in seeds:
+            r = repair(SGD, "auto", Path(tmp) / f"s{seed}.safetensors", verify=DataChoice(limit=verify.limit, seed=seed),
+                       config=RepairConfig(epochs=epochs, seed=seed), device="cpu")
+            v = r.surgical.verify
+            nets.append(v.net)
+            print(f"seed {seed}: layers {', '.join(r.plan.groups)} ({100 * r.plan.fraction:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
+                  f"{100 * v.accuracy_after:.2f}%, fixed {v.fixed}, broken {v.broken}, net {v.net:+d}, {r.surgical.seconds:.1f} s")
+        spread = f" +- {statistics.stdev(nets):.1f}" if len(nets) > 1 else ""
+        print(f"default repair net over {len(nets)} seed(s): mean {statistics.mean(nets):+.1f}{spread}, min {min(nets):+d}, max {max(nets):+d}")
+
+
+if __name__ == "__main__":
+    main()
