@@ -36,7 +36,8 @@ def loop_reference(model: torch.nn.Module, ds: data.Dataset, pre: data.Preproces
 
 CASES = {
     # ours: BatchNorm everywhere, one ReLU module called twice per block and reused at the stem
-    "resnet18_cifar": (lambda: models.build("resnet18_cifar", {"width": 4, "in_channels": 1, "num_classes": 4}), 1, 8),
+    # (16x16 inputs: the stem and layer1 take the grouped-convolution path, later layers the unfold path)
+    "resnet18_cifar": (lambda: models.build("resnet18_cifar", {"width": 4, "in_channels": 1, "num_classes": 4}), 1, 16),
     # torchvision's: in-place ReLU reused, max-pool, 1x1 shortcut convolutions
     "torchvision resnet18": (lambda: models.build("resnet18", {"num_classes": 4}), 3, 32),
     # attention weights used without calling their module, a class token owned by the root: the fallback

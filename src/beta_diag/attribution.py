@@ -64,6 +64,21 @@ def _weight_terms(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[
     return xs, gs, bias
 
 
+GROUPED_CONV_MIN_OUTPUT = 256  # output positions from which a grouped convolution beats unfolding
+
+
+def _conv_per_example_grads(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients of a convolution as one grouped convolution (B groups): no unfold.
+    x: (B, C, H, W), g: (B, O, H', W') -> (B, O*C*kh*kw)."""
+    b, c, h, w = x.shape
+    o = g.shape[1]
+    grads = torch.nn.grad.conv2d_weight(
+        x.reshape(1, b * c, h, w), (b * o, c, *module.kernel_size), g.reshape(1, b * o, *g.shape[2:]),
+        module.stride, module.padding, module.dilation, groups=b,
+    )
+    return grads.reshape(b, -1)
+
+
 def _materialise(xs: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bgil,bgol->bgoi", xs, gs)  # (B, G, O, I) per-example weight gradients
 
@@ -140,14 +155,27 @@ def _module_terms(module: nn.Module, calls: list[list[torch.Tensor]], direction:
                 d = direction.get(f"{prefix}{pname}")
                 out[pname] = (grad.pow(2).sum(1), None if d is None else grad @ d.reshape(-1))
         return out
-    terms = [_weight_terms(module, x, g) for x, g in calls]
     d_w = direction.get(f"{prefix}weight")
-    if len(terms) == 1 and d_w is None:
-        sq_w = _sq_norm_weight(terms[0][0], terms[0][1])
-        dot_w = None
-    else:
-        full = sum(_materialise(xs, gs) for xs, gs, _ in terms).flatten(1)  # (B, P): called twice, or a dot is wanted
-        sq_w, dot_w = full.pow(2).sum(1), None if d_w is None else full @ _as_grouped(module, d_w).reshape(-1)
+    if len(calls) == 1 and isinstance(module, nn.Conv2d) and module.groups == 1 and calls[0][1][0, 0].numel() >= GROUPED_CONV_MIN_OUTPUT:
+        x, g = calls[0]
+        full = _conv_per_example_grads(module, x, g)  # (B, P)
+        out["weight"] = (torch.linalg.vecdot(full, full), None if d_w is None else full @ d_w.reshape(-1))
+        if module.bias is not None:
+            gb, d_b = g.sum((2, 3)), direction.get(f"{prefix}bias")
+            out["bias"] = (gb.pow(2).sum(1), None if d_b is None else gb @ d_b.reshape(-1))
+        return out
+    terms = [_weight_terms(module, x, g) for x, g in calls]
+    if len(terms) == 1:
+        xs, gs, _ = terms[0]
+        sq_w = _sq_norm_weight(xs, gs)
+        # <sum_l g_l x_l^T, D> = sum_l g_l^T D x_l: a projection, never the per-example gradient itself
+        dot_w = None if d_w is None else torch.einsum("goi,bgil,bgol->b", _as_grouped(module, d_w), xs, gs)
+    else:  # called more than once: the per-call gradients add up before the norm
+        full = _materialise(terms[0][0], terms[0][1])
+        for xs, gs, _ in terms[1:]:
+            full += _materialise(xs, gs)
+        full = full.flatten(1)  # (B, P)
+        sq_w, dot_w = torch.linalg.vecdot(full, full), None if d_w is None else full @ _as_grouped(module, d_w).reshape(-1)
     out["weight"] = (sq_w, dot_w)
     if module.bias is not None:
         gb = sum(t[2] for t in terms)

@@ -1,9 +1,11 @@
 """Surgical repair: plan (groups, parameters, data) -> apply (fine-tune only those) -> verify -> record.
 
-Policy: only the chosen parameters have ``requires_grad``; the whole model stays in eval mode while
-training, so every BatchNorm (chosen or not) keeps its running statistics and the chosen ones train
-only their affine weights. That is the function the diagnosis differentiated, and a few epochs on a
-few thousand images cannot shift statistics the rest of the network relies on.
+Policy: only the chosen parameters have ``requires_grad``. Modules that own a chosen parameter
+train in train mode (a chosen BatchNorm normalises with batch statistics and re-estimates its
+running statistics as the weights it follows move); every frozen module stays in eval mode, so
+frozen BatchNorms keep the statistics the rest of the network was trained with. Keeping chosen
+BatchNorms in eval mode too was measured: no better for the surgical repair, and a full fine-tune
+without normalisation diverged (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -186,9 +188,9 @@ def _fine_tune(session: Session, params: list[str], train_ds: Dataset, config: R
     tc = config.train_config(session.device.type)
     if split is not None:
         cached = features.cache(split, train_ds, session.preprocess, session.device)
-        history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress, frozen_statistics=True)
+        history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress)
     else:
-        history = fit(model, train_ds, None, session.preprocess, tc, progress=progress, frozen_statistics=True)
+        history = fit(model, train_ds, None, session.preprocess, tc, progress=progress)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval(), history, time.perf_counter() - start
@@ -215,7 +217,7 @@ def plan_and_data(
         tuple(names), sum(sizes[p] for p in params), sum(sizes.values()),
         {"spec": train_ds.spec, "split": train_ds.split, "examples": len(train_ds), "focus": config.focus},
         {"spec": verify_ds.spec, "split": verify_ds.split, "examples": len(verify_ds)},
-        {**config.to_dict(), "lr_schedule": "cosine", "frozen_statistics": True}, steps, split.prefix_name if split else None,
+        {**config.to_dict(), "lr_schedule": "cosine", "batchnorm": "chosen groups train, frozen groups eval"}, steps, split.prefix_name if split else None,
         features.estimate_seconds(session, train_ds, steps, config.batch_size),
     )
     return plan, params, train_ds, verify_ds

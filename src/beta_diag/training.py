@@ -98,7 +98,7 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 512,
+    model: nn.Module, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 128,
     progress: Progress | None = None,
 ) -> Predictions:
     """Eval-mode logits for every example, streamed in batches."""
@@ -146,12 +146,11 @@ def set_train_mode(model: nn.Module) -> None:
 
 def fit(
     model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig,
-    progress: Progress | None = None, frozen_statistics: bool = False,
+    progress: Progress | None = None,
 ) -> list[dict]:
     """Train the parameters that have ``requires_grad``; return the per-epoch history.
 
-    ``frozen_statistics``: keep every module in eval mode (BatchNorm on its running statistics),
-    as repair does; otherwise modules owning a trainable parameter train and the rest stay frozen.
+    Modules owning a trainable parameter train in train mode; frozen ones stay in eval mode.
     """
     if config.epochs < 1 or config.lr <= 0 or config.batch_size < 1:
         raise ConfigError("epochs, lr and batch size must be positive: check --epochs, --lr, --batch-size")
@@ -170,7 +169,7 @@ def fit(
     history = []
     for epoch in range(config.epochs):
         start = time.perf_counter()
-        model.eval() if frozen_statistics else set_train_mode(model)
+        set_train_mode(model)
         lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
         for step, (x, y, _) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
             inputs = preprocess(x)
