@@ -174,3 +174,17 @@ def test_registry_builds_all_kinds() -> None:
     assert isinstance(user, torch.nn.Linear)
     with pytest.raises(ModelError, match="cannot import module 'no_such_pkg.mod'"):
         models.build("no_such_pkg.mod:make")
+
+
+def test_code_named_by_a_file_is_never_imported(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "m.safetensors"
+    meta = Metadata(arch="pathlib:Path.touch", arch_kwargs={"self": str(marker)})
+    checkpoint.save(path, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, meta)
+    with pytest.raises(CheckpointError, match=r"metadata names code to import \(pathlib:Path.touch\); .* pass --arch pathlib:Path.touch"):
+        checkpoint.load(path).build_model()
+    assert not marker.exists()
+    plain = tmp_path / "plain.safetensors"
+    checkpoint.save(plain, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, Metadata())
+    trusted = checkpoint.load(plain).with_overrides("torch.nn:Linear", {"in_features": 3, "out_features": 2})
+    assert isinstance(trusted.build_model(), torch.nn.Linear)  # named on the command line: trusted

@@ -77,7 +77,8 @@ def bad_cases(tiny: dict[str, Path], tmp: Path) -> list[tuple[list, str]]:
     eleven = write_bundle(tmp / "eleven.safetensors", 24, classes=12)
     exists = tmp / "exists.safetensors"
     exists.write_bytes(b"keep me")
-    train = ["train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1"]
+    no_test = ["train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1"]
+    train = no_test + ["--test-data", tiny["test"]]
     return [
         (["info", tmp / "missing.safetensors"], "missing.safetensors: no such file: check the path"),
         (["info", not_ckpt], "not a safetensors file, or truncated"),
@@ -87,9 +88,10 @@ def bad_cases(tiny: dict[str, Path], tmp: Path) -> list[tuple[list, str]]:
         (["rank", tiny["ckpt"], "--data", eleven], "has label 11 but the model has 4 classes"),
         (["rank", tiny["ckpt"], "--data", "cifar10:/no/such/dir"], "folder /no/such/dir does not exist"),
         (["info", tiny["ckpt"], "--arch", "resnet20_cifar"], "weights do not match architecture"),
-        (train + ["--data", tmp / "nowhere.safetensors", "-o", tmp / "o1.safetensors"], "data bundle"),
+        (no_test + ["--data", tmp / "nowhere.safetensors", "--test-data", tiny["test"], "-o", tmp / "o1.safetensors"], "data bundle"),
+        (no_test + ["-o", tmp / "o5.safetensors"], "is a bundle, which holds one split: pass --test-data"),
         (train + ["--test-data", eleven, "-o", tmp / "o2.safetensors"], "has label 11 but the model has 4 classes"),
-        (train + ["--test-data", tiny["test"], "-o", exists], "already exists: choose another -o path or pass --force"),
+        (train + ["-o", exists], "already exists: choose another -o path or pass --force"),
         (train + ["--limit", "0", "-o", tmp / "o3.safetensors"], "--limit 0: pass a positive number of examples"),
         (train + ["--device", "cuda", "-o", tmp / "o4.safetensors"], "no CUDA device is available") if not torch.cuda.is_available() else
         (["info", tmp / "missing2.safetensors"], "no such file"),

@@ -132,3 +132,23 @@ def test_repair_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert not (tiny["root"] / "tiny.repaired.safetensors").exists()
     with pytest.raises(ConfigError):
         repair(tiny["ckpt"], [], device="cpu")
+
+
+def test_repair_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.safetensors"
+        r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer3,fc", "-o", str(out), "--epochs", "1", "--json", "--device", "cpu"])
+        assert r.exit_code == 0, r.stderr
+        report = json.loads(r.stdout)
+        for arm in ("surgical", "baseline"):
+            if report[arm]:
+                report[arm]["seconds"] = 0.0  # wall-clock differs; everything else must not
+                for h in report[arm]["history"]:
+                    h["seconds"] = 0.0
+        report.pop("output")
+        report.pop("sha256")  # the file records wall-clock seconds in its history
+        report["plan"]["estimated_seconds"] = 0.0
+        outs.append((report, checkpoint.load(out).state_dict))
+    assert outs[0][0] == outs[1][0]
+    assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])

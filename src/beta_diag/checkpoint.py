@@ -136,14 +136,15 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     metadata: Metadata
     sha256: str
+    arch_from_user: bool = False  # True when --arch named the architecture, not the file
 
     def with_overrides(self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> Checkpoint:
         """The same checkpoint with the architecture given by hand (``--arch``)."""
         meta = self.metadata
-        if arch is not None:
-            meta = replace(meta, arch=arch)
         if arch_kwargs:
             meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **arch_kwargs})
+        if arch is not None:
+            return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True)
         return replace(self, metadata=meta)
 
     def build_model(self) -> nn.Module:
@@ -151,6 +152,11 @@ class Checkpoint:
         meta = self.metadata
         if not meta.arch:
             raise CheckpointError(f"{self.path}: metadata has no 'arch': pass --arch, e.g. --arch resnet18_cifar")
+        if ":" in meta.arch and not self.arch_from_user:
+            raise CheckpointError(
+                f"{self.path}: metadata names code to import ({meta.arch}); beta-diag never runs code a file names: "
+                f"if you trust it, pass --arch {meta.arch}"
+            )
         kwargs = dict(meta.arch_kwargs)
         if meta.num_classes is not None and "num_classes" not in kwargs:
             kwargs["num_classes"] = meta.num_classes

@@ -167,7 +167,7 @@ def info(
 def schedule(
     ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint whose training history to show (omit to plan a schedule).")] = None,
     momentum: Annotated[Optional[list[MomentumSchedule]], typer.Option("--momentum", help="Schedule(s) to plan; repeatable.")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate of the planned schedule.")] = 0.1,
+    lr: Annotated[float, typer.Option("--lr", min=1e-12, help="Peak learning rate of the planned schedule.")] = 0.1,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 200,
     steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch", min=1)] = 391,
     warmup: Annotated[float, typer.Option("--warmup", min=0.0)] = 0.0,
@@ -193,7 +193,7 @@ def schedule(
     for run in runs:
         run["regimes"] = schedules.regime_fractions(run["epochs"])
     if plot is not None:
-        plots.schedule(runs, plot, force)
+        plots.schedule(runs, plot, force, inputs=(ckpt,) if ckpt else ())
     report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)
 
 
@@ -251,11 +251,11 @@ def rank(
     session = open_session(load_checkpoint(ckpt, arch, arch_arg), device)
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
+    if plot is not None:
+        plots.ranking(result, plot, force)
     if out is not None:
         with checkpoint.atomic_path(out) as tmp:
             tmp.write_text(report.dumps(result.to_dict()) + "\n")
-    if plot is not None:
-        plots.ranking(result, plot, force)
     report.print_json(result.to_dict()) if as_json else report.rank_table(result)
 
 

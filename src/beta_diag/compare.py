@@ -55,7 +55,9 @@ def kendall_tau_b(a: np.ndarray, b: np.ndarray) -> float:
         else:
             discordant += 1
     denom = np.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
-    return float((concordant - discordant) / denom) if denom > 0 else 1.0
+    if denom == 0:  # an input without order: agreement only if both are constant, as in spearman
+        return float(bool((a == a[0]).all() and (b == b[0]).all()))
+    return float((concordant - discordant) / denom)
 
 
 @dataclass(frozen=True)
@@ -114,19 +116,23 @@ def _group_row(r: Ranking, name: str) -> dict[str, Any]:
     return {"rank": g.rank, "score": g.score, "flagged": g.flagged, "p_flagged": g.p_flagged}
 
 
-def _scores(r: Ranking) -> np.ndarray:
-    by_name = {g.name: g.score for g in r.groups}
-    return np.array([by_name[n] for n in r.group_names])
+def _aligned(r: Ranking, names: tuple[str, ...], field: str) -> np.ndarray:
+    """A per-group field of ``r`` in the order ``names`` (rankings may list groups in other orders)."""
+    by_name = {g.name: getattr(g, field) for g in r.groups}
+    return np.array([by_name[n] for n in names])
 
 
-def _ranks(r: Ranking) -> np.ndarray:
-    by_name = {g.name: g.rank for g in r.groups}
-    return np.array([by_name[n] for n in r.group_names])
+def _replicates(rows: tuple[tuple, ...], r: Ranking, names: tuple[str, ...]) -> np.ndarray:
+    """(B, G) bootstrap rows of ``r`` with columns in the order ``names``."""
+    col = [r.group_names.index(n) for n in names]
+    return np.array(rows)[:, col]
 
 
 def _pair(i: int, j: int, a: Ranking, b: Ranking, top_k: int | None) -> Pair:
+    names = a.group_names
     ks = sorted({len(a.flagged), len(b.flagged)} | ({top_k} if top_k else set()))
-    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = _aligned(a, names, "rank"), _aligned(b, names, "rank")
+    sa, sb = _aligned(a, names, "score"), _aligned(b, names, "score")
     overlap = {k: float(((ra <= k) & (rb <= k)).sum() / k) for k in ks}
     fa, fb = set(a.flagged), set(b.flagged)
     jaccard = len(fa & fb) / len(fa | fb) if fa | fb else 1.0
@@ -134,12 +140,13 @@ def _pair(i: int, j: int, a: Ranking, b: Ranking, top_k: int | None) -> Pair:
     p_same = None
     n = min(len(a.bootstrap_ranks), len(b.bootstrap_ranks))
     if n:
-        bra, brb = np.array(a.bootstrap_ranks[:n]), np.array(b.bootstrap_ranks[:n])
+        bra, brb = _replicates(a.bootstrap_ranks[:n], a, names), _replicates(b.bootstrap_ranks[:n], b, names)
         for k in ks:
             per = ((bra <= k) & (brb <= k)).sum(1) / k
             ci[k] = (float(np.percentile(per, 5)), float(np.percentile(per, 95)))
-        p_same = float((np.array(a.bootstrap_flags[:n]) == np.array(b.bootstrap_flags[:n])).all(1).mean())
-    return Pair(i, j, overlap, ci, jaccard, spearman(_scores(a), _scores(b)), kendall_tau_b(_scores(a), _scores(b)), p_same)
+        same = _replicates(a.bootstrap_flags[:n], a, names) == _replicates(b.bootstrap_flags[:n], b, names)
+        p_same = float(same.all(1).mean())
+    return Pair(i, j, overlap, ci, jaccard, spearman(sa, sb), kendall_tau_b(sa, sb), p_same)
 
 
 def compare_rankings(rankings: list[Ranking], labels: list[str] | None = None, top_k: int | None = None) -> Comparison:
@@ -185,7 +192,7 @@ def compare(
     saved = {i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json"}
     sessions = {i: open_session(p, device) for i, p in enumerate(paths) if i not in saved}
     specs = {i: s.resolve_data(data) for i, s in sessions.items()}
-    if len({(Path(sp).name if sp.endswith(".safetensors") else sp, split) for sp, split in specs.values()}) > 1:
+    if len(set(specs.values())) > 1:
         listed = ", ".join(f"{paths[i]}: {sp}" for i, (sp, _) in specs.items())
         raise ConfigError(f"the checkpoints name different data ({listed}): pass --data to rank all on the same data")
     if saved and sessions:  # rank checkpoints with the options of the saved ranking, so that they compare

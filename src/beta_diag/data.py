@@ -220,10 +220,13 @@ READERS: dict[str, Reader] = {
 
 
 def resolve_spec(spec: str, base_dir: Path | None = None) -> str:
-    """Make a bundle path recorded relative to a checkpoint absolute; other specs unchanged."""
-    if spec.endswith(".safetensors") and base_dir is not None and not Path(spec).is_absolute():
-        return str(base_dir / spec)
-    return spec
+    """The spec with its file or folder made absolute (relative ones taken from ``base_dir``, else
+    the working directory): a checkpoint records data relative to its own folder, or absolute."""
+    base = (base_dir or Path.cwd()).resolve()
+    if spec.endswith(".safetensors"):
+        return str((base / spec).resolve())
+    kind, sep, arg = spec.partition(":")
+    return f"{kind}:{(base / arg).resolve()}" if sep and arg else spec
 
 
 def load(spec: str, split: str = "test", limit: int | None = None, seed: int = 0, image_size: tuple[int, int] | None = None) -> Dataset:

@@ -9,6 +9,7 @@ trains the model. Backward never enters the prefix.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import fx, nn
 
 from beta_diag import data as data_mod
 from beta_diag.data import Dataset, Preprocess
+from beta_diag.errors import DataError
 
 MEMORY_BUDGET = 2 * 1024**3  # features beyond this go to a memory-mapped temporary file
 
@@ -79,10 +81,12 @@ def cache(s: Split, ds: Dataset, preprocess: Preprocess, device: torch.device, b
             if nbytes > MEMORY_BUDGET:
                 path = tempfile.NamedTemporaryFile(prefix="beta-diag-features-", delete=False).name
                 store = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="w+", shape=shape))
+                os.unlink(path)  # the mapping keeps the space until it is dropped; nothing is left behind
             else:
                 store = torch.empty(shape)
         store[idx] = out
-    assert store is not None  # ds is never empty (data.load refuses empty data)
+    if store is None:
+        raise DataError(f"{ds.spec} ({ds.split}) holds no examples to train on")
     return Dataset(store, ds.labels, ds.class_names, ds.spec, ds.split)
 
 

@@ -23,13 +23,13 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path, force: bool) -> None:
-    check_output(path, force)
+def _save(fig: Any, path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    check_output(path, force, inputs)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False) -> None:
+def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """The paper's Figures 1 and 3: LR; momentum against the critical curve; regime per epoch."""
     plt = _pyplot()
     fig, (ax_lr, ax_mu, ax_reg) = plt.subplots(1, 3, figsize=(15, 4))
@@ -53,7 +53,7 @@ def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False) -
         ax.set_xlabel("epoch")
     ax_lr.legend(fontsize=7)
     ax_mu.legend(fontsize=7)
-    _save(fig, path, force)
+    _save(fig, path, force, inputs)
     plt.close(fig)
 
 
@@ -63,7 +63,7 @@ def ranking(r: Any, path: Path, force: bool = False) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(r.groups)), 4))
     names = [g.name for g in r.groups]
     colours = ["#d62728" if g.flagged else "#7f7f7f" for g in r.groups]
-    errs = [[g.score - g.score_lo for g in r.groups], [g.score_hi - g.score for g in r.groups]]
+    errs = [[max(0.0, g.score - g.score_lo) for g in r.groups], [max(0.0, g.score_hi - g.score) for g in r.groups]]
     ax.bar(range(len(names)), [g.score for g in r.groups], color=colours, yerr=errs, capsize=3)
     for i, g in enumerate(r.groups):
         ax.annotate(f"P={g.p_flagged:.2f}", (i, g.score_hi), ha="center", va="bottom", fontsize=7)

@@ -209,7 +209,7 @@ class Ranking:
 
     def options(self) -> dict[str, Any]:
         """What must match for two rankings to be comparable."""
-        return {"data": Path(self.data).name if self.data.endswith(".safetensors") else self.data, "split": self.split,
+        return {"data": self.data, "split": self.split,
                 "limit": self.limit, **{k: v for k, v in self.config.to_dict().items() if k not in ("by_class",)}}
 
     def to_dict(self) -> dict[str, Any]:

@@ -164,6 +164,8 @@ def _focus(session: Session, ds: Dataset, focus: str, seed: int) -> Dataset:
         raise ConfigError(f"--focus {focus}: use all or errors")
     correct = session.evaluate(ds).correct
     wrong, right = torch.nonzero(~correct).flatten(), torch.nonzero(correct).flatten()
+    if wrong.numel() == 0:
+        raise ConfigError(f"--focus errors: the model makes no errors on {ds.spec} ({ds.split}): use --focus all")
     n_right = min(right.numel(), int(wrong.numel() * (1 - ERRORS_SHARE) / ERRORS_SHARE))
     gen = torch.Generator().manual_seed(seed)
     keep = torch.cat([wrong, right[torch.randperm(right.numel(), generator=gen)[:n_right]]]).sort().values
@@ -178,14 +180,14 @@ def _same_data(a: Dataset, b: Dataset) -> bool:
 
 
 def _fine_tune(session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, progress: Progress | None) -> tuple[nn.Module, list[dict], float]:
-    """Copy the model, train only ``params`` (eval mode throughout), return it with history and seconds."""
+    """Copy the model, train only ``params`` (their modules in train mode, the rest eval), return it with history and seconds."""
     model = copy.deepcopy(session.model)
     chosen = set(params)
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     start = time.perf_counter()
     split = features.split(model, chosen) if config.cache_features else None
-    tc = config.train_config(session.device.type)
+    tc = config.train_config(str(session.device))
     if split is not None:
         cached = features.cache(split, train_ds, session.preprocess, session.device)
         history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress)
@@ -257,7 +259,12 @@ def repair(
         ))
         if arm_params is params:
             repaired = model
-    meta = replace(session.ckpt.metadata, repair={
+    parent_dir = session.ckpt.path.parent
+    data_for_out = {
+        split: {**rec, "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else data_mod.resolve_spec(rec["spec"], parent_dir)}
+        for split, rec in session.ckpt.metadata.data.items() if isinstance(rec, dict) and "spec" in rec
+    }
+    meta = replace(session.ckpt.metadata, data=data_for_out, repair={
         "parent_sha256": session.ckpt.sha256, "parent": session.ckpt.path.name, "groups": list(plan.groups), "trainable_fraction": plan.fraction,
         "config": plan.config, "train_data": plan.train_data, "verify_data": plan.verify_data,
         "verify": {**asdict(arms[0].verify), "net": arms[0].verify.net}, "history": list(arms[0].history),

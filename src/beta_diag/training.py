@@ -101,12 +101,12 @@ def evaluate(
     model: nn.Module, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 128,
     progress: Progress | None = None,
 ) -> Predictions:
-    """Eval-mode logits for every example, streamed in batches."""
+    """Eval-mode logits for every example, streamed in batches; float32 even on CUDA, so that the
+    errors rank diagnoses and the fixed/broken counts of repair do not depend on autocast."""
     model.eval()
     out = []
     for i, (x, _, _) in enumerate(data_mod.batches(ds, batch_size, device)):
-        with autocast(device):
-            out.append(model(preprocess(x)).float().cpu())
+        out.append(model(preprocess(x)).float().cpu())
         if progress:
             progress("evaluate", min((i + 1) * batch_size, len(ds)), len(ds))
     return Predictions(torch.cat(out), ds.labels.clone())
@@ -175,7 +175,7 @@ def fit(
             inputs = preprocess(x)
             if config.augment:
                 inputs = augment(inputs, gen)
-            if device.type == "cuda":
+            if device.type == "cuda" and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             lrs.append(opt.param_groups[0]["lr"])
             mus.append(mom.step())
@@ -233,6 +233,8 @@ def train(
 
     from beta_diag import models
 
+    if test_data is None and data.endswith(".safetensors"):
+        raise ConfigError(f"{data} is a bundle, which holds one split: pass --test-data with held-out images")
     train_ds = data_mod.load(data, "train", limit=limit, seed=config.seed)
     test_spec = test_data or data
     test_ds = data_mod.load(test_spec, "test", limit=test_limit, seed=config.seed)
@@ -255,7 +257,7 @@ def train(
         arch=arch, arch_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"}, num_classes=num_classes,
         input_shape=preprocess.input_shape, mean=mean, std=std, class_names=train_ds.class_names,
         dataset=data.partition(":")[0] if not data.endswith(".safetensors") else data,
-        data={"train": {"spec": data, "split": "train"}, "test": {"spec": test_spec, "split": "test"}},
+        data={"train": {"spec": data_mod.resolve_spec(data), "split": "train"}, "test": {"spec": data_mod.resolve_spec(test_spec), "split": "test"}},
         training={**config.to_dict(), "limit": limit, "test_limit": test_limit, "train_examples": len(train_ds), "test_examples": len(test_ds),
                   "torch": torch.__version__},
         history=tuple(history),
