@@ -324,6 +324,7 @@ def repair(
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-tune only the flagged (or named) layers with beta-scheduled momentum; verify on held-out data."""
+    from beta_diag.repair import plan as plan_fn
     from beta_diag.repair import repair as repair_fn
 
     if plot is not None and not dry_run:
@@ -331,13 +332,15 @@ def repair(
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
     config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache)
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
+    train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     with report.progress(quiet or as_json) as progress:
-        result = repair_fn(
-            load_checkpoint(ckpt, None, None), chosen, output, DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed),
-            config, rank_cfg, ranking_file, device, force, dry_run, progress,
-        )
+        if dry_run:
+            planned = plan_fn(load_checkpoint(ckpt, None, None), chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
+        else:
+            result = repair_fn(load_checkpoint(ckpt, None, None), chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
+                               force, progress)
     if dry_run:
-        report.print_json(asdict(result) | {"fraction": result.fraction}) if as_json else report.plan_table(result)
+        report.print_json(asdict(planned) | {"fraction": planned.fraction}) if as_json else report.plan_table(planned)
         return
     if plot is not None:
         plots.repair(result, plot, force)

@@ -225,28 +225,42 @@ def plan_and_data(
     return plan, params, train_ds, verify_ds
 
 
-def repair(
-    ckpt: str | Path | Session, layers: list[str] | str = "auto", output: str | Path | None = None, train: DataChoice = DataChoice(),
-    verify: DataChoice = DataChoice(), config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(),
-    saved_ranking: str | Path | None = None, device: str = "auto", force: bool = False, dry_run: bool = False, progress: Progress | None = None,
-) -> RepairReport | Plan:
-    """Fine-tune only the named (or flagged) layer groups, verify on held-out data, write the result.
-
-    Returns the Plan when ``dry_run``. Example: ``repair('sgd.safetensors', 'auto').surgical.verify.net``.
-    """
-    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
-    out = Path(output) if output else session.ckpt.path.with_name(f"{session.ckpt.path.name.removesuffix('.safetensors')}.repaired.safetensors")
-    if not dry_run:
-        checkpoint.check_output(out, force, (session.ckpt.path,))
+def _prepare(
+    session: Session, layers: list[str] | str, train: DataChoice, verify: DataChoice, config: RepairConfig, rank_config: RankConfig,
+    saved_ranking: str | Path | None, progress: Progress | None,
+) -> tuple[Plan, list[str], Dataset, Dataset]:
     saved = None
     if saved_ranking is not None:
         saved = ranking.load(saved_ranking)
         if saved.sha256 != session.ckpt.sha256:
             raise ConfigError(f"{saved_ranking} ranks another checkpoint ({saved.checkpoint}, sha256 differs): rerun beta-diag rank on {session.ckpt.path}")
         verify = DataChoice(verify.spec or saved.data, verify.split or saved.split, saved.limit, saved.config.seed)
-    plan, params, train_ds, verify_ds = plan_and_data(session, layers, train, verify, config, rank_config, saved, progress)
-    if dry_run:
-        return plan
+    return plan_and_data(session, layers, train, verify, config, rank_config, saved, progress)
+
+
+def plan(
+    ckpt: str | Path | Session, layers: list[str] | str = "auto", train: DataChoice = DataChoice(), verify: DataChoice = DataChoice(),
+    config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(), saved_ranking: str | Path | None = None,
+    device: str = "auto", progress: Progress | None = None,
+) -> Plan:
+    """What ``repair`` would do (groups, parameters, data, schedule), without training or writing."""
+    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
+    return _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)[0]
+
+
+def repair(
+    ckpt: str | Path | Session, layers: list[str] | str = "auto", output: str | Path | None = None, train: DataChoice = DataChoice(),
+    verify: DataChoice = DataChoice(), config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(),
+    saved_ranking: str | Path | None = None, device: str = "auto", force: bool = False, progress: Progress | None = None,
+) -> RepairReport:
+    """Fine-tune only the named (or flagged) layer groups, verify on held-out data, write the result.
+
+    Example: ``repair('sgd.safetensors', 'auto').surgical.verify.net``.
+    """
+    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
+    out = Path(output) if output else session.ckpt.path.with_name(f"{session.ckpt.path.name.removesuffix('.safetensors')}.repaired.safetensors")
+    checkpoint.check_output(out, force, (session.ckpt.path,))
+    plan, params, train_ds, verify_ds = _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)
     before_v, before_t = session.evaluate(verify_ds), session.evaluate(train_ds)
     arms = []
     for arm_params in ([params] + ([[n for n, _ in session.model.named_parameters()]] if config.baseline == "full" else [])):
