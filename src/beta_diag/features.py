@@ -69,7 +69,7 @@ def split(model: nn.Module, chosen: set[str]) -> Split | None:
 
 
 @torch.no_grad()
-def cache(s: Split, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 256) -> Dataset:
+def cache(s: Split, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 128) -> Dataset:
     """The prefix's output for every example (eval mode), as a Dataset of float features."""
     s.prefix.eval()
     store: torch.Tensor | None = None
