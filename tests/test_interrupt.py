@@ -11,12 +11,18 @@ import pytest
 from tests.conftest import SAMPLES
 
 
-def start_training(out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "beta_diag", "train", "--data", str(SAMPLES / "fmnist_train_5k.safetensors"), "--test-data",
-         str(SAMPLES / "fmnist_test_3k.safetensors"), "--arch-arg", "width=16", "--epochs", "20", "--device", "cpu", "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
+TRAIN5K = SAMPLES / "fmnist_train_5k.safetensors"
+COMMANDS = {
+    "train": lambda out: ["train", "--data", TRAIN5K, "--test-data", SAMPLES / "fmnist_test_3k.safetensors", "--arch-arg", "width=16", "--epochs", "20", "-o", out],
+    "rank": lambda out: ["rank", SGD, "--data", TRAIN5K, "--granularity", "module", "--out", out],
+    "repair": lambda out: ["repair", SGD, "--layers", "layer2,layer3,layer4,fc", "--epochs", "20", "-o", out],
+}
+
+
+def start(command: str, out: Path) -> subprocess.Popen:
+    args = [str(a) for a in COMMANDS[command](out)]
+    return subprocess.Popen([sys.executable, "-m", "beta_diag", *args, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_until_training(proc: subprocess.Popen) -> None:
@@ -24,10 +30,12 @@ def wait_until_training(proc: subprocess.Popen) -> None:
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGKILL, -9)])
-def test_interrupted_training_writes_nothing(tmp_path: Path, sig: signal.Signals, code: int) -> None:
-    out = tmp_path / "m.safetensors"
-    proc = start_training(out)
+@pytest.mark.parametrize(("command", "sig", "code"), [
+    ("train", signal.SIGINT, 130), ("train", signal.SIGKILL, -9), ("rank", signal.SIGINT, 130), ("repair", signal.SIGINT, 130),
+])
+def test_interrupted_command_writes_nothing(tmp_path: Path, command: str, sig: signal.Signals, code: int) -> None:
+    out = tmp_path / ("r.json" if command == "rank" else "m.safetensors")
+    proc = start(command, out)
     wait_until_training(proc)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
