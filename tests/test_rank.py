@@ -76,6 +76,9 @@ def test_every_metric_and_granularity(tiny: dict[str, Path], granularity: str, m
     assert r.exit_code == 0, r.stderr
     parsed = json.loads(r.stdout)
     assert len(parsed["flagged"]) == 2 and parsed["config"]["metric"] == metric
+    scores = [g["score"] for g in parsed["groups"]]
+    assert all(s is not None and np.isfinite(s) for s in scores) and scores == sorted(scores, reverse=True)
+    assert all(g["scores"][metric] == g["score"] for g in parsed["groups"])
 
 
 def test_rank_table_plot_out_and_by_class(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
             continue  # the chosen groups' BatchNorm re-estimates its statistics
         assert torch.equal(before[key], after[key]), key
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
+    assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
     # re-evaluating the written file reproduces the reported accuracy exactly
     session = open_session(out, "cpu")
     ds = session.load_data(__import__("beta_diag.session", fromlist=["DataChoice"]).DataChoice())

@@ -13,7 +13,6 @@ from enum import Enum
 
 from torch import nn
 
-from beta_diag.errors import ConfigError
 
 
 class Granularity(str, Enum):
@@ -58,14 +57,3 @@ def layer_groups(model: nn.Module, granularity: Granularity | str = Granularity.
         members[key].append(name)
         sizes[key] += param.numel()
     return [Group(k, tuple(members[k]), sizes[k]) for k in order]
-
-
-def select(groups: list[Group], names: list[str]) -> list[Group]:
-    """Groups named in ``names`` (in model order); unknown names raise ConfigError listing valid ones."""
-    known = {g.name for g in groups}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        valid = ", ".join(g.name for g in groups)
-        raise ConfigError(f"unknown layer group(s) {', '.join(sorted(unknown))}: valid names are {valid}")
-    wanted = set(names)
-    return [g for g in groups if g.name in wanted]
