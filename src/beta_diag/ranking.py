@@ -1,143 +1,28 @@
-"""Per-example gradient norms -> group scores -> ranking, flags and bootstrap stability.
+"""The ranking of a checkpoint: evaluate, attribute on the errors, score, flag, bootstrap.
 
-Everything here derives from three per-example matrices (examples x groups): squared gradient
-norms on the errors ``E`` and on a same-size sample of correct examples ``C``, and the errors'
-dot products with their own summed gradient ``D`` (for coherence).
+Scores and flag rules live in ``scores``; this module runs them on a checkpoint and records the
+result as a frozen ``Ranking`` that ``report`` renders and ``compare``/``repair`` reuse.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-DEFAULT_BOOTSTRAP = 200
-
-
-class Metric(str, Enum):
-    coherence = "coherence"  # ||sum of error gradients|| / sum of their norms: do the errors agree on a direction?
-    specific = "specific"  # mean share of the squared gradient on errors minus on correct examples
-    norm = "norm"  # mean error-gradient norm
-    per_param = "per_param"  # norm / sqrt(parameters)
-    weight_rel = "weight_rel"  # norm / ||theta_g||
-    contrast = "contrast"  # norm on errors / norm on correct examples
-    share = "share"  # the group's share of the summed error-gradient norms
-
-
-DEFAULT_METRIC = Metric.coherence
-
-
-@dataclass(frozen=True)
-class Matrices:
-    """Per-example inputs of the scores; rows are examples, columns groups."""
-
-    errors: np.ndarray  # (Ne, G) squared norms
-    correct: np.ndarray  # (Nc, G) squared norms
-    dots: np.ndarray  # (Ne, G) <g_i, S_g>, S_g = sum of the errors' gradients of group g
-    numel: np.ndarray  # (G,) parameters per group
-    weight_norm: np.ndarray  # (G,) ||theta_g||
-
-
-def _shares(sq: np.ndarray) -> np.ndarray:
-    total = sq.sum(-1, keepdims=True)
-    return np.divide(sq, total, out=np.zeros_like(sq), where=total > 0)
-
-
-def scores(m: Matrices, err_w: np.ndarray | None = None, cor_w: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every metric per group. ``err_w``/``cor_w`` (B, N) resampling weights give (B, G) bootstrap replicates."""
-    ew = np.ones((1, m.errors.shape[0])) if err_w is None else err_w
-    cw = np.ones((1, m.correct.shape[0])) if cor_w is None else cor_w
-    ne, nc = ew.sum(1, keepdims=True), np.maximum(cw.sum(1, keepdims=True), 1)
-    err_norm = np.sqrt(m.errors)
-    norm = ew @ err_norm / ne
-    norm_c = cw @ np.sqrt(m.correct) / nc
-    s_norm = np.sqrt(np.maximum(m.dots.sum(0), 0))  # ||S_g||, exactly, since sum_i <g_i, S> = ||S||^2
-    # ||S*|| of a resample, to first order: its projection on S. Exact for the full sample.
-    proj = ew @ m.dots / np.where(s_norm > 0, s_norm, 1)
-    out = {
-        Metric.norm.value: norm,
-        Metric.per_param.value: norm / np.sqrt(m.numel),
-        Metric.weight_rel.value: norm / np.where(m.weight_norm > 0, m.weight_norm, 1),
-        Metric.contrast.value: np.divide(norm, norm_c, out=np.zeros_like(norm), where=norm_c > 0),
-        Metric.share.value: norm / np.maximum(norm.sum(1, keepdims=True), 1e-300),
-        Metric.specific.value: ew @ _shares(m.errors) / ne - cw @ _shares(m.correct) / nc,
-        Metric.coherence.value: np.divide(proj, ew @ err_norm, out=np.zeros_like(proj), where=ew @ err_norm > 0),
-        "norm_correct": norm_c,
-    }
-    return out if err_w is not None else {k: v[0] for k, v in out.items()}
-
-
-def order(values: np.ndarray) -> np.ndarray:
-    """Indices by descending score; ties keep model order (stable)."""
-    return np.argsort(-values, axis=-1, kind="stable")
-
-
-def ranks(values: np.ndarray) -> np.ndarray:
-    """1-based rank of each group (1 = highest score), along the last axis."""
-    idx = order(values)
-    out = np.empty_like(idx)
-    np.put_along_axis(out, idx, np.arange(1, values.shape[-1] + 1) + np.zeros_like(idx), axis=-1)
-    return out
-
-
-def flag_count(values: np.ndarray, top_k: int | None = None) -> np.ndarray:
-    """How many top groups to flag: ``top_k``, or the largest gap in the sorted scores among the
-    first floor(G/2) positions (at least 1). Works on (G,) or (B, G)."""
-    g = values.shape[-1]
-    if top_k is not None:
-        return np.full(values.shape[:-1], min(top_k, g))
-    bound = max(1, g // 2)
-    ordered = -np.sort(-values, axis=-1)
-    gaps = ordered[..., :bound] - ordered[..., 1 : bound + 1] if g > 1 else np.zeros(values.shape[:-1] + (1,))
-    return np.argmax(gaps, axis=-1) + 1  # first of equal gaps: the smaller set
-
-
-def flags(values: np.ndarray, top_k: int | None = None) -> np.ndarray:
-    """Boolean flags per group (same shape as ``values``)."""
-    k = flag_count(values, top_k)
-    return ranks(values) <= np.expand_dims(k, -1)
-
-
-@dataclass(frozen=True)
-class Stability:
-    p_flagged: np.ndarray  # (G,)
-    rank_lo: np.ndarray  # (G,) 5th percentile of the rank
-    rank_hi: np.ndarray  # (G,) 95th percentile
-    score_lo: np.ndarray  # (G,) 5th percentile of the score
-    score_hi: np.ndarray  # (G,) 95th percentile
-    flag_sets: np.ndarray  # (B, G) bool: each replicate's flags (compare uses them)
-    replicate_ranks: np.ndarray  # (B, G) each replicate's ranks
-
-
-def bootstrap(m: Matrices, metric: Metric, top_k: int | None, replicates: int, seed: int) -> Stability:
-    """Resample errors (and the correct sample) with replacement; rank and flag each replicate."""
-    rng = np.random.default_rng(seed)
-    ne, nc = m.errors.shape[0], m.correct.shape[0]
-    ew = np.stack([np.bincount(rng.integers(0, ne, ne), minlength=ne) for _ in range(replicates)]).astype(float)
-    cw = np.stack([np.bincount(rng.integers(0, nc, nc), minlength=nc) for _ in range(replicates)]).astype(float) if nc else np.zeros((replicates, 0))
-    values = scores(m, ew, cw)[Metric(metric).value]
-    rk, fl = ranks(values), flags(values, top_k)
-    return Stability(
-        fl.mean(0), np.percentile(rk, 5, axis=0), np.percentile(rk, 95, axis=0), np.percentile(values, 5, axis=0), np.percentile(values, 95, axis=0), fl, rk,
-    )
-
-
-# --- the ranking of a checkpoint ---------------------------------------------------------------
-
-import fnmatch  # noqa: E402
-import json  # noqa: E402
-from dataclasses import asdict, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from beta_diag.attribution import Progress, per_example_norms, summed_gradient  # noqa: E402
-from beta_diag.data import Dataset  # noqa: E402
-from beta_diag.errors import ConfigError, NoErrorsToDiagnose  # noqa: E402
-from beta_diag.groups import Granularity, layer_groups  # noqa: E402
-from beta_diag.session import DataChoice, Session, open_session  # noqa: E402
+from beta_diag.attribution import Progress, per_example_norms, summed_gradient
+from beta_diag.data import Dataset
+from beta_diag.errors import ConfigError, NoErrorsToDiagnose
+from beta_diag.groups import Granularity, layer_groups
+from beta_diag.scores import (  # noqa: F401  (re-exported for callers of ranking.*)
+    DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Matrices, Metric, Stability, bootstrap, flag_count, flags, order, ranks, scores, shares,
+)
+from beta_diag.session import DataChoice, Session, open_session
 
 FORMAT = "beta-diag-ranking"
 
@@ -310,8 +195,8 @@ def rank(
     ]
     by_class = None
     if config.by_class:
-        shares, labels = _shares(m.errors), ds.labels[wrong].numpy()
-        by_class = {ds.class_names[c]: {g.name: float(shares[labels == c, j].mean()) for j, g in enumerate(found)} for c in np.unique(labels)}
+        load, labels = shares(m.errors), ds.labels[wrong].numpy()
+        by_class = {ds.class_names[c]: {g.name: float(load[labels == c, j].mean()) for j, g in enumerate(found)} for c in np.unique(labels)}
     return Ranking(
         str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
         tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
