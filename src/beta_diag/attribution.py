@@ -29,8 +29,8 @@ from torch import nn
 
 from beta_diag import data as data_mod
 from beta_diag.data import Dataset, Preprocess
+from beta_diag.training import Progress
 
-Progress = Callable[[str, int, int], None]
 Direction = dict[str, torch.Tensor]
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
@@ -144,43 +144,43 @@ class _Recorder:
             h.remove()
 
 
-def _module_terms(module: nn.Module, calls: list[list[torch.Tensor]], direction: Direction, prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+Terms = tuple[torch.Tensor, torch.Tensor | None]  # per-example (squared norm, dot with direction), each (B,)
+
+
+def _flat_terms(grads: torch.Tensor, d: torch.Tensor | None) -> Terms:
+    """Terms of materialised per-example gradients ``grads`` (B, P)."""
+    grads = grads.flatten(1)
+    return torch.linalg.vecdot(grads, grads), None if d is None else grads @ d.reshape(-1)
+
+
+def _module_terms(module: nn.Module, calls: list[list[torch.Tensor]], direction: Direction, prefix: str) -> dict[str, Terms]:
     """Per-example (squared norm, dot with direction) for each parameter of one module."""
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    d_w, d_b = direction.get(f"{prefix}weight"), direction.get(f"{prefix}bias")
     if isinstance(module, NORMS):
-        gw = sum(_norm_affine_grads(module, x, g)[0] for x, g in calls)
-        gb = sum(_norm_affine_grads(module, x, g)[1] for x, g in calls)
-        for pname, grad in (("weight", gw), ("bias", gb)):
-            if getattr(module, pname, None) is not None:
-                d = direction.get(f"{prefix}{pname}")
-                out[pname] = (grad.pow(2).sum(1), None if d is None else grad @ d.reshape(-1))
+        grads = [_norm_affine_grads(module, x, g) for x, g in calls]
+        out = {"weight": _flat_terms(sum(w for w, _ in grads), d_w)} if getattr(module, "weight", None) is not None else {}
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = _flat_terms(sum(b for _, b in grads), d_b)
         return out
-    d_w = direction.get(f"{prefix}weight")
     if len(calls) == 1 and isinstance(module, nn.Conv2d) and module.groups == 1 and calls[0][1][0, 0].numel() >= GROUPED_CONV_MIN_OUTPUT:
         x, g = calls[0]
-        full = _conv_per_example_grads(module, x, g)  # (B, P)
-        out["weight"] = (torch.linalg.vecdot(full, full), None if d_w is None else full @ d_w.reshape(-1))
+        out = {"weight": _flat_terms(_conv_per_example_grads(module, x, g), d_w)}
         if module.bias is not None:
-            gb, d_b = g.sum((2, 3)), direction.get(f"{prefix}bias")
-            out["bias"] = (gb.pow(2).sum(1), None if d_b is None else gb @ d_b.reshape(-1))
+            out["bias"] = _flat_terms(g.sum((2, 3)), d_b)
         return out
     terms = [_weight_terms(module, x, g) for x, g in calls]
     if len(terms) == 1:
         xs, gs, _ = terms[0]
-        sq_w = _sq_norm_weight(xs, gs)
         # <sum_l g_l x_l^T, D> = sum_l g_l^T D x_l: a projection, never the per-example gradient itself
         dot_w = None if d_w is None else torch.einsum("goi,bgil,bgol->b", _as_grouped(module, d_w), xs, gs)
+        out = {"weight": (_sq_norm_weight(xs, gs), dot_w)}
     else:  # called more than once: the per-call gradients add up before the norm
         full = _materialise(terms[0][0], terms[0][1])
         for xs, gs, _ in terms[1:]:
             full += _materialise(xs, gs)
-        full = full.flatten(1)  # (B, P)
-        sq_w, dot_w = torch.linalg.vecdot(full, full), None if d_w is None else full @ _as_grouped(module, d_w).reshape(-1)
-    out["weight"] = (sq_w, dot_w)
+        out = {"weight": _flat_terms(full, None if d_w is None else _as_grouped(module, d_w))}
     if module.bias is not None:
-        gb = sum(t[2] for t in terms)
-        d_b = direction.get(f"{prefix}bias")
-        out["bias"] = (gb.pow(2).sum(1), None if d_b is None else gb @ d_b.reshape(-1))
+        out["bias"] = _flat_terms(sum(t[2] for t in terms), d_b)
     return out
 
 

@@ -283,8 +283,11 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file))
 
 
-def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse an output that is an input, exists (without ``force``) or sits in a missing folder."""
+def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = (), checkpoint_file: bool = False) -> None:
+    """Refuse an output that is an input, exists (without ``force``) or sits in a missing folder;
+    with ``checkpoint_file``, also one not named ``*.safetensors`` (checked before any work is done)."""
+    if checkpoint_file and out.suffix.lower() != ".safetensors":
+        raise OutputError(f"{out}: outputs are written as safetensors: give -o a name ending in .safetensors")
     for src in inputs:
         if src.exists() and out.exists() and out.resolve() == src.resolve():
             raise OutputError(f"{out}: output would overwrite an input: choose another -o path")
@@ -322,9 +325,7 @@ def save(
 ) -> str:
     """Write a ``.safetensors`` checkpoint atomically; returns its sha256."""
     out = Path(path)
-    if out.suffix.lower() != ".safetensors":
-        raise OutputError(f"{out}: outputs are written as safetensors: give -o a name ending in .safetensors")
-    check_output(out, force, inputs)
+    check_output(out, force, inputs, checkpoint_file=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     with atomic_path(out) as tmp:
         try:

@@ -116,9 +116,7 @@ def train(
     """Train a model with a momentum schedule and save it with its per-epoch history."""
     from beta_diag.training import train as train_model
 
-    checkpoint.check_output(output, force)
-    if output.suffix.lower() != ".safetensors":
-        raise ConfigError(f"{output}: outputs are written as safetensors: give -o a name ending in .safetensors")
+    checkpoint.check_output(output, force, checkpoint_file=True)
     config = TrainConfig(
         epochs=epochs, lr=lr if lr is not None else (0.05 if optimizer is OptimizerName.sgd else 0.001), batch_size=batch_size,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup, augment=augment, seed=seed, device=device,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from beta_diag import checkpoint, ranking
-from beta_diag.attribution import Progress
+from beta_diag.training import Progress
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import Ranking, RankConfig
 from beta_diag.session import DataChoice, open_session
@@ -112,14 +112,13 @@ class Comparison:
 
 
 def _group_row(r: Ranking, name: str) -> dict[str, Any]:
-    g = next(g for g in r.groups if g.name == name)
+    g = r.group(name)
     return {"rank": g.rank, "score": g.score, "flagged": g.flagged, "p_flagged": g.p_flagged}
 
 
 def _aligned(r: Ranking, names: tuple[str, ...], field: str) -> np.ndarray:
     """A per-group field of ``r`` in the order ``names`` (rankings may list groups in other orders)."""
-    by_name = {g.name: getattr(g, field) for g in r.groups}
-    return np.array([by_name[n] for n in names])
+    return np.array([getattr(r.group(n), field) for n in names])
 
 
 def _replicates(rows: tuple[tuple, ...], r: Ranking, names: tuple[str, ...]) -> np.ndarray:

@@ -79,7 +79,7 @@ def comparison(c: Any, path: Path, force: bool = False) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(c.rankings), 4))
     for name in c.group_names:
-        rows = [next(g for g in r.groups if g.name == name) for r in c.rankings]
+        rows = [r.group(name) for r in c.rankings]
         xs, ys = list(range(len(rows))), [g.rank for g in rows]
         ax.plot(xs, ys, "-", color="#bbbbbb")
         ax.scatter(xs, ys, c=["#d62728" if g.flagged else "#7f7f7f" for g in rows], zorder=3)

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from beta_diag.attribution import Progress, per_example_norms, summed_gradient
+from beta_diag.attribution import per_example_norms, summed_gradient
+from beta_diag.training import Progress
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity, layer_groups
@@ -83,6 +84,10 @@ class Ranking:
     group_names: tuple[str, ...]  # model order
     by_class: dict[str, dict[str, float]] | None = None
     matrices: Matrices | None = field(default=None, compare=False, repr=False)
+
+    def group(self, name: str) -> GroupScore:
+        """The scores of the group called ``name``."""
+        return next(g for g in self.groups if g.name == name)
 
     @property
     def flagged(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from beta_diag import checkpoint, data as data_mod, features, groups, ranking
-from beta_diag.attribution import Progress
+from beta_diag.training import Progress
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import RankConfig, Ranking
@@ -58,12 +58,15 @@ class RepairConfig:
     cache_features: bool = True
 
     def train_config(self, device: str) -> TrainConfig:
-        return TrainConfig(self.epochs, self.lr, self.batch_size, self.optimizer, self.momentum, self.weight_decay, 0.0, False, self.seed, device)
+        """The shared training loop's configuration: no warm-up, no augmentation (so features can be cached)."""
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer, momentum=self.momentum,
+            weight_decay=self.weight_decay, warmup_epochs=0.0, augment=False, seed=self.seed, device=device,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
-        return d
+        shared = {k: v for k, v in self.train_config("auto").to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
+        return {**shared, "focus": self.focus, "baseline": self.baseline, "cache_features": self.cache_features}
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def repair(
     """
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
     out = Path(output) if output else session.ckpt.path.with_name(f"{session.ckpt.path.name.removesuffix('.safetensors')}.repaired.safetensors")
-    checkpoint.check_output(out, force, (session.ckpt.path,))
+    checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
     plan, params, train_ds, verify_ds = _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)
     before_v, before_t = session.evaluate(verify_ds), session.evaluate(train_ds)
     arms = []
@@ -267,7 +270,7 @@ def repair(
         model, history, seconds = _fine_tune(session, arm_params, train_ds, config, progress)
         after = replace(session, model=model)
         arms.append(Arm(
-            plan.groups if arm_params is params else ("all",), sum(dict((n, p.numel()) for n, p in model.named_parameters())[p] for p in arm_params),
+            plan.groups if arm_params is params else ("all",), plan.trainable if arm_params is params else plan.total,
             seconds, verdict(before_v, after.evaluate(verify_ds), verify_ds.class_names),
             verdict(before_t, after.evaluate(train_ds), train_ds.class_names), tuple(history),
         ))

@@ -168,9 +168,9 @@ def compare_table(comparison: Any) -> None:
         out.print(f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}")
     metric = comparison.rankings[0].config.metric.value
     table = Table("group", *[f"{lab} rank" for lab in labels], *[f"{lab} {metric}" for lab in labels], *[f"{lab} flag" for lab in labels])
-    order = sorted(comparison.group_names, key=lambda n: next(g.rank for g in comparison.rankings[0].groups if g.name == n))
+    order = sorted(comparison.group_names, key=lambda n: comparison.rankings[0].group(n).rank)
     for name in order:
-        rows = [next(g for g in r.groups if g.name == name) for r in comparison.rankings]
+        rows = [r.group(name) for r in comparison.rankings]
         table.add_row(name, *[str(g.rank) for g in rows], *[f"{g.score:.4g}" for g in rows], *["yes" if g.flagged else "" for g in rows])
     out.print(table)
     pairs = Table("pair", "overlap@k (90% CI)", "Jaccard", "Spearman", "Kendall", "P(same flags)", title="pairwise", title_justify="left")
