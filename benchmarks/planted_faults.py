@@ -7,7 +7,10 @@ parameter's own spread; a BatchNorm running-mean shift scaled to the running std
 is found by bisection so that held-out accuracy falls by about 10 points (5 to 15), then the model
 is ranked (all metrics in one pass). Reports, per metric, hits@1 (damaged group ranked first) and
 the mean rank of the damaged group, overall and per group; random choice is the floor
-(hits@1 = 1/G, mean rank (G+1)/2). --quick: one seed, noise only, 1,000 images.
+(hits@1 = 1/G, mean rank (G+1)/2). Baseline auto_rgn: Auto-RGN of surgical fine-tuning (Lee et al.
+2023), the norm of the gradient summed over all examples (right and wrong) relative to the group's
+weight norm. --figure writes the coherence confusion matrix (damaged group vs group ranked first).
+--quick: one seed, noise only, 1,000 images.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from beta_diag.groups import layer_groups
-from beta_diag.ranking import Metric, RankConfig, rank
+from beta_diag.attribution import summed_gradient
+from beta_diag.groups import Group, layer_groups
+from beta_diag.ranking import Metric, RankConfig, flags, rank
 from beta_diag.session import DataChoice, Session, open_session
 
 SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -49,6 +53,15 @@ def damage(model: nn.Module, group: str, kind: str, scale: float, seed: int) -> 
                 module.running_mean.add_(torch.randn(module.running_mean.shape, generator=gen) * module.running_var.sqrt() * scale)
                 touched = True
     return out if touched else None
+
+
+def auto_rgn(session: Session, ds: object, groups: list[Group]) -> np.ndarray:
+    """||sum of gradients over every example||_g / ||theta_g|| per group."""
+    grad = summed_gradient(session.model, ds, torch.arange(len(ds)), session.preprocess, session.device)  # type: ignore[arg-type]
+    params = dict(session.model.named_parameters())
+    sq = [(sum(float(grad[p].double().pow(2).sum()) for p in g.param_names), sum(float(params[p].double().pow(2).sum()) for p in g.param_names))
+          for g in groups]
+    return np.array([(gs / ws) ** 0.5 if ws > 0 else 0.0 for gs, ws in sq])
 
 
 def accuracy(session: Session, model: nn.Module, ds: object) -> float:
@@ -84,14 +97,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--figure", type=Path, help="write the coherence confusion matrix here (PNG)")
     args = parser.parse_args()
     print("command: python benchmarks/planted_faults.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"))
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     ds = session.load_data(DataChoice(limit=1000 if args.quick else None))
     base = session.evaluate(ds).accuracy
-    names = [g.name for g in layer_groups(session.model)]
-    metrics = [m.value for m in Metric]
+    groups = layer_groups(session.model)
+    names = [g.name for g in groups]
+    metrics = [m.value for m in Metric] + ["auto_rgn"]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else ["noise", "bn_shift"]
     rows = []
@@ -101,24 +116,35 @@ def main() -> None:
                 scale, model, drop = calibrate(session, ds, group, kind, seed, base)
                 if model is None:
                     continue
-                r = rank(replace(session, model=model), DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
-                ranks = {}
+                damaged = replace(session, model=model)
+                r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
+                baseline = auto_rgn(damaged, ds, groups)
+                ranks, firsts, hit_flagged = {}, {}, {}
                 for m in metrics:
-                    values = np.array([next(g.scores[m] for g in r.groups if g.name == n) for n in names])
+                    values = baseline if m == "auto_rgn" else np.array([r.group(n).scores[m] for n in names])
+                    firsts[m] = names[int(np.argmax(values))]
+                    hit_flagged[m] = bool(flags(values, None)[names.index(group)])
                     ranks[m] = int(np.argsort(-values, kind="stable").tolist().index(names.index(group)) + 1)
-                rows.append({"kind": kind, "group": group, "seed": seed, "scale": scale, "drop": drop, "errors": len(r.error_index), "ranks": ranks})
+                rows.append({"kind": kind, "group": group, "seed": seed, "scale": scale, "drop": drop, "errors": len(r.error_index), "ranks": ranks,
+                             "first": firsts, "in_flagged": hit_flagged})
                 print(f"{kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * drop:.1f} pts, rank of damaged group "
                       + " ".join(f"{m}={ranks[m]}" for m in metrics), flush=True)
     g = len(names)
     print(f"\n{len(rows)} damaged models; random choice: hits@1 {1 / g:.2f}, mean rank {(g + 1) / 2:.1f}")
-    print(f"{'metric':12s} {'hits@1':>7s} {'mean rank':>10s}   " + " ".join(f"{n:>7s}" for n in names))
+    print(f"{'metric':12s} {'hits@1':>7s} {'in flagged':>10s} {'mean rank':>10s}   " + " ".join(f"{n:>7s}" for n in names))
     for m in metrics:
         rk = [row["ranks"][m] for row in rows]
         per = [np.mean([row["ranks"][m] for row in rows if row["group"] == n] or [np.nan]) for n in names]
-        print(f"{m:12s} {np.mean([x == 1 for x in rk]):7.2f} {np.mean(rk):10.2f}   " + " ".join(f"{x:7.1f}" for x in per))
+        in_flagged = np.mean([row["in_flagged"][m] for row in rows])
+        print(f"{m:12s} {np.mean([x == 1 for x in rk]):7.2f} {in_flagged:10.2f} {np.mean(rk):10.2f}   " + " ".join(f"{x:7.1f}" for x in per))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"base_accuracy": base, "groups": names, "rows": rows}, indent=2))
+    if args.figure:
+        from beta_diag import plots
+
+        matrix = [[np.mean([row["first"]["coherence"] == col for row in rows if row["group"] == g] or [0.0]) for col in names] for g in names]
+        plots.confusion(matrix, names, f"planted faults: coherence ranks first ({len(rows)} damaged models)", args.figure, force=True)
 
 
 if __name__ == "__main__":

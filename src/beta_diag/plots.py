@@ -111,3 +111,39 @@ def repair(r: Any, path: Path, force: bool = False) -> None:
     ax_loss.legend()
     _save(fig, path, force)
     plt.close(fig)
+
+
+def curves(runs: dict[str, list[list[dict[str, Any]]]], thresholds: list[float], path: Path, force: bool = False) -> None:
+    """The paper's Figure 2: test accuracy per epoch for each method, mean over seeds with the min-max band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, histories in runs.items():
+        epochs = [h["epoch"] for h in histories[0]]
+        accs = [[100 * h["test_acc"] for h in hist] for hist in histories]
+        columns = list(zip(*accs))
+        ax.plot(epochs, [sum(c) / len(c) for c in columns], marker="o", markersize=3, label=f"{name} ({len(histories)} seeds)")
+        ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.15)
+    for t in thresholds:
+        ax.axhline(100 * t, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=8)
+    _save(fig, path, force)
+    plt.close(fig)
+
+
+def confusion(matrix: list[list[float]], groups: list[str], title: str, path: Path, force: bool = False) -> None:
+    """Planted faults: how often each damaged group (rows) is ranked first as each group (columns)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(groups), 0.8 + 0.6 * len(groups)))
+    ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.annotate(f"{value:.2f}", (j, i), ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
+    ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
+    ax.set_yticks(range(len(groups)), groups)
+    ax.set_xlabel("ranked first")
+    ax.set_ylabel("damaged group")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path, force)
+    plt.close(fig)
