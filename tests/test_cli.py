@@ -54,16 +54,24 @@ def test_train_writes_checkpoint_with_history(tiny: dict[str, Path], tmp_path: P
     meta = checkpoint.load(out).metadata
     assert meta.training["momentum"] == "hybrid" and meta.training["optimizer"] == "adam" and meta.training["lr"] == 0.001
     assert [h["epoch"] for h in meta.history] == [1, 2]
-    assert set(meta.history[0]) >= {"lr", "momentum", "mu_c", "zeta", "regime", "train_loss", "test_acc", "seconds"}
+    assert set(meta.history[0]) >= {"lr", "momentum", "mu_c", "zeta", "regime", "train_loss", "test_acc"}
+    assert "seconds" not in meta.history[0]  # the file records no wall-clock: same command, same bytes
 
 
 def test_train_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
-    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    """Same command twice: byte-identical --json and file (the path aside); --timings adds wall-clock."""
+    outs, stdouts = [tmp_path / "a" / "m.safetensors", tmp_path / "b" / "m.safetensors"], []
     for out in outs:
-        result = run("train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1", "--test-data", tiny["test"], "--device", "cpu", "-o", out)
+        out.parent.mkdir()
+        result = run("train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1", "--test-data", tiny["test"], "--device", "cpu",
+                     "-o", out, "--json")
         assert result.exit_code == 0, result.stderr
-    a, b = (checkpoint.load(o).state_dict for o in outs)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        stdouts.append(result.stdout.replace(str(out), "OUT"))
+    assert stdouts[0] == stdouts[1] and "seconds" not in stdouts[0]
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    timed = run("train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1", "--test-data", tiny["test"], "--device", "cpu",
+                "-o", tmp_path / "c.safetensors", "--json", "--timings")
+    assert timed.exit_code == 0 and json.loads(timed.stdout)["seconds"] > 0
 
 
 def bad_cases(tiny: dict[str, Path], tmp: Path) -> list[tuple[list, str]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import nn
 
 from beta_diag import models
@@ -316,6 +316,23 @@ def atomic_path(out: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def canonical(blob: bytes) -> memoryview:
+    """A safetensors file whose header lists metadata keys sorted and tensors by offset.
+
+    safetensors writes metadata in hash-map order, which varies run to run; sorted, the same
+    weights and metadata always give the same bytes (and sha256). The data section is unchanged.
+    """
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]))
+    raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    out = bytearray(len(raw).to_bytes(8, "little") + raw)
+    out += memoryview(blob)[8 + n :]
+    return memoryview(out)
+
+
 def save(
     path: str | os.PathLike[str],
     state_dict: dict[str, torch.Tensor],
@@ -329,7 +346,8 @@ def save(
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     with atomic_path(out) as tmp:
         try:
-            save_file(tensors, str(tmp), metadata=metadata.to_strings())
+            with open(tmp, "wb") as f:
+                f.write(canonical(save_bytes(tensors, metadata=metadata.to_strings())))
         except OSError as exc:
             raise OutputError(f"{out}: cannot write ({exc.strerror}): choose another -o path") from None
     return file_sha256(out)

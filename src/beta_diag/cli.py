@@ -30,6 +30,7 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON only on stdout.")]
+TimingsOpt = Annotated[bool, typer.Option("--timings", help="Include wall-clock seconds in --json (then it differs run to run).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show the traceback of an error (for bug reports).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
@@ -110,6 +111,7 @@ def train(
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    timings: TimingsOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -125,8 +127,8 @@ def train(
         result = train_model(arch, data, test_data, parse_arch_args(arch_arg), config, limit, test_limit, progress)
     sha = checkpoint.save(output, result.model.state_dict(), result.metadata, force=force)
     history = list(result.metadata.history)
-    summary = {"path": str(output), "sha256": sha, "history": history, "regimes": schedules.regime_fractions(history)}
-    report.print_json(summary) if as_json else report.train_summary(summary)
+    summary = {"path": str(output), "sha256": sha, "history": history, "regimes": schedules.regime_fractions(history), "seconds": result.seconds}
+    report.print_json(summary, timings) if as_json else report.train_summary(summary)
 
 
 def describe(ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
@@ -318,6 +320,7 @@ def repair(
     plot: PlotOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    timings: TimingsOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -338,11 +341,11 @@ def repair(
             result = repair_fn(load_checkpoint(ckpt, None, None), chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
                                force, progress)
     if dry_run:
-        report.print_json(asdict(planned) | {"fraction": planned.fraction}) if as_json else report.plan_table(planned)
+        report.print_json(asdict(planned) | {"fraction": planned.fraction}, timings) if as_json else report.plan_table(planned)
         return
     if plot is not None:
         plots.repair(result, plot, force)
-    report.print_json(result.to_dict()) if as_json else report.repair_summary(result)
+    report.print_json(result.to_dict(), timings) if as_json else report.repair_summary(result)
 
 
 @app.command()

@@ -305,12 +305,12 @@ def batches(
 
 def save_bundle(path: Path, ds: Dataset) -> None:
     """Write a dataset as a tensor bundle (used for the bundled sample data)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from beta_diag.checkpoint import atomic_path
+    from beta_diag.checkpoint import atomic_path, canonical
 
     with atomic_path(path) as tmp:
-        save_file(
-            {"images": ds.images.contiguous(), "labels": ds.labels.contiguous()}, str(tmp),
+        tmp.write_bytes(canonical(save(
+            {"images": ds.images.contiguous(), "labels": ds.labels.contiguous()},
             metadata={"class_names": json.dumps(list(ds.class_names)), "source": ds.spec, "split": ds.split},
-        )
+        )))

@@ -27,7 +27,7 @@ from beta_diag.errors import ConfigError
 from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
-from beta_diag.training import OptimizerName, Predictions, TrainConfig, fit
+from beta_diag.training import OptimizerName, Predictions, TrainConfig, fit, without_timing
 
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
 
@@ -284,7 +284,7 @@ def repair(
     meta = replace(session.ckpt.metadata, data=data_for_out, repair={
         "parent_sha256": session.ckpt.sha256, "parent": session.ckpt.path.name, "groups": list(plan.groups), "trainable_fraction": plan.fraction,
         "config": plan.config, "train_data": plan.train_data, "verify_data": plan.verify_data,
-        "verify": {**asdict(arms[0].verify), "net": arms[0].verify.net}, "history": list(arms[0].history),
+        "verify": {**asdict(arms[0].verify), "net": arms[0].verify.net}, "history": without_timing(arms[0].history),
     })
     sha = checkpoint.save(out, repaired.state_dict(), meta, force=force, inputs=(session.ckpt.path,))
     return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256)

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from beta_diag.schedules import regime_fractions
-from beta_diag.training import Progress as ProgressFn
+from beta_diag.training import Progress as ProgressFn, without_timing
 
 REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
 
@@ -46,8 +46,9 @@ def dumps(value: Any) -> str:
     return json.dumps(_clean(value), indent=2, sort_keys=True)
 
 
-def print_json(value: Any) -> None:
-    sys.stdout.write(dumps(value) + "\n")
+def print_json(value: Any, timings: bool = False) -> None:
+    """``--json``: wall-clock fields only with ``--timings``, so the same command prints the same bytes."""
+    sys.stdout.write(dumps(value if timings else without_timing(value)) + "\n")
 
 
 @contextlib.contextmanager
@@ -80,7 +81,7 @@ def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
         "epochs": len(history),
         "final_test_acc": accs[-1] if accs else None,
         "best_test_acc": max(accs) if accs else None,
-        "seconds": sum(h.get("seconds", 0.0) for h in history),
+        "seconds": sum(h["seconds"] for h in history) if all("seconds" in h for h in history) else None,
         "regimes": regime_fractions(history),
     }
 
@@ -106,8 +107,9 @@ def info_table(info: dict[str, Any]) -> None:
     if summary:
         regimes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["regimes"].items())
         acc = summary["final_test_acc"]
+        took = "" if summary["seconds"] is None else f", {summary['seconds']:.0f} s"
         out.print(
-            f"history: {summary['epochs']} epochs, {summary['seconds']:.0f} s, final test accuracy "
+            f"history: {summary['epochs']} epochs{took}, final test accuracy "
             f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}; regimes: {regimes}"
         )
 
@@ -128,7 +130,7 @@ def schedule_table(schedules: list[dict[str, Any]]) -> None:
 
 def train_summary(result: dict[str, Any]) -> None:
     schedule_table([{"name": f"trained {result['path']}", "epochs": result["history"], "regimes": result["regimes"]}])
-    stdout().print(f"wrote {result['path']} (sha256 {result['sha256'][:16]}...)")
+    stdout().print(f"wrote {result['path']} (sha256 {result['sha256'][:16]}...) in {result['seconds']:.1f} s")
 
 
 def rank_table(ranking: Any) -> None:

@@ -19,6 +19,16 @@ from beta_diag.checkpoint import Metadata
 from beta_diag.schedules import MomentumSchedule, MomentumScheduler, epoch_record, lr_scheduler
 
 Progress = Callable[[str, int, int], None]  # (task description, completed, total)
+TIMING_KEYS = frozenset({"seconds", "estimated_seconds", "compute_saving"})  # wall-clock: measured, never a result
+
+
+def without_timing(value: object) -> object:
+    """``value`` with every wall-clock field removed, so that files and ``--json`` depend only on the inputs."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [without_timing(v) for v in value]
+    return value
 
 
 class OptimizerName(str, Enum):
@@ -217,7 +227,8 @@ class TrainResult:
     """A trained model (eval mode, CPU) and the metadata to save with it."""
 
     model: nn.Module
-    metadata: Metadata
+    metadata: Metadata  # records no wall-clock, so the same command writes the same bytes
+    seconds: float
 
 
 def train(
@@ -260,6 +271,6 @@ def train(
         data={"train": {"spec": data_mod.resolve_spec(data), "split": "train"}, "test": {"spec": data_mod.resolve_spec(test_spec), "split": "test"}},
         training={**config.to_dict(), "limit": limit, "test_limit": test_limit, "train_examples": len(train_ds), "test_examples": len(test_ds),
                   "torch": torch.__version__},
-        history=tuple(history),
+        history=tuple(without_timing(history)),  # type: ignore[arg-type]
     )
-    return TrainResult(model.cpu().eval(), meta)
+    return TrainResult(model.cpu().eval(), meta, sum(h["seconds"] for h in history))
