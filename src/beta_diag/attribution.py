@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beta_diag import data as data_mod
+from beta_diag import data as data_mod, distributed
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.training import Progress
 
@@ -225,8 +225,10 @@ def per_example_norms(
 
     Args: ``index`` selects the examples of ``ds``; ``direction`` (optional, param name -> tensor)
     adds per-example dot products. Example: ``per_example_norms(model, ds, errors, pre, cpu)``.
+    Under torchrun each process computes its share of the batches; every process gets all rows.
     """
     model.eval()
+    world = distributed.current()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     modules = dict(model.named_modules())
     direction = {k: v.to(device) for k, v in (direction or {}).items()}
@@ -235,14 +237,15 @@ def per_example_norms(
     dots = torch.zeros_like(sq) if direction else None
     losses = torch.zeros(index.numel(), dtype=torch.float64)
     recorder = _Recorder(model)
-    row = 0
+    mine: list[slice] = []
     try:
-        for x, y, _ in data_mod.batches(ds, batch_size, device, index=index):
+        for row, x, y, _ in data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns):
             recorder.calls.clear()
             inputs = preprocess(x).requires_grad_(True)  # backward to the input reaches every hooked output
             logits = model(inputs)
             loss = F.cross_entropy(logits.float(), y, reduction="none")
             rows = slice(row, row + y.numel())
+            mine.append(rows)
             losses[rows] = loss.detach().double().cpu()
             if recorder.calls:
                 torch.autograd.grad(loss.sum(), inputs)  # weight gradients are never computed: only the hooks' output gradients
@@ -266,25 +269,40 @@ def per_example_norms(
                     if dots is not None and d is not None:
                         dots[rows, col[n]] = d.double().cpu()
                 recorder.active = True
-            row += y.numel()
             if progress:
-                progress("attribution", row, index.numel())
+                progress("attribution", min(rows.stop * world.size, index.numel()), index.numel())
     finally:
         recorder.remove()
-    return ParamNorms(tuple(names), sq, dots, losses)
+    if world.size > 1 and index.numel():  # this process filled its rows only: gather every process's, in order
+        sq, losses = (world.gather_rows([(r.start, t[r]) for r in mine], index.numel()) for t in (sq, losses))
+        dots = None if dots is None else world.gather_rows([(r.start, dots[r]) for r in mine], index.numel())
+    return ParamNorms(tuple(names), sq, dots, losses)  # type: ignore[arg-type]
 
 
 def summed_gradient(
     model: nn.Module, ds: Dataset, index: torch.Tensor, preprocess: Preprocess, device: torch.device, batch_size: int = 128,
 ) -> Direction:
-    """sum_i d CE(f(x_i), y_i) / d theta over the selected examples (eval mode), per parameter."""
+    """sum_i d CE(f(x_i), y_i) / d theta over the selected examples (eval mode), per parameter.
+
+    Batch sums are added in batch order; under torchrun each process computes one batch per round
+    and every process adds the round's batches in that same order, so the sum is bit-identical.
+    """
     model.eval()
+    world = distributed.current()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for x, y, _ in data_mod.batches(ds, batch_size, device, index=index):
-        loss = F.cross_entropy(model(preprocess(x)).float(), y, reduction="sum")
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for n, gr in zip(params, grads):
-            if gr is not None:
-                total[n] += gr
+    owned = data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns)
+    for _ in range(0, -(-index.numel() // batch_size), world.size):
+        batch = next(owned, None)
+        grads = None
+        if batch is not None:
+            _, x, y, _ = batch
+            loss = F.cross_entropy(model(preprocess(x)).float(), y, reduction="sum")
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            if world.size > 1:
+                grads = [None if g is None else g.cpu() for g in grads]
+        for batch_grads in world.round(grads):
+            for n, gr in zip(params, batch_grads):  # type: ignore[call-overload]
+                if gr is not None:
+                    total[n] += gr.to(total[n].device)
     return total

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from beta_diag import models
+from beta_diag import distributed, models
 from beta_diag.errors import CheckpointError, OutputError
 
 FORMAT_VERSION = "1"
@@ -303,7 +303,13 @@ def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = (), checkpoi
 
 @contextlib.contextmanager
 def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds."""
+    """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds.
+
+    Under torchrun only process 0 writes: the others get os.devnull, so nothing is written twice.
+    """
+    if not distributed.current().main:
+        yield Path(os.devnull)
+        return
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         yield tmp
@@ -344,10 +350,11 @@ def save(
     out = Path(path)
     check_output(out, force, inputs, checkpoint_file=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    blob = canonical(save_bytes(tensors, metadata=metadata.to_strings()))
     with atomic_path(out) as tmp:
         try:
             with open(tmp, "wb") as f:
-                f.write(canonical(save_bytes(tensors, metadata=metadata.to_strings())))
+                f.write(blob)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write ({exc.strerror}): choose another -o path") from None
-    return file_sha256(out)
+    return hashlib.sha256(blob).hexdigest()

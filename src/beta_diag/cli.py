@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -47,15 +48,18 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", False)
+        main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone reports what every process meets
         try:
             return func(*args, **kwargs)
         except NoErrorsToDiagnose as exc:
-            print(f"Nothing to rank: {exc}", file=sys.stderr)
+            if main_process:
+                print(f"Nothing to rank: {exc}", file=sys.stderr)
             raise typer.Exit(3) from None
         except BetaDiagError as exc:
             if verbose:
                 traceback.print_exc()
-            print(f"Error: {exc}", file=sys.stderr)
+            if main_process:
+                print(f"Error: {exc}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             print("Error: interrupted; no output was written", file=sys.stderr)
@@ -357,4 +361,12 @@ def archs(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
 
 
 def main() -> None:
-    app()
+    """The console script. Under torchrun, processes other than 0 print nothing on stdout."""
+    from beta_diag import distributed
+
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    try:
+        app()
+    finally:
+        distributed.leave()

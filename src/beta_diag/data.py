@@ -291,16 +291,27 @@ def batches(
     index: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images, labels, example indices) on ``device``; pinned, non-blocking on CUDA."""
+    for _, x, y, idx in numbered_batches(ds, batch_size, device, shuffle, generator, index):
+        yield x, y, idx
+
+
+def numbered_batches(
+    ds: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, generator: torch.Generator | None = None,
+    index: torch.Tensor | None = None, owns: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``batches`` with each batch's first position in the order; ``owns(batch number)`` skips the others' batches."""
     order = index if index is not None else torch.arange(len(ds))
     if shuffle:
         order = order[torch.randperm(order.numel(), generator=generator)]
     cuda = device.type == "cuda"
-    for start in range(0, order.numel(), batch_size):
+    for number, start in enumerate(range(0, order.numel(), batch_size)):
+        if owns is not None and not owns(number):
+            continue
         idx = order[start : start + batch_size]
         x, y = ds.images[idx], ds.labels[idx]
         if cuda:
             x, y = x.pin_memory(), y.pin_memory()
-        yield x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda), idx
+        yield start, x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda), idx
 
 
 def save_bundle(path: Path, ds: Dataset) -> None:

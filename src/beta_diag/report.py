@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -55,7 +56,7 @@ def print_json(value: Any, timings: bool = False) -> None:
 def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
     """A progress callback drawing rich bars on stderr; None when quiet or stderr is not a TTY."""
     console = stderr()
-    if quiet or not console.is_terminal:
+    if quiet or not console.is_terminal or os.environ.get("RANK", "0") != "0":  # torchrun: process 0 draws
         yield None
         return
     bars = Progress(

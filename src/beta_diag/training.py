@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beta_diag import data as data_mod
+from beta_diag import data as data_mod, distributed
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import ConfigError
 from beta_diag.checkpoint import Metadata
@@ -79,9 +79,10 @@ class Predictions:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is an error."""
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without CUDA is an error. Under torchrun, this
+    process joins the process group and gets its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.join(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -90,7 +91,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ConfigError("--device cuda but no CUDA device is available: use --device auto or cpu")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device '{name}': use auto, cpu or cuda")
-    return device
+    return distributed.join(device)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -112,14 +113,18 @@ def evaluate(
     progress: Progress | None = None,
 ) -> Predictions:
     """Eval-mode logits for every example, streamed in batches; float32 even on CUDA, so that the
-    errors rank diagnoses and the fixed/broken counts of repair do not depend on autocast."""
+    errors rank diagnoses and the fixed/broken counts of repair do not depend on autocast.
+    Under torchrun each process evaluates its share of the batches; every process gets all logits."""
     model.eval()
+    world = distributed.current()
     out = []
-    for i, (x, _, _) in enumerate(data_mod.batches(ds, batch_size, device)):
-        out.append(model(preprocess(x)).float().cpu())
+    for start, x, _, _ in data_mod.numbered_batches(ds, batch_size, device, owns=world.owns):
+        out.append((start, model(preprocess(x)).float().cpu()))
         if progress:
-            progress("evaluate", min((i + 1) * batch_size, len(ds)), len(ds))
-    return Predictions(torch.cat(out), ds.labels.clone())
+            progress("evaluate", min(start + batch_size, len(ds)), len(ds))
+    logits = world.gather_rows(out, len(ds))
+    assert logits is not None, "evaluate needs at least one example"
+    return Predictions(logits, ds.labels.clone())
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -161,6 +166,10 @@ def fit(
     """Train the parameters that have ``requires_grad``; return the per-epoch history.
 
     Modules owning a trainable parameter train in train mode; frozen ones stay in eval mode.
+    Under torchrun: DistributedDataParallel; every process draws the same global batch (and
+    augmentation) and trains on its contiguous slice, with the loss scaled so that the averaged
+    gradient is that of the global batch's mean loss. BatchNorm statistics are per process on
+    CPU and synchronised (SyncBatchNorm) on CUDA.
     """
     if config.epochs < 1 or config.lr <= 0 or config.batch_size < 1:
         raise ConfigError("epochs, lr and batch size must be positive: check --epochs, --lr, --batch-size")
@@ -169,6 +178,12 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen; choose at least one layer group")
+    world = distributed.current()
+    net = model
+    if world.size > 1:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(params, config)
     steps_per_epoch = -(-len(train_ds) // config.batch_size)
     total = config.epochs * steps_per_epoch
@@ -182,26 +197,33 @@ def fit(
         set_train_mode(model)
         lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
         for step, (x, y, _) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
+            if y.numel() < world.size:  # a last global batch smaller than the number of processes: skipped, on schedule
+                mom.step()
+                sched.step()
+                continue
             inputs = preprocess(x)
             if config.augment:
                 inputs = augment(inputs, gen)
+            global_batch = y.numel()
+            inputs, y = inputs.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
             if device.type == "cuda" and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             lrs.append(opt.param_groups[0]["lr"])
             mus.append(mom.step())
             with autocast(device):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), y)
+                logits = net(inputs)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (world.size / global_batch)  # DDP averages over processes
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum += float(loss.detach()) * y.numel()
+            loss_sum += float(loss.detach()) * global_batch / world.size
             hits += int((logits.argmax(1) == y).sum())
             seen += y.numel()
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
+        loss_sum, hits, seen = world.total([loss_sum, hits, seen], device)
         record = {"epoch": epoch + 1, **epoch_record(lrs, mus), "train_loss": loss_sum / seen, "train_acc": hits / seen}
         if test_ds is not None:
             record["test_acc"] = evaluate(model, test_ds, preprocess, device).accuracy

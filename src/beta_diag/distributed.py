@@ -1,0 +1,93 @@
+"""Running under ``torchrun``: the process group, which batches are this process's, exact gathering.
+
+Started by ``torchrun --nproc_per_node N beta-diag ...`` (WORLD_SIZE > 1), every command joins
+one process group: gloo on CPU, NCCL on CUDA (one GPU per process, by LOCAL_RANK).
+
+- Evaluation and attribution hand out whole batches round-robin (batch b to process b mod N), so
+  each batch is computed exactly as in one process; per-example rows are gathered in order, and
+  sums are added in the single-process order. Rankings are therefore identical, bit for bit.
+- Training splits each global batch into N contiguous slices under DistributedDataParallel; the
+  loss is scaled so that the averaged gradient is the gradient of the global batch's mean loss.
+- Only process 0 writes files and prints; the others run silently and exit with the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, batch_number: int) -> bool:
+        return batch_number % self.size == self.rank
+
+    def gather_rows(self, parts: Iterable[tuple[int, torch.Tensor]], rows: int) -> torch.Tensor | None:
+        """(first row, block) pieces from every process -> the (rows, ...) tensor, in row order, on CPU."""
+        mine = [(start, block.cpu()) for start, block in parts]
+        if self.size > 1:
+            everyone: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(self.size)]
+            dist.all_gather_object(everyone, mine)
+            mine = [piece for pieces in everyone for piece in pieces]
+        if not mine:
+            return None
+        first = mine[0][1]
+        out = torch.zeros((rows, *first.shape[1:]), dtype=first.dtype)
+        for start, block in mine:
+            out[start : start + block.shape[0]] = block
+        return out
+
+    def total(self, values: list[float], device: torch.device) -> list[float]:
+        """Sums over processes (float64)."""
+        if self.size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def round(self, result: object) -> list[object]:
+        """One result per process (None for none) -> all of them in process order, on every process."""
+        if self.size == 1:
+            return [] if result is None else [result]
+        everyone: list[object] = [None] * self.size
+        dist.all_gather_object(everyone, result)
+        return [r for r in everyone if r is not None]
+
+
+def current() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def launched() -> bool:
+    """Started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(device: torch.device) -> torch.device:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA); return this process's device."""
+    if not launched() or not dist.is_available():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
