@@ -1,7 +1,10 @@
 """Every command in the README runs, and CI runs the README's own test command."""
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ README = (REPO / "README.md").read_text()
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
 SETUP = BLOCKS[:2]
 COMMANDS = [line for block in BLOCKS[2:] for line in block.splitlines() if line.startswith("beta-diag ")]
+LAUNCHES = [line for block in BLOCKS[2:] for line in block.splitlines() if line.startswith("torchrun ")]
 
 
 def test_two_setup_commands_and_ci_uses_the_second() -> None:
@@ -43,3 +47,22 @@ def test_readme_command_runs(command: str, workdir: Path, monkeypatch: pytest.Mo
     result = CliRunner().invoke(app, cli_args(command))
     assert result.exit_code == 0, (command, result.stderr)
     assert {p.name: sha(p) for p in SAMPLES.glob("*.safetensors")} == before  # inputs untouched
+
+
+def test_readme_lists_torchrun_launches() -> None:
+    assert any("--standalone" in c for c in LAUNCHES) and any("$HEAD_NODE" in c for c in LAUNCHES)
+
+
+@pytest.mark.parametrize("command", LAUNCHES)
+def test_readme_torchrun_command_runs(command: str, workdir: Path) -> None:
+    """Launched as written; a several-machine command runs as two machines on this one (HEAD_NODE=localhost)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HEAD_NODE": "127.0.0.1"}
+    copies = 2 if "$HEAD_NODE" in command else 1
+    procs = [subprocess.Popen(["bash", "-c", command], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(copies)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    if "--json" in command:
+        import json
+
+        json.loads(results[0][0])
