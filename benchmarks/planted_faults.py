@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figure", type=Path, help="write the coherence confusion matrix here (PNG)")
+    parser.add_argument("--matrices", type=Path, help="save each damaged model's per-example matrices here (.npz)")
     args = parser.parse_args()
     print("command: python benchmarks/planted_faults.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"))
     start = time.perf_counter()
@@ -109,7 +110,8 @@ def main() -> None:
     metrics = [m.value for m in Metric] + ["auto_rgn"]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else ["noise", "bn_shift"]
-    rows = []
+    rows: list[dict] = []
+    arrays: dict[str, np.ndarray] = {}
     for kind in kinds:
         for group in names:
             for seed in seeds:
@@ -126,7 +128,11 @@ def main() -> None:
                     hit_flagged[m] = bool(flags(values, None)[names.index(group)])
                     ranks[m] = int(np.argsort(-values, kind="stable").tolist().index(names.index(group)) + 1)
                 rows.append({"kind": kind, "group": group, "seed": seed, "scale": scale, "drop": drop, "errors": len(r.error_index), "ranks": ranks,
-                             "first": firsts, "in_flagged": hit_flagged})
+                             "first": firsts, "in_flagged": hit_flagged, "auto_rgn": baseline.tolist()})
+                if args.matrices:  # the per-example matrices, to study other scores without re-running
+                    m = r.matrices
+                    assert m is not None
+                    arrays.update({f"{len(rows) - 1}/{k}": getattr(m, k) for k in ("errors", "correct", "dots", "numel", "weight_norm")})
                 print(f"{kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * drop:.1f} pts, rank of damaged group "
                       + " ".join(f"{m}={ranks[m]}" for m in metrics), flush=True)
     g = len(names)
@@ -140,6 +146,8 @@ def main() -> None:
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"base_accuracy": base, "groups": names, "rows": rows}, indent=2))
+    if args.matrices:
+        np.savez_compressed(args.matrices, **arrays)
     if args.figure:
         from beta_diag import plots
 
