@@ -16,12 +16,16 @@ def run_script(name: str, *args: str) -> str:
 
 def test_planted_faults_quick(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    stdout = run_script("planted_faults.py", "--out", str(out), "--figure", str(tmp_path / "confusion.png"))
+    npz = tmp_path / "m.npz"
+    stdout = run_script("planted_faults.py", "--out", str(out), "--figure", str(tmp_path / "confusion.png"), "--matrices", str(npz))
     assert "hits@1" in stdout and "coherence" in stdout and "auto_rgn" in stdout
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 7 and all(0.0 < r["drop"] for r in rows) and all(1 <= r["ranks"]["coherence"] <= 7 for r in rows)
     assert all(1 <= r["ranks"]["auto_rgn"] <= 7 for r in rows)
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    scored = subprocess.run([sys.executable, str(REPO / "benchmarks" / "planted_scores.py"), str(out), str(npz), "--choose", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0 and "coherence (default)" in scored.stdout, scored.stderr
 
 
 def test_planted_repair_quick(tmp_path: Path) -> None:
