@@ -5,6 +5,8 @@
 On the SGD sample: (1) repair of the back-half groups layer4 + fc against `--baseline full`
 (same epochs, data, LR): wall-clock ratio (goal <= 0.25x) and fraction of parameters trained;
 (2) the default repair (`--layers auto`) per seed: held-out fixed / broken / net, mean and spread.
+--interpolate: also the weights (1 - a) * original + a * repaired for a in 0.25, 0.5, 0.75 (as in
+WiSE-FT), to see whether a smaller step towards the repair helps on held-out data.
 """
 
 from __future__ import annotations
@@ -14,18 +16,32 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from beta_diag.repair import RepairConfig, repair
-from beta_diag.session import DataChoice
+from beta_diag.repair import RepairConfig, RepairReport, repair
+from beta_diag.session import DataChoice, open_session
 
 SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
+
+
+def interpolated_net(r: RepairReport, a: float, verify: DataChoice) -> int:
+    """Held-out net of (1 - a) * original + a * repaired, against the original."""
+    parent, child = open_session(SGD, "cpu"), open_session(r.output, "cpu")  # type: ignore[arg-type]
+    data = parent.load_data(verify)
+    before = parent.evaluate(data).correct
+    theirs = child.model.state_dict()
+    mixed = {k: v + (theirs[k] - v) * a if v.is_floating_point() else theirs[k] for k, v in parent.model.state_dict().items()}
+    parent.model.load_state_dict(mixed)
+    after = parent.evaluate(data).correct
+    return int((~before & after).sum()) - int((before & ~after).sum())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 epoch on 1,000 verification images, one seed")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--interpolate", action="store_true")
     args = parser.parse_args()
-    print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}")
+    print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
+          + (" --interpolate" if args.interpolate else ""))
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     verify = DataChoice(limit=1000 if args.quick else None)
     epochs = 1 if args.quick else RepairConfig.epochs
@@ -37,10 +53,13 @@ def main() -> None:
               f"full fine-tune {f.seconds:.1f} s (net {f.verify.net:+d}); wall-clock ratio {s.seconds / f.seconds:.3f}x (goal <= 0.25x)")
         nets = []
         for seed in seeds:
-            r = repair(SGD, "auto", Path(tmp) / f"s{seed}.safetensors", verify=DataChoice(limit=verify.limit, seed=seed),
+            choice = DataChoice(limit=verify.limit, seed=seed)
+            r = repair(SGD, "auto", Path(tmp) / f"s{seed}.safetensors", verify=choice,
                        config=RepairConfig(epochs=epochs, seed=seed), device="cpu")
             v = r.surgical.verify
             nets.append(v.net)
+            if args.interpolate:
+                print(f"seed {seed} interpolated: " + "; ".join(f"a={a}: net {interpolated_net(r, a, choice):+d}" for a in (0.25, 0.5, 0.75)))
             print(f"seed {seed}: layers {', '.join(r.plan.groups)} ({100 * r.plan.fraction:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
                   f"{100 * v.accuracy_after:.2f}%, fixed {v.fixed}, broken {v.broken}, net {v.net:+d}, {r.surgical.seconds:.1f} s")
         spread = f" +- {statistics.stdev(nets):.1f}" if len(nets) > 1 else ""
