@@ -188,3 +188,22 @@ def test_code_named_by_a_file_is_never_imported(tmp_path: Path) -> None:
     checkpoint.save(plain, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, Metadata())
     trusted = checkpoint.load(plain).with_overrides("torch.nn:Linear", {"in_features": 3, "out_features": 2})
     assert isinstance(trusted.build_model(), torch.nn.Linear)  # named on the command line: trusted
+
+
+def test_canonical_header_is_stable_and_loads(tmp_path: Path) -> None:
+    """Metadata keys sorted, tensors by offset, data untouched: same inputs, same bytes, a valid file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    tensors = {"b": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a": torch.ones(3, dtype=torch.float64), "empty": torch.zeros(0)}
+    meta = {f"k{i}": f"wert {i} \u00e9\u4e2d \"quoted\"" for i in range(12)}
+    blobs = {bytes(checkpoint.canonical(save(tensors, metadata=meta))) for _ in range(5)}
+    assert len(blobs) == 1
+    blob = blobs.pop()
+    assert int.from_bytes(blob[:8], "little") % 8 == 0
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(blob)
+    loaded = load_file(path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == meta

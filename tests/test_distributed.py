@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from beta_diag import checkpoint
+from beta_diag import checkpoint, data
+from beta_diag.session import open_session
+from tests.conftest import write_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -30,15 +32,22 @@ def run(args: list, cwd: Path, processes: int = 1) -> subprocess.CompletedProces
 
 @pytest.mark.parametrize("command", ["rank", "compare"])
 def test_rank_and_compare_equal_one_process(tiny: dict[str, Path], tmp_path: Path, command: str) -> None:
+    """700 images with 30% shifted labels: 6 evaluation batches, over 128 errors, so each process
+    owns several batches of evaluation, of attribution and of the summed gradient, and a short last one."""
+    noisy = write_bundle(tmp_path / "noisy.safetensors", 700, seed=3, label_noise=0.3)
     inputs = [tiny["ckpt"]] if command == "rank" else [tiny["ckpt"], tiny["ckpt"]]
-    args = [command, *inputs, "--device", "cpu", "--json", "--bootstrap", "50"]
+    args = [command, *inputs, "--data", noisy, "--device", "cpu", "--json", "--bootstrap", "50"]
     one, two = run(args, tmp_path), run(args, tmp_path, processes=2)
     assert two.stdout == one.stdout  # byte for byte: the per-example matrix and every score
-    json.loads(two.stdout)  # one JSON document: the second process printed nothing
+    result = json.loads(two.stdout)  # one JSON document: the second process printed nothing
+    if command == "rank":
+        assert result["errors"] > 128
 
 
 def test_train_equals_one_process_with_the_same_global_batch(tiny: dict[str, Path], tmp_path: Path) -> None:
-    args = ["train", "--arch", "tests.nets:convnet", "--data", tiny["train"], "--test-data", tiny["test"], "--epochs", "2",
+    """251 images in global batches of 32: the last batch (27) splits unevenly, 14 and 13."""
+    uneven = write_bundle(tmp_path / "uneven.safetensors", 251, seed=4, label_noise=0.1)
+    args = ["train", "--arch", "tests.nets:convnet", "--data", uneven, "--test-data", tiny["test"], "--epochs", "2",
             "--batch-size", "32", "--device", "cpu", "--json"]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
@@ -54,9 +63,14 @@ def test_train_equals_one_process_with_the_same_global_batch(tiny: dict[str, Pat
 
 
 def test_repair_writes_once(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """layer4's BatchNorm trains per process on CPU; its statistics are process 0's at the end, so the
+    reported after-accuracy is that of the saved file."""
     out = tmp_path / "r.safetensors"
     two = run(["repair", tiny["ckpt"], "--layers", "layer4,fc", "-o", out, "--epochs", "1", "--device", "cpu", "--json"], tmp_path, processes=2)
     report = json.loads(two.stdout)
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
     assert report["sha256"] == checkpoint.file_sha256(out)
-    assert report["surgical"]["verify"]["net"] == report["surgical"]["verify"]["fixed"] - report["surgical"]["verify"]["broken"]
+    verify = report["surgical"]["verify"]
+    assert verify["net"] == verify["fixed"] - verify["broken"]
+    saved = open_session(out, "cpu")
+    assert saved.evaluate(data.load(str(tiny["test"]), "test")).accuracy == verify["accuracy_after"]

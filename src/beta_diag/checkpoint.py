@@ -307,7 +307,7 @@ def atomic_path(out: Path) -> Iterator[Path]:
 
     Under torchrun only process 0 writes: the others get os.devnull, so nothing is written twice.
     """
-    if not distributed.current().main:
+    if not distributed.is_main():
         yield Path(os.devnull)
         return
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -348,7 +348,8 @@ def save(
 ) -> str:
     """Write a ``.safetensors`` checkpoint atomically; returns its sha256."""
     out = Path(path)
-    check_output(out, force, inputs, checkpoint_file=True)
+    if distributed.is_main():  # the others checked before any work; now process 0 may have written it
+        check_output(out, force, inputs, checkpoint_file=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     blob = canonical(save_bytes(tensors, metadata=metadata.to_strings()))
     with atomic_path(out) as tmp:

@@ -48,28 +48,28 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", False)
-        main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone reports what every process meets
+        process = os.environ.get("RANK", "0")
+        who = "" if process == "0" else f"[process {process}] "  # under torchrun, the others' errors are marked
         try:
             return func(*args, **kwargs)
         except NoErrorsToDiagnose as exc:
-            if main_process:
+            if not who:
                 print(f"Nothing to rank: {exc}", file=sys.stderr)
             raise typer.Exit(3) from None
         except BetaDiagError as exc:
             if verbose:
                 traceback.print_exc()
-            if main_process:
-                print(f"Error: {exc}", file=sys.stderr)
+            print(f"{who}Error: {exc}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            print("Error: interrupted; no output was written", file=sys.stderr)
+            print(f"{who}Error: interrupted; no output was written", file=sys.stderr)
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
         except Exception as exc:  # a bug: say so, keep the traceback for --verbose
             if verbose:
                 traceback.print_exc()
-            print(f"Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr)
+            print(f"{who}Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

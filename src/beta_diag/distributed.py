@@ -5,10 +5,15 @@ one process group: gloo on CPU, NCCL on CUDA (one GPU per process, by LOCAL_RANK
 
 - Evaluation and attribution hand out whole batches round-robin (batch b to process b mod N), so
   each batch is computed exactly as in one process; per-example rows are gathered in order, and
-  sums are added in the single-process order. Rankings are therefore identical, bit for bit.
+  sums are added in the single-process order. Rankings are therefore identical, bit for bit, to a
+  single process running with as many threads as each of these (torchrun's default is one; CPU
+  kernels round differently with other thread counts).
 - Training splits each global batch into N contiguous slices under DistributedDataParallel; the
   loss is scaled so that the averaged gradient is the gradient of the global batch's mean loss.
-- Only process 0 writes files and prints; the others run silently and exit with the same code.
+  Buffers (BatchNorm statistics) are copied from process 0 after every epoch, so that every
+  process evaluates, and process 0 saves, one and the same model.
+- Only process 0 writes files and prints results; the others print only their own errors, marked
+  with their process number. torchrun exits 1 when any process fails.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ class World:
             out[start : start + block.shape[0]] = block
         return out
 
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Copy process 0's buffers (BatchNorm running statistics) to every process."""
+        if self.size > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
     def total(self, values: list[float], device: torch.device) -> list[float]:
         """Sums over processes (float64)."""
         if self.size == 1:
@@ -69,6 +80,13 @@ def current() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return World()
+
+
+def is_main() -> bool:
+    """Process 0, or a process started alone; before joining the group, torchrun's RANK decides."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def launched() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from beta_diag import distributed
 from beta_diag.checkpoint import atomic_path, check_output
 from beta_diag.errors import ConfigError
 from beta_diag.schedules import BAND, critical_momentum
@@ -24,7 +25,8 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    check_output(path, force, inputs)
+    if distributed.is_main():  # under torchrun, process 0 alone writes (see checkpoint.save)
+        check_output(path, force, inputs)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 

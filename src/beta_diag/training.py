@@ -123,7 +123,8 @@ def evaluate(
         if progress:
             progress("evaluate", min(start + batch_size, len(ds)), len(ds))
     logits = world.gather_rows(out, len(ds))
-    assert logits is not None, "evaluate needs at least one example"
+    if logits is None:
+        raise ConfigError(f"{ds.spec} ({ds.split}) holds no examples to evaluate: pass data with at least one image")
     return Predictions(logits, ds.labels.clone())
 
 
@@ -179,6 +180,8 @@ def fit(
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen; choose at least one layer group")
     world = distributed.current()
+    if len(train_ds) < 2 * world.size:
+        raise ConfigError(f"{len(train_ds)} training examples for {world.size} processes: pass more data or start fewer processes")
     net = model
     if world.size > 1:
         if device.type == "cuda":
@@ -197,7 +200,7 @@ def fit(
         set_train_mode(model)
         lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
         for step, (x, y, _) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
-            if y.numel() < world.size:  # a last global batch smaller than the number of processes: skipped, on schedule
+            if world.size > 1 and y.numel() < 2 * world.size:  # a last global batch too small to slice (BatchNorm needs 2): skipped, on schedule
                 mom.step()
                 sched.step()
                 continue
@@ -223,6 +226,7 @@ def fit(
             seen += y.numel()
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
+        world.sync_buffers(model)
         loss_sum, hits, seen = world.total([loss_sum, hits, seen], device)
         record = {"epoch": epoch + 1, **epoch_record(lrs, mus), "train_loss": loss_sum / seen, "train_acc": hits / seen}
         if test_ds is not None:
