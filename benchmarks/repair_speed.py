@@ -22,16 +22,18 @@ from beta_diag.session import DataChoice, open_session
 SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
 
 
-def interpolated_net(r: RepairReport, a: float, verify: DataChoice) -> int:
-    """Held-out net of (1 - a) * original + a * repaired, against the original."""
+def interpolated_nets(r: RepairReport, alphas: tuple[float, ...], verify: DataChoice) -> dict[float, int]:
+    """Held-out net of (1 - a) * original + a * repaired, against the original, for each a."""
     parent, child = open_session(SGD, "cpu"), open_session(r.output, "cpu")  # type: ignore[arg-type]
     data = parent.load_data(verify)
     before = parent.evaluate(data).correct
-    theirs = child.model.state_dict()
-    mixed = {k: v + (theirs[k] - v) * a if v.is_floating_point() else theirs[k] for k, v in parent.model.state_dict().items()}
-    parent.model.load_state_dict(mixed)
-    after = parent.evaluate(data).correct
-    return int((~before & after).sum()) - int((before & ~after).sum())
+    ours, theirs = {k: v.clone() for k, v in parent.model.state_dict().items()}, child.model.state_dict()
+    nets = {}
+    for a in alphas:
+        parent.model.load_state_dict({k: v + (theirs[k] - v) * a if v.is_floating_point() else theirs[k] for k, v in ours.items()})
+        after = parent.evaluate(data).correct
+        nets[a] = int((~before & after).sum()) - int((before & ~after).sum())
+    return nets
 
 
 def main() -> None:
@@ -59,7 +61,8 @@ def main() -> None:
             v = r.surgical.verify
             nets.append(v.net)
             if args.interpolate:
-                print(f"seed {seed} interpolated: " + "; ".join(f"a={a}: net {interpolated_net(r, a, choice):+d}" for a in (0.25, 0.5, 0.75)))
+                nets_at = interpolated_nets(r, (0.25, 0.5, 0.75), choice)
+                print(f"seed {seed} interpolated: " + "; ".join(f"a={a}: net {net:+d}" for a, net in nets_at.items()))
             print(f"seed {seed}: layers {', '.join(r.plan.groups)} ({100 * r.plan.fraction:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
                   f"{100 * v.accuracy_after:.2f}%, fixed {v.fixed}, broken {v.broken}, net {v.net:+d}, {r.surgical.seconds:.1f} s")
         spread = f" +- {statistics.stdev(nets):.1f}" if len(nets) > 1 else ""

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from beta_diag import checkpoint, groups, models, plots, report, schedules
+from beta_diag import checkpoint, distributed, groups, models, plots, report, schedules
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
@@ -48,8 +48,7 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         verbose = kwargs.get("verbose", False)
-        process = os.environ.get("RANK", "0")
-        who = "" if process == "0" else f"[process {process}] "  # under torchrun, the others' errors are marked
+        who = distributed.label()  # under torchrun, the other processes' errors are marked
         try:
             return func(*args, **kwargs)
         except NoErrorsToDiagnose as exc:
@@ -362,9 +361,7 @@ def archs(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
 
 def main() -> None:
     """The console script. Under torchrun, processes other than 0 print nothing on stdout."""
-    from beta_diag import distributed
-
-    if os.environ.get("RANK", "0") != "0":
+    if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     try:
         app()

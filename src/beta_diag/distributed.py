@@ -89,6 +89,11 @@ def is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def label() -> str:
+    """How messages of this process start: nothing on process 0, ``[process N] `` on the others."""
+    return "" if is_main() else f"[process {os.environ.get('RANK', '?')}] "
+
+
 def launched() -> bool:
     """Started by torchrun with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

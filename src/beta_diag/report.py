@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from beta_diag import distributed
 from beta_diag.schedules import regime_fractions
 from beta_diag.training import Progress as ProgressFn, without_timing
 
@@ -56,7 +56,7 @@ def print_json(value: Any, timings: bool = False) -> None:
 def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
     """A progress callback drawing rich bars on stderr; None when quiet or stderr is not a TTY."""
     console = stderr()
-    if quiet or not console.is_terminal or os.environ.get("RANK", "0") != "0":  # torchrun: process 0 draws
+    if quiet or not console.is_terminal or not distributed.is_main():  # under torchrun, process 0 draws
         yield None
         return
     bars = Progress(
