@@ -7,6 +7,8 @@ On the SGD sample: (1) repair of the back-half groups layer4 + fc against `--bas
 (2) the default repair (`--layers auto`) per seed: held-out fixed / broken / net, mean and spread.
 --interpolate: also the weights (1 - a) * original + a * repaired for a in 0.25, 0.5, 0.75 (as in
 WiSE-FT), to see whether a smaller step towards the repair helps on held-out data.
+--distill W: the per-seed repairs use `--distill W` (a pull towards the original's predictions on
+the training examples it gets right); the layer4 + fc timing does too.
 """
 
 from __future__ import annotations
@@ -41,14 +43,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 epoch on 1,000 verification images, one seed")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--interpolate", action="store_true")
+    parser.add_argument("--distill", type=float, default=RepairConfig.distill)
     args = parser.parse_args()
     print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
-          + (" --interpolate" if args.interpolate else ""))
+          + (" --interpolate" if args.interpolate else "") + (f" --distill {args.distill:g}" if args.distill else ""))
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     verify = DataChoice(limit=1000 if args.quick else None)
     epochs = 1 if args.quick else RepairConfig.epochs
     with tempfile.TemporaryDirectory() as tmp:
-        r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=RepairConfig(epochs=epochs, baseline="full"), device="cpu")
+        r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=RepairConfig(epochs=epochs, baseline="full", distill=args.distill), device="cpu")
         s, f = r.surgical, r.baseline
         assert f is not None
         print(f"layer4+fc: {100 * r.plan.fraction:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
@@ -57,7 +60,7 @@ def main() -> None:
         for seed in seeds:
             choice = DataChoice(limit=verify.limit, seed=seed)
             r = repair(SGD, "auto", Path(tmp) / f"s{seed}.safetensors", verify=choice,
-                       config=RepairConfig(epochs=epochs, seed=seed), device="cpu")
+                       config=RepairConfig(epochs=epochs, seed=seed, distill=args.distill), device="cpu")
             v = r.surgical.verify
             nets.append(v.net)
             if args.interpolate:

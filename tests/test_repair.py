@@ -11,8 +11,9 @@ from beta_diag.cli import app
 from beta_diag.errors import ConfigError
 from beta_diag.repair import RepairConfig, repair, verdict
 from beta_diag.session import open_session
-from beta_diag.training import Predictions
-from tests.conftest import sha
+from beta_diag.data import Dataset
+from beta_diag.training import Anchor, Predictions, TrainConfig, fit, seeded
+from tests.conftest import make_images, sha
 
 runner = CliRunner()
 FAST = RepairConfig(epochs=2, batch_size=64, lr=0.02)
@@ -147,3 +148,51 @@ def test_repair_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
         files.append(out.read_bytes())
     assert stdouts[0] == stdouts[1] and "seconds" not in stdouts[0]
     assert files[0] == files[1]
+
+
+def test_anchor_loss_is_weighted_tempered_kl() -> None:
+    ref = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [1.0, -2.0, 0.0]])
+    logits = torch.tensor([[0.0, 1.0, 0.0], [3.0, 0.0, 0.0]], requires_grad=True)  # the batch: examples 2 and 0
+    weight, t = torch.tensor([1.0, 0.0, 2.5]), 2.0
+    anchor = Anchor(ref, weight, t)
+    idx = torch.tensor([2, 0])
+    p, q = torch.softmax(ref[idx] / t, 1), torch.softmax(logits / t, 1)
+    by_hand = (weight[idx] * (p * (p / q).log()).sum(1)).sum() * t * t
+    assert float(anchor.loss(logits, idx)) == pytest.approx(float(by_hand), rel=1e-6)
+    # at the reference the pull is zero and so is its gradient
+    at_ref = ref[idx].clone().requires_grad_(True)
+    loss = anchor.loss(at_ref, idx)
+    loss.backward()
+    assert float(loss) == pytest.approx(0.0, abs=1e-6) and float(at_ref.grad.abs().max()) < 1e-6
+
+
+def test_fit_follows_the_anchor_example_by_example() -> None:
+    """A teacher that contradicts every label, weighted strongly, is what the model learns: the
+    per-example reference logits stay matched to their examples through shuffling."""
+    images, labels = make_images(256, seed=3)
+    ds = Dataset(images, labels, ("a", "b", "c", "d"), "synthetic", "train")
+    teacher = 8.0 * torch.nn.functional.one_hot((labels + 1) % 4, 4).float()
+    agree = {}
+    for weight in (0.0, 10.0):
+        with seeded(0):
+            model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        config = TrainConfig(epochs=8, lr=0.05, batch_size=32, weight_decay=0.0, device="cpu")
+        fit(model, ds, None, lambda x: x.float() / 255, config, anchor=Anchor(teacher, torch.full((256,), weight)))
+        preds = model(images.float() / 255).argmax(1)
+        agree[weight] = float((preds == teacher.argmax(1)).float().mean())
+    assert agree[10.0] > 0.9 and agree[0.0] < 0.2, agree
+
+
+def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """--distill trains with the anchor (other weights than without), records its weight; bad weights are refused."""
+    weights = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / f"d{weight}.safetensors"
+        repair(tiny["ckpt"], ["layer4", "fc"], out, config=RepairConfig(epochs=1, batch_size=64, lr=0.02, distill=weight), device="cpu")
+        weights[weight] = checkpoint.load(out).state_dict["fc.weight"]
+        assert checkpoint.load(out).metadata.repair["config"]["distill"] == weight
+    assert not torch.equal(weights[0.0], weights[1.0])
+    with pytest.raises(ConfigError, match="--distill"):
+        repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(distill=float("nan")), device="cpu")
+    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "fc", "--distill", "-1"])
+    assert r.exit_code == 2 and not (tiny["root"] / "tiny.repaired.safetensors").exists()

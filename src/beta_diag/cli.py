@@ -314,6 +314,7 @@ def repair(
     focus: Annotated[Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")] = Focus.all,
     baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
+    distill: Annotated[float, typer.Option("--distill", min=0.0, help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).")] = RepairConfig.distill,
     metric: MetricOpt = DEFAULT_METRIC,
     granularity: GranularityOpt = Granularity.group,
     top_k: TopKOpt = None,
@@ -334,7 +335,7 @@ def repair(
     if plot is not None and not dry_run:
         checkpoint.check_output(plot, force, (ckpt,))
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
-    config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache)
+    config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache, distill)
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     with report.progress(quiet or as_json) as progress:

@@ -27,7 +27,7 @@ from beta_diag.errors import ConfigError
 from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
-from beta_diag.training import OptimizerName, Predictions, TrainConfig, fit, without_timing
+from beta_diag.training import Anchor, OptimizerName, Predictions, TrainConfig, fit, without_timing
 
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
 
@@ -44,7 +44,9 @@ class Baseline(str, Enum):
 
 @dataclass(frozen=True)
 class RepairConfig:
-    """How to fine-tune. Defaults: SGD, beta momentum on a cosine LR from 0.01, 3 epochs."""
+    """How to fine-tune. Defaults: SGD, beta momentum on a cosine LR from 0.01, 3 epochs. ``distill``
+    > 0 adds a pull towards the original's predictions on the training examples it already gets
+    right (``training.Anchor``): off by default, see BENCHMARKS.md for what it does on the sample."""
 
     epochs: int = 3
     lr: float = 0.01
@@ -56,6 +58,7 @@ class RepairConfig:
     focus: str = "all"  # or "errors"
     baseline: str = "none"  # or "full"
     cache_features: bool = True
+    distill: float = 0.0
 
     def train_config(self, device: str) -> TrainConfig:
         """The shared training loop's configuration: no warm-up, no augmentation (so features can be cached)."""
@@ -66,7 +69,8 @@ class RepairConfig:
 
     def to_dict(self) -> dict[str, Any]:
         shared = {k: v for k, v in self.train_config("auto").to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
-        return {**shared, "focus": self.focus, "baseline": self.baseline, "cache_features": self.cache_features}
+        return {**shared, "focus": self.focus, "baseline": self.baseline, "cache_features": self.cache_features,
+                "distill": self.distill, "distill_temperature": Anchor.temperature}
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,9 @@ def _same_data(a: Dataset, b: Dataset) -> bool:
     return a.spec == b.spec and a.split == b.split
 
 
-def _fine_tune(session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, progress: Progress | None) -> tuple[nn.Module, list[dict], float]:
+def _fine_tune(
+    session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, anchor: Anchor | None, progress: Progress | None,
+) -> tuple[nn.Module, list[dict], float]:
     """Copy the model, train only ``params`` (their modules in train mode, the rest eval), return it with history and seconds."""
     model = copy.deepcopy(session.model)
     chosen = set(params)
@@ -193,9 +199,9 @@ def _fine_tune(session: Session, params: list[str], train_ds: Dataset, config: R
     tc = config.train_config(str(session.device))
     if split is not None:
         cached = features.cache(split, train_ds, session.preprocess, session.device)
-        history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress)
+        history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress, anchor=anchor)
     else:
-        history = fit(model, train_ds, None, session.preprocess, tc, progress=progress)
+        history = fit(model, train_ds, None, session.preprocess, tc, progress=progress, anchor=anchor)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval(), history, time.perf_counter() - start
@@ -205,6 +211,8 @@ def plan_and_data(
     session: Session, layers: list[str] | str, train: DataChoice, verify: DataChoice, config: RepairConfig, rank_config: RankConfig,
     saved_ranking: Ranking | None, progress: Progress | None,
 ) -> tuple[Plan, list[str], Dataset, Dataset]:
+    if not config.distill >= 0:
+        raise ConfigError(f"--distill {config.distill}: pass a weight of 0 (off) or more")
     verify_ds = session.load_data(verify)
     if layers == "auto":
         result = saved_ranking or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
@@ -265,9 +273,10 @@ def repair(
     checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
     plan, params, train_ds, verify_ds = _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)
     before_v, before_t = session.evaluate(verify_ds), session.evaluate(train_ds)
+    anchor = Anchor(before_t.logits, before_t.correct.float() * config.distill) if config.distill else None
     arms = []
     for arm_params in ([params] + ([[n for n, _ in session.model.named_parameters()]] if config.baseline == "full" else [])):
-        model, history, seconds = _fine_tune(session, arm_params, train_ds, config, progress)
+        model, history, seconds = _fine_tune(session, arm_params, train_ds, config, anchor, progress)
         after = replace(session, model=model)
         arms.append(Arm(
             plan.groups if arm_params is params else ("all",), plan.trainable if arm_params is params else plan.total,

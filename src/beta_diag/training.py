@@ -59,6 +59,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """A pull towards reference predictions: per example, ``weight`` times the KL divergence from the
+    reference logits' softmax to the model's, both at ``temperature`` (knowledge distillation, Hinton
+    et al. 2015), scaled by temperature^2 so that its gradient does not shrink with T. Repair anchors
+    the examples the original model already classifies correctly (focal distillation, Yan et al. 2021,
+    "positive-congruent training"), so that fixing errors stays free and breaking what works costs."""
+
+    logits: torch.Tensor  # (N, classes) reference logits in dataset order
+    weight: torch.Tensor  # (N,) per-example weight; 0 leaves an example to cross-entropy alone
+    temperature: float = 2.0
+
+    def loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Summed over the batch whose dataset indices are ``idx``."""
+        t = self.temperature
+        ref = F.log_softmax(self.logits[idx].to(logits.device).float() / t, 1)
+        kl = F.kl_div(F.log_softmax(logits.float() / t, 1), ref, log_target=True, reduction="none").sum(1)
+        return (self.weight[idx].to(logits.device) * kl).sum() * t * t
+
+
+@dataclass(frozen=True)
 class Predictions:
     """Eval-mode outputs over a dataset, in dataset order (CPU)."""
 
@@ -162,10 +182,11 @@ def set_train_mode(model: nn.Module) -> None:
 
 def fit(
     model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig,
-    progress: Progress | None = None,
+    progress: Progress | None = None, anchor: Anchor | None = None,
 ) -> list[dict]:
     """Train the parameters that have ``requires_grad``; return the per-epoch history.
 
+    The loss is cross-entropy, plus ``anchor.loss`` when an anchor is given (repair's distillation).
     Modules owning a trainable parameter train in train mode; frozen ones stay in eval mode.
     Under torchrun: DistributedDataParallel; every process draws the same global batch (and
     augmentation) and trains on its contiguous slice, with the loss scaled so that the averaged
@@ -199,7 +220,7 @@ def fit(
         start = time.perf_counter()
         set_train_mode(model)
         lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
-        for step, (x, y, _) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
+        for step, (x, y, idx) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
             if world.size > 1 and y.numel() < 2 * world.size:  # a last global batch too small to slice (BatchNorm needs 2): skipped, on schedule
                 mom.step()
                 sched.step()
@@ -208,14 +229,17 @@ def fit(
             if config.augment:
                 inputs = augment(inputs, gen)
             global_batch = y.numel()
-            inputs, y = inputs.tensor_split(world.size)[world.rank], y.tensor_split(world.size)[world.rank]
+            inputs, y, idx = (t.tensor_split(world.size)[world.rank] for t in (inputs, y, idx))
             if device.type == "cuda" and inputs.dim() == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             lrs.append(opt.param_groups[0]["lr"])
             mus.append(mom.step())
             with autocast(device):
                 logits = net(inputs)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum") * (world.size / global_batch)  # DDP averages over processes
+                loss = F.cross_entropy(logits.float(), y, reduction="sum")
+                if anchor is not None:
+                    loss = loss + anchor.loss(logits, idx)
+                loss = loss * (world.size / global_batch)  # DDP averages over processes
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
