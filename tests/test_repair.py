@@ -6,11 +6,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
-from beta_diag import checkpoint, ranking, schedules
+from beta_diag import checkpoint, features, ranking, schedules
 from beta_diag.cli import app
 from beta_diag.errors import ConfigError
 from beta_diag.repair import RepairConfig, repair, verdict
-from beta_diag.session import open_session
+from beta_diag.session import DataChoice, open_session
 from beta_diag.data import Dataset
 from beta_diag.training import Anchor, Predictions, TrainConfig, fit, seeded
 from tests.conftest import make_images, sha
@@ -69,6 +69,18 @@ def test_cached_and_uncached_repairs_agree(tiny: dict[str, Path], tmp_path: Path
                config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=False), device="cpu")
     wa, wb = checkpoint.load(tmp_path / "a.safetensors").state_dict, checkpoint.load(tmp_path / "b.safetensors").state_dict
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+
+
+def test_one_prefix_pass_gives_the_models_outputs(tiny: dict[str, Path]) -> None:
+    """The repair evaluates the original on its training data through the cut (prefix once, then
+    suffix): the same logits, bit for bit, as evaluating the whole model."""
+    session = open_session(tiny["ckpt"], "cpu")
+    ds = session.load_data(DataChoice(), default_split="train")
+    chosen = {n for n, _ in session.model.named_parameters() if n.startswith(("layer4.", "fc."))}
+    split = features.split(session.model, chosen)
+    assert split is not None
+    cached = features.cache(split, ds, session.preprocess, session.device)
+    assert torch.equal(features.outputs(split, cached, session.device), session.evaluate(ds).logits)
 
 
 def test_interrupted_repair_leaves_no_file(tiny: dict[str, Path], tmp_path: Path) -> None:

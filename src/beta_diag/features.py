@@ -90,6 +90,15 @@ def cache(s: Split, ds: Dataset, preprocess: Preprocess, device: torch.device, b
     return Dataset(store, ds.labels, ds.class_names, ds.spec, ds.split)
 
 
+@torch.no_grad()
+def outputs(s: Split, cached: Dataset, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    """The suffix's eval-mode outputs on cached features, in dataset order (float32, CPU): with the
+    cache, the whole model's outputs from one pass of the prefix."""
+    s.suffix.eval()
+    out = [s.suffix(x).float().cpu() for x, _, _ in data_mod.batches(cached, batch_size, device)]
+    return torch.cat(out)
+
+
 def estimate_seconds(session: object, ds: Dataset, steps: int, batch_size: int) -> float:
     """Upper bound: one timed forward+backward of the whole model on a small batch, scaled to the steps."""
     model, pre, device = session.model, session.preprocess, session.device  # type: ignore[attr-defined]

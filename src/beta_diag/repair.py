@@ -118,7 +118,9 @@ def verdict(before: Predictions, after: Predictions, class_names: tuple[str, ...
 
 @dataclass(frozen=True)
 class Arm:
-    """One fine-tune: what it trained and what it changed."""
+    """One fine-tune: what it trained and what it changed. ``seconds``: the fine-tune itself. A frozen
+    prefix's features are not in it: they come from the pass that evaluates the original on the
+    training data, which every arm's verdict needs anyway."""
 
     groups: tuple[str, ...]
     trainable: int
@@ -187,24 +189,34 @@ def _same_data(a: Dataset, b: Dataset) -> bool:
 
 
 def _fine_tune(
-    session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, anchor: Anchor | None, progress: Progress | None,
+    session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, anchor: Anchor | None, cached: Dataset | None,
+    progress: Progress | None,
 ) -> tuple[nn.Module, list[dict], float]:
-    """Copy the model, train only ``params`` (their modules in train mode, the rest eval), return it with history and seconds."""
+    """Copy the model, train only ``params`` (their modules in train mode, the rest eval), return it with history and seconds.
+
+    ``cached``: the frozen prefix's features of ``train_ds`` (``features.cache``), when there is a prefix to cut."""
     model = copy.deepcopy(session.model)
     chosen = set(params)
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
     start = time.perf_counter()
-    split = features.split(model, chosen) if config.cache_features else None
+    split = features.split(model, chosen) if cached is not None else None
     tc = config.train_config(str(session.device))
     if split is not None:
-        cached = features.cache(split, train_ds, session.preprocess, session.device)
         history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress, anchor=anchor)
     else:
         history = fit(model, train_ds, None, session.preprocess, tc, progress=progress, anchor=anchor)
     for p in model.parameters():
         p.requires_grad_(True)
     return model.eval(), history, time.perf_counter() - start
+
+
+def _predict(session: Session, model: nn.Module, chosen: set[str], feats: Dataset | None, ds: Dataset) -> Predictions:
+    """``model``'s outputs on ``ds``: its suffix on the cached prefix features ``feats`` when given, else the whole model."""
+    cut = features.split(model, chosen) if feats is not None else None
+    if cut is None:
+        return replace(session, model=model).evaluate(ds)
+    return Predictions(features.outputs(cut, feats, session.device), ds.labels.clone())
 
 
 def plan_and_data(
@@ -272,16 +284,23 @@ def repair(
     out = Path(output) if output else session.ckpt.path.with_name(f"{session.ckpt.path.name.removesuffix('.safetensors')}.repaired.safetensors")
     checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
     plan, params, train_ds, verify_ds = _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)
-    before_v, before_t = session.evaluate(verify_ds), session.evaluate(train_ds)
+    cut = features.split(session.model, set(params)) if config.cache_features else None
+    # With a frozen prefix, one pass of it over each data set gives the original's outputs (bit-identical
+    # to the whole model's, tested), the features the surgical arm trains on, and its outputs after.
+    sets = {"verify": verify_ds, "train": train_ds}
+    feats = {k: features.cache(cut, ds, session.preprocess, session.device) for k, ds in sets.items()} if cut else {}
+    chosen = set(params)
+    before_v, before_t = (_predict(session, session.model, chosen, feats.get(k), ds) for k, ds in sets.items())
     anchor = Anchor(before_t.logits, before_t.correct.float() * config.distill) if config.distill else None
     arms = []
     for arm_params in ([params] + ([[n for n, _ in session.model.named_parameters()]] if config.baseline == "full" else [])):
-        model, history, seconds = _fine_tune(session, arm_params, train_ds, config, anchor, progress)
-        after = replace(session, model=model)
+        surgical = arm_params is params
+        mine = feats if surgical else {}
+        model, history, seconds = _fine_tune(session, arm_params, train_ds, config, anchor, mine.get("train"), progress)
+        after_v, after_t = (_predict(session, model, chosen, mine.get(k), ds) for k, ds in sets.items())
         arms.append(Arm(
-            plan.groups if arm_params is params else ("all",), plan.trainable if arm_params is params else plan.total,
-            seconds, verdict(before_v, after.evaluate(verify_ds), verify_ds.class_names),
-            verdict(before_t, after.evaluate(train_ds), train_ds.class_names), tuple(history),
+            plan.groups if surgical else ("all",), plan.trainable if surgical else plan.total,
+            seconds, verdict(before_v, after_v, verify_ds.class_names), verdict(before_t, after_t, train_ds.class_names), tuple(history),
         ))
         if arm_params is params:
             repaired = model
