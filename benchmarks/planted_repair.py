@@ -8,6 +8,7 @@ on the bundled 5,000 unseen training images, SGD + beta momentum from LR 0.01): 
 groups (`--layers auto`), one group chosen at random (seeded), and the whole model
 (`--baseline full`). Verified on the bundled 3,000 test images, which none of them trains on.
 Reports per arm: accuracy recovered (share of the drop won back), fixed / broken / net, seconds.
+--distill W: every arm repairs with `--distill W` (does keeping the damaged model's right answers slow the recovery?).
 --quick: one seed, one group (fc), one epoch, 1,000 verification images.
 """
 
@@ -40,8 +41,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--distill", type=float, default=RepairConfig.distill, help="repair --distill weight for every arm")
     args = parser.parse_args()
-    print("command: python benchmarks/planted_repair.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"), flush=True)
+    print("command: python benchmarks/planted_repair.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
+          + (f" --distill {args.distill:g}" if args.distill else ""), flush=True)
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
@@ -49,7 +52,7 @@ def main() -> None:
     base = session.evaluate(ds).accuracy
     names = [g.name for g in layer_groups(session.model)]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, baseline="full")
+    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, baseline="full", distill=args.distill)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for group in names[-1:] if args.quick else names:
