@@ -236,16 +236,14 @@ def fit(
             mus.append(mom.step())
             with autocast(device):
                 logits = net(inputs)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum")
-                if anchor is not None:
-                    loss = loss + anchor.loss(logits, idx)
-                loss = loss * (world.size / global_batch)  # DDP averages over processes
+                ce = F.cross_entropy(logits.float(), y, reduction="sum")
+                loss = (ce + anchor.loss(logits, idx) if anchor is not None else ce) * (world.size / global_batch)  # DDP averages over processes
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum += float(loss.detach()) * global_batch / world.size
+            loss_sum += float(ce.detach())  # cross-entropy alone: the same measure with or without an anchor
             hits += int((logits.argmax(1) == y).sum())
             seen += y.numel()
             if progress:
