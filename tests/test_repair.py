@@ -204,7 +204,16 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
         weights[weight] = checkpoint.load(out).state_dict["fc.weight"]
         assert checkpoint.load(out).metadata.repair["config"]["distill"] == weight
     assert not torch.equal(weights[0.0], weights[1.0])
-    with pytest.raises(ConfigError, match="--distill"):
-        repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(distill=float("nan")), device="cpu")
-    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "fc", "--distill", "-1"])
-    assert r.exit_code == 2 and not (tiny["root"] / "tiny.repaired.safetensors").exists()
+    for bad in (float("nan"), float("inf"), -1.0, 1e308):
+        with pytest.raises(ConfigError, match="--distill"):
+            repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(distill=bad), device="cpu")
+    for bad in ("-1", "inf", "1e308"):
+        r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "fc", "--distill", bad])
+        assert r.exit_code == 2 and not (tiny["root"] / "tiny.repaired.safetensors").exists(), (bad, r.stderr)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_diverged_repair_writes_nothing(tiny: dict[str, Path], tmp_path: Path) -> None:
+    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "--lr", "1e30", "--epochs", "1", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 1 and "the repair diverged" in r.stderr and "lower --lr" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []

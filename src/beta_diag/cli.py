@@ -18,7 +18,7 @@ from beta_diag import checkpoint, distributed, groups, models, plots, report, sc
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
-from beta_diag.repair import Baseline, Focus, RepairConfig
+from beta_diag.repair import MAX_DISTILL, Baseline, Focus, RepairConfig
 from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.training import OptimizerName, TrainConfig
@@ -314,7 +314,7 @@ def repair(
     focus: Annotated[Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")] = Focus.all,
     baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
-    distill: Annotated[float, typer.Option("--distill", min=0.0, help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).")] = RepairConfig.distill,
+    distill: Annotated[float, typer.Option("--distill", min=0.0, max=MAX_DISTILL, help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).")] = RepairConfig.distill,
     metric: MetricOpt = DEFAULT_METRIC,
     granularity: GranularityOpt = Granularity.group,
     top_k: TopKOpt = None,

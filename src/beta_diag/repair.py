@@ -29,6 +29,7 @@ from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
 from beta_diag.training import Anchor, OptimizerName, Predictions, TrainConfig, fit, without_timing
 
+MAX_DISTILL = 100.0  # beyond this the pull swamps the loss and the steps diverge
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
 
 
@@ -191,10 +192,9 @@ def _same_data(a: Dataset, b: Dataset) -> bool:
 def _fine_tune(
     session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, anchor: Anchor | None, cached: Dataset | None,
     progress: Progress | None,
-) -> tuple[nn.Module, list[dict], float]:
-    """Copy the model, train only ``params`` (their modules in train mode, the rest eval), return it with history and seconds.
-
-    ``cached``: the frozen prefix's features of ``train_ds`` (``features.cache``), when there is a prefix to cut."""
+) -> tuple[nn.Module, features.Split | None, list[dict], float]:
+    """Copy the model, train only ``params`` (their modules in train mode, the rest eval); return it, its
+    cut (when it trained on ``cached``, the frozen prefix's features of ``train_ds``), history and seconds."""
     model = copy.deepcopy(session.model)
     chosen = set(params)
     for name, p in model.named_parameters():
@@ -208,13 +208,12 @@ def _fine_tune(
         history = fit(model, train_ds, None, session.preprocess, tc, progress=progress, anchor=anchor)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model.eval(), history, time.perf_counter() - start
+    return model.eval(), split, history, time.perf_counter() - start
 
 
-def _predict(session: Session, model: nn.Module, chosen: set[str], feats: Dataset | None, ds: Dataset) -> Predictions:
-    """``model``'s outputs on ``ds``: its suffix on the cached prefix features ``feats`` when given, else the whole model."""
-    cut = features.split(model, chosen) if feats is not None else None
-    if cut is None:
+def _predict(session: Session, model: nn.Module, cut: features.Split | None, feats: Dataset | None, ds: Dataset) -> Predictions:
+    """``model``'s outputs on ``ds``: the suffix of its ``cut`` on the prefix features ``feats`` when both are given, else the whole model."""
+    if cut is None or feats is None:
         return replace(session, model=model).evaluate(ds)
     return Predictions(features.outputs(cut, feats, session.device), ds.labels.clone())
 
@@ -223,8 +222,8 @@ def plan_and_data(
     session: Session, layers: list[str] | str, train: DataChoice, verify: DataChoice, config: RepairConfig, rank_config: RankConfig,
     saved_ranking: Ranking | None, progress: Progress | None,
 ) -> tuple[Plan, list[str], Dataset, Dataset]:
-    if not config.distill >= 0:
-        raise ConfigError(f"--distill {config.distill}: pass a weight of 0 (off) or more")
+    if not 0 <= config.distill <= MAX_DISTILL:
+        raise ConfigError(f"--distill {config.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
     verify_ds = session.load_data(verify)
     if layers == "auto":
         result = saved_ranking or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
@@ -285,19 +284,21 @@ def repair(
     checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
     plan, params, train_ds, verify_ds = _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)
     cut = features.split(session.model, set(params)) if config.cache_features else None
-    # With a frozen prefix, one pass of it over each data set gives the original's outputs (bit-identical
-    # to the whole model's, tested), the features the surgical arm trains on, and its outputs after.
+    # With a frozen prefix, one pass of it over the training data gives the original's outputs there and
+    # the features the surgical arm trains on. On CPU, where outputs through the cut are bit-identical to
+    # the whole model's (tested), the verification data and the arm's outputs after go through it too;
+    # elsewhere the whole model evaluates, so that the reported accuracy is what the written file gives.
+    shortcut = cut if cut is not None and session.device.type == "cpu" else None
     sets = {"verify": verify_ds, "train": train_ds}
-    feats = {k: features.cache(cut, ds, session.preprocess, session.device) for k, ds in sets.items()} if cut else {}
-    chosen = set(params)
-    before_v, before_t = (_predict(session, session.model, chosen, feats.get(k), ds) for k, ds in sets.items())
+    feats = {k: features.cache(cut, ds, session.preprocess, session.device) for k, ds in sets.items() if cut and (shortcut or k == "train")}
+    before_v, before_t = (_predict(session, session.model, shortcut, feats.get(k), ds) for k, ds in sets.items())
     anchor = Anchor(before_t.logits, before_t.correct.float() * config.distill) if config.distill else None
     arms = []
     for arm_params in ([params] + ([[n for n, _ in session.model.named_parameters()]] if config.baseline == "full" else [])):
         surgical = arm_params is params
         mine = feats if surgical else {}
-        model, history, seconds = _fine_tune(session, arm_params, train_ds, config, anchor, mine.get("train"), progress)
-        after_v, after_t = (_predict(session, model, chosen, mine.get(k), ds) for k, ds in sets.items())
+        model, arm_cut, history, seconds = _fine_tune(session, arm_params, train_ds, config, anchor, mine.get("train"), progress)
+        after_v, after_t = (_predict(session, model, arm_cut if shortcut else None, mine.get(k), ds) for k, ds in sets.items())
         arms.append(Arm(
             plan.groups if surgical else ("all",), plan.trainable if surgical else plan.total,
             seconds, verdict(before_v, after_v, verify_ds.class_names), verdict(before_t, after_t, train_ds.class_names), tuple(history),
@@ -314,5 +315,9 @@ def repair(
         "config": plan.config, "train_data": plan.train_data, "verify_data": plan.verify_data,
         "verify": {**asdict(arms[0].verify), "net": arms[0].verify.net}, "history": without_timing(arms[0].history),
     })
-    sha = checkpoint.save(out, repaired.state_dict(), meta, force=force, inputs=(session.ckpt.path,))
+    state = repaired.state_dict()
+    diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if diverged:
+        raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
+    sha = checkpoint.save(out, state, meta, force=force, inputs=(session.ckpt.path,))
     return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256)

@@ -224,6 +224,7 @@ def repair_summary(r: Any) -> None:
         per.add_row(cls, str(row["errors_before"]), str(row["errors_after"]), str(row["fixed"]), str(row["broken"]))
     out.print(per)
     if r.compute_saving is not None:
-        out.print(f"compute saved by the surgical repair: {100 * r.compute_saving:.0f}% of the full fine-tune's wall-clock")
+        out.print(f"training time saved by the surgical repair: {100 * r.compute_saving:.0f}% of the full fine-tune's "
+                  "(a frozen prefix runs once, in the evaluation both need)")
     v = r.surgical.verify
     out.print(f"[bold]repaired {', '.join(r.surgical.groups)}: fixed {v.fixed}, broke {v.broken}, net {v.net:+d} on held-out data; wrote {r.output}[/]")

@@ -219,7 +219,7 @@ def fit(
     for epoch in range(config.epochs):
         start = time.perf_counter()
         set_train_mode(model)
-        lrs, mus, loss_sum, seen, hits = [], [], 0.0, 0, 0
+        lrs, mus, loss_sum, pull_sum, seen, hits = [], [], 0.0, 0.0, 0, 0
         for step, (x, y, idx) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
             if world.size > 1 and y.numel() < 2 * world.size:  # a last global batch too small to slice (BatchNorm needs 2): skipped, on schedule
                 mom.step()
@@ -237,20 +237,24 @@ def fit(
             with autocast(device):
                 logits = net(inputs)
                 ce = F.cross_entropy(logits.float(), y, reduction="sum")
-                loss = (ce + anchor.loss(logits, idx) if anchor is not None else ce) * (world.size / global_batch)  # DDP averages over processes
+                pull = anchor.loss(logits, idx) if anchor is not None else None
+                loss = (ce if pull is None else ce + pull) * (world.size / global_batch)  # DDP averages over processes
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
             loss_sum += float(ce.detach())  # cross-entropy alone: the same measure with or without an anchor
+            pull_sum += 0.0 if pull is None else float(pull.detach())
             hits += int((logits.argmax(1) == y).sum())
             seen += y.numel()
             if progress:
                 progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch)
         world.sync_buffers(model)
-        loss_sum, hits, seen = world.total([loss_sum, hits, seen], device)
+        loss_sum, pull_sum, hits, seen = world.total([loss_sum, pull_sum, hits, seen], device)
         record = {"epoch": epoch + 1, **epoch_record(lrs, mus), "train_loss": loss_sum / seen, "train_acc": hits / seen}
+        if anchor is not None:
+            record["anchor_loss"] = pull_sum / seen  # the mean pull towards the reference, as optimised
         if test_ds is not None:
             record["test_acc"] = evaluate(model, test_ds, preprocess, device).accuracy
         record["seconds"] = time.perf_counter() - start
