@@ -8,7 +8,10 @@ after rank (their mean is used): one inference pass over all images (training.ev
 batched forward + loss.sum().backward() over the errors (batches of 64). Goal: rank / baseline <= 1.3.
 The time inside rank is split by wrapping (at run time, not in the source) data.load, evaluate,
 summed_gradient, per_example_norms and bootstrap. Also printed: this design's lower bound, evaluate
-plus 3 fwd+bwd passes (summed gradient, norms on the errors, norms on as many correct examples).
+plus 3 fwd+bwd passes (summed gradient, norms on the errors, norms on as many correct examples), and
+the anatomy of a pass: a forward plus a backward that reaches every layer's input without computing
+weight gradients, which every exact per-example method runs; from it, the bounds any such method meets
+here even if its per-layer work were free.
 (ii) Peak RSS (ru_maxrss after rank returns) of rank on 2,000 and on 10,000 images, each in a fresh
 subprocess (``--rss N``). Goal: the 10k peak is at most 1.1x the 2k peak. The children use 1 torch thread
 unless --threads is given: memory does not depend on it, and on a busy machine 2 contending OpenMP
@@ -91,15 +94,30 @@ def floor(session: Session, ds: data_mod.Dataset, index: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def to_inputs(session: Session, ds: data_mod.Dataset, index: torch.Tensor) -> float:
+    """Seconds of a forward + a backward that reaches every layer's input but computes no weight gradient,
+    batches of 64: what any exact per-example gradient method must run, before its per-layer work."""
+    model = session.model.eval()
+    start = time.perf_counter()
+    for x, y, _ in data_mod.batches(ds, 64, CPU, index=index):
+        inputs = session.preprocess(x).requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model(inputs).float(), y, reduction="sum"), inputs)
+    return time.perf_counter() - start
+
+
+def baseline_floor(session: Session, ds: data_mod.Dataset, index: torch.Tensor) -> float:
+    start = time.perf_counter()
+    floor(session, ds, index)
+    return time.perf_counter() - start
+
+
 def baseline(session: Session, ds: data_mod.Dataset) -> tuple[float, float, torch.Tensor]:
     """(evaluate seconds, fwd+bwd-on-errors seconds, error index)."""
     start = time.perf_counter()
     preds = evaluate(session.model, ds, session.preprocess, CPU)
     t_eval = time.perf_counter() - start
     wrong = torch.nonzero(~preds.correct).flatten()
-    start = time.perf_counter()
-    floor(session, ds, wrong)
-    return t_eval, time.perf_counter() - start, wrong
+    return t_eval, baseline_floor(session, ds, wrong), wrong
 
 
 def time_cost(limit: int | None) -> None:
@@ -134,6 +152,13 @@ def time_cost(limit: int | None) -> None:
     print(f"ratio rank / baseline = {total / base:.2f} (rank incl. data load); {(total - loaded) / base:.2f} (excl. load)  [goal <= 1.3]")
     bound = (t_eval + 3 * t_floor) / base
     print(f"lower bound of this design (evaluate + 3 fwd+bwd passes over as many examples as errors) / baseline = {bound:.2f}")
+    t_in = min(to_inputs(session, ds, wrong) for _ in range(3))
+    t_d = min(t_floor, *(baseline_floor(session, ds, wrong) for _ in range(2)))
+    print(f"anatomy (best of 3): fwd + bwd to every layer's input, no weight gradients, over the errors {t_in:.2f} s = {t_in / t_d:.2f} of fwd+bwd ({t_d:.2f} s); "
+          f"evaluate / fwd+bwd = {t_eval / t_d:.2f}")
+    print(f"  bounds with free per-layer work: 2 passes (errors, correct sample) {(t_eval + 2 * t_in) / base:.2f}; "
+          f"+ the summed-gradient pass coherence needs {(t_eval + 2 * t_in + t_d) / base:.2f}; "
+          f"any exact method vs a loop at (a) = k x (d): a/c <= k / {t_in / t_d:.2f}")
 
 
 def rss_child(n: int) -> None:
