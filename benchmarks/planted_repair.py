@@ -4,7 +4,7 @@
 
 Damages each layer group of the SGD sample with Gaussian noise to about a 10-point accuracy drop
 (as benchmarks/planted_faults.py does), then, with the same budget (repair's defaults: 3 epochs
-on the bundled 5,000 unseen training images, SGD + beta momentum from LR 0.01): repairs the flagged
+on the bundled 5,000 unseen training images, SGD + beta momentum from LR 0.003, --distill 1): repairs the flagged
 groups (`--layers auto`), one group chosen at random (seeded), and the whole model
 (`--baseline full`). Verified on the bundled 3,000 test images, which none of them trains on.
 Reports per arm: accuracy recovered (share of the drop won back), fixed / broken / net, seconds.
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=RepairConfig.distill, help="repair --distill weight for every arm")
     args = parser.parse_args()
     print("command: python benchmarks/planted_repair.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
-          + (f" --distill {args.distill:g}" if args.distill else ""), flush=True)
+          + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else ""), flush=True)
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=1000 if args.quick else None)

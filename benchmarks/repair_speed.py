@@ -9,8 +9,8 @@ included) for layer4 + fc against the same call naming every group;
 (2) the default repair (`--layers auto`) per seed: held-out fixed / broken / net, mean and spread.
 --interpolate: also the weights (1 - a) * original + a * repaired for a in 0.25, 0.5, 0.75 (as in
 WiSE-FT), to see whether a smaller step towards the repair helps on held-out data.
---distill W: the per-seed repairs use `--distill W` (a pull towards the original's predictions on
-the training examples it gets right); the layer4 + fc timing does too.
+--distill W: the per-seed repairs use `--distill W` instead of the default 1 (a pull towards the original's
+predictions on the training examples it gets right; 0 turns it off); the layer4 + fc timing does too.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=RepairConfig.distill)
     args = parser.parse_args()
     print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
-          + (" --interpolate" if args.interpolate else "") + (f" --distill {args.distill:g}" if args.distill else ""))
+          + (" --interpolate" if args.interpolate else "") + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else ""))
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     verify = DataChoice(limit=1000 if args.quick else None)
     epochs = 1 if args.quick else RepairConfig.epochs

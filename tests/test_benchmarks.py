@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from beta_diag import data
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +51,12 @@ def test_reproduce_quick(tmp_path: Path) -> None:
     assert result["runs"]["beta"][0]["regimes"]["critical"] == 1.0  # beta momentum tracks the critical curve by construction
     assert len(result["per_seed"]) == 1 and "SGD/Adam" in stdout
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {"reproduce_schedules.png", "reproduce_accuracy.png"}
+
+
+@pytest.mark.skipif(not (data.FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file()
+                    and not (data.FASHION_MNIST_ROOT / "train-images-idx3-ubyte").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist for the selection images")
+def test_repair_defaults_quick() -> None:
+    stdout = run_script("repair_defaults.py")
+    assert "(1) selection set: 1000 training images at permutation positions [35000, 36000)" in stdout
+    assert "chosen (highest worst-seed net, then mean)" in stdout and "(2) on the verification data" in stdout
