@@ -4,7 +4,7 @@
 
 Damages each layer group of the SGD sample with Gaussian noise to about a 10-point accuracy drop
 (as benchmarks/planted_faults.py does), then, with the same budget (repair's defaults: 3 epochs
-on the bundled 5,000 unseen training images, SGD + beta momentum from LR 0.003, --distill 1): repairs the flagged
+on the bundled 5,000 unseen training images, SGD + beta momentum, cosine LR from 0.003 (`--lr`; 0.01 before 2026-11-24)): repairs the flagged
 groups (`--layers auto`), one group chosen at random (seeded), and the whole model
 (`--baseline full`). Verified on the bundled 3,000 test images, which none of them trains on.
 Reports per arm: accuracy recovered (share of the drop won back), fixed / broken / net, seconds.
@@ -42,9 +42,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--distill", type=float, default=RepairConfig.distill, help="repair --distill weight for every arm")
+    parser.add_argument("--lr", type=float, default=RepairConfig.lr, help="repair --lr for every arm (the figures before 2026-11-24 used 0.01)")
     args = parser.parse_args()
     print("command: python benchmarks/planted_repair.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
-          + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else ""), flush=True)
+          + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
+          + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else ""), flush=True)
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
@@ -52,7 +54,7 @@ def main() -> None:
     base = session.evaluate(ds).accuracy
     names = [g.name for g in layer_groups(session.model)]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, baseline="full", distill=args.distill)
+    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.lr, baseline="full", distill=args.distill)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for group in names[-1:] if args.quick else names:

@@ -1,6 +1,6 @@
 """Surgical repair vs full fine-tune with the same budget, in one run; and the repair's net over seeds.
 
-    python benchmarks/repair_speed.py [--quick] [--seeds 0,1,2]
+    python benchmarks/repair_speed.py [--quick] [--seeds 0,1,2] [--repeats N]
 
 On the SGD sample: (1) repair of the back-half groups layer4 + fc against `--baseline full`
 (same epochs, data, LR): wall-clock ratio of the fine-tunes (goal <= 0.25x) and fraction of
@@ -9,8 +9,9 @@ included) for layer4 + fc against the same call naming every group;
 (2) the default repair (`--layers auto`) per seed: held-out fixed / broken / net, mean and spread.
 --interpolate: also the weights (1 - a) * original + a * repaired for a in 0.25, 0.5, 0.75 (as in
 WiSE-FT), to see whether a smaller step towards the repair helps on held-out data.
---distill W: the per-seed repairs use `--distill W` instead of the default 1 (a pull towards the original's
-predictions on the training examples it gets right; 0 turns it off); the layer4 + fc timing does too.
+--distill W: the per-seed repairs use `--distill W` (a pull towards the original's predictions on
+the training examples it gets right); the layer4 + fc timing does too. --lr: repair's LR (default
+RepairConfig's; the figures before 2026-11-24 used 0.01).
 """
 
 from __future__ import annotations
@@ -48,23 +49,33 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--interpolate", action="store_true")
     parser.add_argument("--distill", type=float, default=RepairConfig.distill)
+    parser.add_argument("--lr", type=float, default=RepairConfig.lr, help="repair --lr (the figures before 2026-11-24 used 0.01)")
+    parser.add_argument("--repeats", type=int, default=1, help="time layer4 + fc vs the full fine-tune this often, interleaved; print the median")
     args = parser.parse_args()
     print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
-          + (" --interpolate" if args.interpolate else "") + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else ""))
+          + (" --interpolate" if args.interpolate else "") + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
+          + (f" --repeats {args.repeats}" if args.repeats > 1 else "") + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else ""))
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     verify = DataChoice(limit=1000 if args.quick else None)
     epochs = 1 if args.quick else RepairConfig.epochs
     with tempfile.TemporaryDirectory() as tmp:
-        r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=RepairConfig(epochs=epochs, baseline="full", distill=args.distill), device="cpu")
-        s, f = r.surgical, r.baseline
-        assert f is not None
-        print(f"layer4+fc: {100 * r.plan.fraction:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
-              f"full fine-tune {f.seconds:.1f} s (net {f.verify.net:+d}); wall-clock ratio {s.seconds / f.seconds:.3f}x (goal <= 0.25x)")
+        ratios = []
+        for _ in range(args.repeats):
+            config = RepairConfig(epochs=epochs, lr=args.lr, baseline="full", distill=args.distill)
+            r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=config,
+                       device="cpu", force=True)
+            s, f = r.surgical, r.baseline
+            assert f is not None
+            ratios.append(s.seconds / f.seconds)
+            print(f"layer4+fc: {100 * r.plan.fraction:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
+                  f"full fine-tune {f.seconds:.1f} s (net {f.verify.net:+d}); wall-clock ratio {ratios[-1]:.3f}x (goal <= 0.25x)", flush=True)
+        if len(ratios) > 1:
+            print(f"median ratio of {len(ratios)} runs: {statistics.median(ratios):.3f}x")
         every = [g.name for g in layer_groups(open_session(SGD, "cpu").model)]
         calls = {}
         for name, layers in (("layer4+fc", ["layer4", "fc"]), ("every group", every)):
             start = time.perf_counter()
-            repair(SGD, layers, Path(tmp) / "e.safetensors", verify=verify, config=RepairConfig(epochs=epochs, distill=args.distill), device="cpu", force=True)
+            repair(SGD, layers, Path(tmp) / "e.safetensors", verify=verify, config=RepairConfig(epochs=epochs, lr=args.lr, distill=args.distill), device="cpu", force=True)
             calls[name] = time.perf_counter() - start
         print(f"end to end: repair --layers layer4,fc {calls['layer4+fc']:.1f} s; --layers {','.join(every)} {calls['every group']:.1f} s; "
               f"ratio {calls['layer4+fc'] / calls['every group']:.3f}x")
@@ -72,7 +83,7 @@ def main() -> None:
         for seed in seeds:
             choice = DataChoice(limit=verify.limit, seed=seed)
             r = repair(SGD, "auto", Path(tmp) / f"s{seed}.safetensors", verify=choice,
-                       config=RepairConfig(epochs=epochs, seed=seed, distill=args.distill), device="cpu")
+                       config=RepairConfig(epochs=epochs, lr=args.lr, seed=seed, distill=args.distill), device="cpu")
             v = r.surgical.verify
             nets.append(v.net)
             if args.interpolate:

@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".work")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figures", type=Path)
+    parser.add_argument("--repair-lr", type=float, default=RepairConfig.lr,
+                        help="LR of the default repair (the recorded run used 0.01, the default then)")
     args = parser.parse_args()
     print("command: python benchmarks/reproduce.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"), flush=True)
     start = time.perf_counter()
@@ -120,7 +122,8 @@ def main() -> None:
         c = compare([paths["beta"], paths["adam"]], verify, RankConfig(bootstrap=0 if args.quick else 200), device="cpu")
         pair, (sgd_r, adam_r) = c.pairs[0], c.rankings
         r = repair(paths["beta"], "auto", work / f"beta_s{seed}.repaired.safetensors", train=DataChoice(spec=str(REPAIR_BUNDLE)),
-                   verify=verify, config=RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, seed=seed), device="cpu", force=True)
+                   verify=verify, config=RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.repair_lr, seed=seed),
+                   device="cpu", force=True)
         v = r.surgical.verify
         results["per_seed"].append({
             "seed": seed, "sgd_flagged": list(sgd_r.flagged), "adam_flagged": list(adam_r.flagged), "jaccard": pair.jaccard,

@@ -53,10 +53,24 @@ def test_reproduce_quick(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {"reproduce_schedules.png", "reproduce_accuracy.png"}
 
 
-@pytest.mark.skipif(not (data.FASHION_MNIST_ROOT / "train-images-idx3-ubyte.gz").is_file()
-                    and not (data.FASHION_MNIST_ROOT / "train-images-idx3-ubyte").is_file(),
-                    reason="needs Debian's dataset-fashion-mnist for the selection images")
+FMNIST_TRAIN = any((data.FASHION_MNIST_ROOT / n).is_file() for n in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"))
+
+
+@pytest.mark.skipif(not FMNIST_TRAIN, reason="needs Debian's dataset-fashion-mnist for the selection images")
 def test_repair_defaults_quick() -> None:
     stdout = run_script("repair_defaults.py")
-    assert "(1) selection set: 1000 training images at permutation positions [35000, 36000)" in stdout
-    assert "chosen (highest worst-seed net, then mean)" in stdout and "(2) on the verification data" in stdout
+    assert "(1) damaged models: fc (noise, seed 0)" in stdout
+    assert "(2) healthy sample: layer4 + fc, net on 1000 selection images (permutation positions [35000, 36000))" in stdout
+    assert "chosen: lr " in stdout and "(3) on the verification data" in stdout
+
+
+def test_repair_defaults_rule() -> None:
+    """Recovery first (within 2 points of the best), then the worst-seed net, then the mean."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from repair_defaults import choose
+
+    recovered = {(0.01, 0.0): 0.87, (0.003, 0.0): 0.86, (0.003, 1.0): 0.71, (0.001, 0.0): 0.84}
+    nets = {(0.01, 0.0): [-3, -18, 0], (0.003, 0.0): [0, 11, 7], (0.003, 1.0): [4, 13, 10], (0.001, 0.0): [5, 6, 7]}
+    assert choose(recovered, nets) == (0.003, 0.0)  # (0.003, 1) nets best but repairs less; (0.001, 0) is 3 points short
+    nets[(0.01, 0.0)] = [0, 20, 10]
+    assert choose(recovered, nets) == (0.01, 0.0)  # same worst seed as (0.003, 0): the mean decides

@@ -14,25 +14,26 @@ from tests.conftest import SAMPLES
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
 TRAIN5K = SAMPLES / "fmnist_train_5k.safetensors"
-BIG = 10  # rank works on the 5k training bundle repeated this often: 50,000 images, far more than 6 s of work
-
-
-def big_bundle(folder: Path) -> Path:
+def shifted_bundle(folder: Path) -> Path:
+    """The 5k training bundle with every label moved to the next class: the model gets nearly all of
+    them wrong, so rank's evaluation is short and its attribution over ~5,000 errors is long (far more
+    than the 6 s before the signal, on any machine): the signal lands while attribution runs."""
     small = data.load(str(TRAIN5K), "train")
-    path = folder / "big.safetensors"
-    data.save_bundle(path, data.Dataset(small.images.repeat(BIG, 1, 1, 1), small.labels.repeat(BIG), small.class_names, small.spec, "train"))
+    path = folder / "shifted.safetensors"
+    labels = (small.labels + 1) % len(small.class_names)
+    data.save_bundle(path, data.Dataset(small.images, labels, small.class_names, small.spec, "train"))
     return path
 
 
 COMMANDS = {
-    "train": lambda out, big: ["train", "--data", TRAIN5K, "--test-data", SAMPLES / "fmnist_test_3k.safetensors", "--arch-arg", "width=16", "--epochs", "20", "-o", out],
-    "rank": lambda out, big: ["rank", SGD, "--data", big, "--granularity", "module", "--out", out],
-    "repair": lambda out, big: ["repair", SGD, "--layers", "layer2,layer3,layer4,fc", "--epochs", "20", "-o", out],
+    "train": lambda out, data_file: ["train", "--data", TRAIN5K, "--test-data", SAMPLES / "fmnist_test_3k.safetensors", "--arch-arg", "width=16", "--epochs", "20", "-o", out],
+    "rank": lambda out, data_file: ["rank", SGD, "--data", data_file, "--granularity", "module", "--out", out],
+    "repair": lambda out, data_file: ["repair", SGD, "--layers", "layer2,layer3,layer4,fc", "--epochs", "20", "-o", out],
 }
 
 
-def start(command: str, out: Path, big: Path | None = None) -> subprocess.Popen:
-    args = [str(a) for a in COMMANDS[command](out, big)]
+def start(command: str, out: Path, data_file: Path | None = None) -> subprocess.Popen:
+    args = [str(a) for a in COMMANDS[command](out, data_file)]
     return subprocess.Popen([sys.executable, "-m", "beta_diag", *args, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -48,7 +49,7 @@ def test_interrupted_command_writes_nothing(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, command: str, sig: signal.Signals, code: int,
 ) -> None:
     out = tmp_path / ("r.json" if command == "rank" else "m.safetensors")
-    proc = start(command, out, big_bundle(tmp_path_factory.mktemp("data")) if command == "rank" else None)
+    proc = start(command, out, shifted_bundle(tmp_path_factory.mktemp("data")) if command == "rank" else None)
     wait_until_training(proc)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
