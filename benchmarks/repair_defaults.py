@@ -76,7 +76,7 @@ def main() -> int:
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     epochs = 1 if args.quick else RepairConfig.epochs
-    grid = [OLD_DEFAULT, (0.003, 1.0)] if args.quick else GRID
+    grid = [OLD_DEFAULT, (RepairConfig.lr, RepairConfig.distill)] if args.quick else GRID
     limit = 1_000 if args.quick else None
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=limit)

@@ -101,7 +101,8 @@ def main() -> None:
     parser.add_argument("--repair-lr", type=float, default=RepairConfig.lr,
                         help="LR of the default repair (the recorded run used 0.01, the default then)")
     args = parser.parse_args()
-    print("command: python benchmarks/reproduce.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"), flush=True)
+    print("command: python benchmarks/reproduce.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
+          + (f" --repair-lr {args.repair_lr:g}" if args.repair_lr != RepairConfig.lr else ""), flush=True)
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     images, epochs = (600, 2) if args.quick else (8000, 10)

@@ -10,6 +10,7 @@ import pytest
 from beta_diag import data
 
 REPO = Path(__file__).resolve().parents[1]
+FMNIST_TRAIN = any((data.FASHION_MNIST_ROOT / n).is_file() for n in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"))
 
 
 def run_script(name: str, *args: str) -> str:
@@ -42,6 +43,7 @@ def test_planted_repair_quick(tmp_path: Path) -> None:
         assert row["auto"]["net"] == row["auto"]["fixed"] - row["auto"]["broken"]
 
 
+@pytest.mark.skipif(not FMNIST_TRAIN, reason="reproduce.py trains on Fashion-MNIST from Debian's dataset-fashion-mnist")
 def test_reproduce_quick(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     stdout = run_script("reproduce.py", "--work", str(tmp_path / "work"), "--out", str(out), "--figures", str(tmp_path / "fig"))
@@ -51,9 +53,6 @@ def test_reproduce_quick(tmp_path: Path) -> None:
     assert result["runs"]["beta"][0]["regimes"]["critical"] == 1.0  # beta momentum tracks the critical curve by construction
     assert len(result["per_seed"]) == 1 and "SGD/Adam" in stdout
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {"reproduce_schedules.png", "reproduce_accuracy.png"}
-
-
-FMNIST_TRAIN = any((data.FASHION_MNIST_ROOT / n).is_file() for n in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"))
 
 
 @pytest.mark.skipif(not FMNIST_TRAIN, reason="needs Debian's dataset-fashion-mnist for the selection images")

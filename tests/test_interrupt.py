@@ -14,6 +14,8 @@ from tests.conftest import SAMPLES
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
 TRAIN5K = SAMPLES / "fmnist_train_5k.safetensors"
+
+
 def shifted_bundle(folder: Path) -> Path:
     """The 5k training bundle with every label moved to the next class: the model gets nearly all of
     them wrong, so rank's evaluation is short and its attribution over ~5,000 errors is long (far more
