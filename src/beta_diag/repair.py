@@ -48,8 +48,8 @@ class RepairConfig:
     """How to fine-tune. Defaults: SGD, beta momentum on a cosine LR from 0.003, 3 epochs. ``distill``
     > 0 adds a pull towards the original's predictions on the training examples it already gets
     right (``training.Anchor``). The LR and the pull (off) were chosen by ``benchmarks/repair_defaults.py``:
-    first on damaged models (the share of the damage won back), then on a healthy one, on images
-    disjoint from the repair's training and verification data."""
+    first on damaged models (the share of the damage won back on the verification data), then on a
+    healthy one, scored on images disjoint from the repair's training and verification data."""
 
     epochs: int = 3
     lr: float = 0.003
