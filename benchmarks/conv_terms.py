@@ -6,46 +6,31 @@ For each convolution and the linear layer of the SGD sample, on a batch of its b
 (s) the summed weight gradient a plain backward computes (``torch.nn.grad.conv2d_weight``, or one
 matmul for the linear layer) against (p) the per-example squared norms beta-diag computes for that
 layer (``attribution._module_terms``, whichever path it picks). p/s is how much the per-layer work
-of an attribution pass costs beyond the weight gradients it replaces. Median of 7 runs each.
+of an attribution pass costs beyond the weight gradients it replaces. Median of 7 runs each, the two
+alternating (attribution_speed.interleaved_medians), after one warm-up call.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attribution_speed import BUNDLE, CKPT, interleaved_medians
+
 from beta_diag import attribution, data
 from beta_diag.session import open_session
-
-ROOT = Path(__file__).resolve().parents[1]
-SGD = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     print(f"command: python benchmarks/conv_terms.py --batch {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    session = open_session(SGD, "cpu")
-    ds = data.load(str(ROOT / "sample_checkpoints" / "fmnist_test_3k.safetensors"), "test", limit=args.batch)
+    session = open_session(CKPT, "cpu")
+    ds = data.load(str(BUNDLE), "test", limit=args.batch)
     recorder = attribution._Recorder(session.model)
     inputs = session.preprocess(ds.images).requires_grad_(True)
     loss = F.cross_entropy(session.model(inputs), ds.labels, reduction="sum")
@@ -65,8 +50,11 @@ def main() -> int:
         else:
             def summed() -> torch.Tensor:
                 return g.t() @ x
-        s = median_ms(summed)
-        p = median_ms(lambda: attribution._module_terms(module, calls, {}, f"{name}."))
+        fns = {"s": summed, "p": lambda: attribution._module_terms(module, calls, {}, f"{name}.")}
+        for fn in fns.values():
+            fn()  # warm-up
+        med = interleaved_medians(fns, 7)
+        s, p = 1000 * med["s"], 1000 * med["p"]
         total_s, total_p = total_s + s, total_p + p
         print(f"{name:<22}{str(tuple(x.shape[1:])):>16}{s:>14.2f}{p:>19.2f}{p / s:>7.1f}")
     print(f"{'all':<22}{'':>16}{total_s:>14.2f}{total_p:>19.2f}{total_p / total_s:>7.1f}")

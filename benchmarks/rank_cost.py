@@ -45,13 +45,7 @@ from beta_diag.training import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
-FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CPU = torch.device("cpu")
-
-
-def fmnist_missing() -> list[str]:
-    root = data_mod.FASHION_MNIST_ROOT
-    return [f for f in FILES if not any((root / n).is_file() for n in (f, f + ".gz"))]
 
 
 def peak_kib() -> int:
@@ -85,29 +79,21 @@ def split_timer(log: list[tuple[str, float, int]]) -> Iterator[None]:
             setattr(mod, name, fn)
 
 
-def floor(session: Session, ds: data_mod.Dataset, index: torch.Tensor) -> None:
-    """One plain batched forward + backward of the summed loss over ``index``, batches of 64."""
+def floor(session: Session, ds: data_mod.Dataset, index: torch.Tensor, weights: bool = True) -> float:
+    """Seconds of one plain batched forward + backward of the summed loss over ``index``, batches of 64.
+    ``weights=False``: the backward reaches every layer's input but computes no weight gradient, which is
+    what any exact per-example gradient method must run before its per-layer work."""
     model = session.model.eval()
+    start = time.perf_counter()
     for x, y, _ in data_mod.batches(ds, 64, CPU, index=index):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(session.preprocess(x)).float(), y, reduction="none").sum().backward()
+        inputs = session.preprocess(x).requires_grad_(not weights)
+        loss = F.cross_entropy(model(inputs).float(), y, reduction="sum")
+        if weights:
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            torch.autograd.grad(loss, inputs)
     model.zero_grad(set_to_none=True)
-
-
-def to_inputs(session: Session, ds: data_mod.Dataset, index: torch.Tensor) -> float:
-    """Seconds of a forward + a backward that reaches every layer's input but computes no weight gradient,
-    batches of 64: what any exact per-example gradient method must run, before its per-layer work."""
-    model = session.model.eval()
-    start = time.perf_counter()
-    for x, y, _ in data_mod.batches(ds, 64, CPU, index=index):
-        inputs = session.preprocess(x).requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(model(inputs).float(), y, reduction="sum"), inputs)
-    return time.perf_counter() - start
-
-
-def baseline_floor(session: Session, ds: data_mod.Dataset, index: torch.Tensor) -> float:
-    start = time.perf_counter()
-    floor(session, ds, index)
     return time.perf_counter() - start
 
 
@@ -117,7 +103,7 @@ def baseline(session: Session, ds: data_mod.Dataset) -> tuple[float, float, torc
     preds = evaluate(session.model, ds, session.preprocess, CPU)
     t_eval = time.perf_counter() - start
     wrong = torch.nonzero(~preds.correct).flatten()
-    return t_eval, baseline_floor(session, ds, wrong), wrong
+    return t_eval, floor(session, ds, wrong), wrong
 
 
 def time_cost(limit: int | None) -> None:
@@ -153,8 +139,8 @@ def time_cost(limit: int | None) -> None:
     bound = (t_eval + 3 * t_floor) / base
     print(f"lower bound of this design (evaluate + 3 fwd+bwd passes over as many examples as errors) / baseline = {bound:.2f}")
     # The anatomy uses the fastest of several runs of each piece (noise only ever adds time).
-    t_in = min(to_inputs(session, ds, wrong) for _ in range(3))
-    t_d = min(before[1], after[1], *(baseline_floor(session, ds, wrong) for _ in range(2)))
+    t_in = min(floor(session, ds, wrong, weights=False) for _ in range(3))
+    t_d = min(before[1], after[1], *(floor(session, ds, wrong) for _ in range(2)))
     t_e = min(before[0], after[0])
     print(f"anatomy (fastest of the runs): evaluate {t_e:.2f} s; fwd+bwd over the errors {t_d:.2f} s; fwd + bwd to every layer's input, "
           f"no weight gradients, {t_in:.2f} s = {t_in / t_d:.2f} of fwd+bwd")
@@ -213,7 +199,7 @@ def main() -> int:
         return 0
     print("$ " + shlex.join([sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={args.quick}", flush=True)
-    missing = fmnist_missing()
+    missing = data_mod.fashion_mnist_missing("test")
     if missing:
         print(f"SKIPPED: Fashion-MNIST test files {', '.join(missing)}(.gz) not found in {data_mod.FASHION_MNIST_ROOT}; "
               "install Debian's dataset-fashion-mnist to run this benchmark")

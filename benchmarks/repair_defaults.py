@@ -30,15 +30,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from planted_faults import calibrate
+from planted_faults import SGD, calibrate
 
 from beta_diag import data
 from beta_diag.groups import layer_groups
 from beta_diag.repair import RepairConfig, Verdict, repair
-from beta_diag.session import DataChoice, open_session
+from beta_diag.session import DataChoice, Session, open_session
 
 ROOT = Path(__file__).resolve().parents[1]
-SGD = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
 sys.path.insert(0, str(ROOT / "sample_checkpoints"))
 from make_samples import SEED, TRAIN_LIMIT  # noqa: E402  (the permutation the samples and bundles come from)
 
@@ -69,9 +68,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print("command: python benchmarks/repair_defaults.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"), flush=True)
-    root = data.FASHION_MNIST_ROOT
-    if not any((root / n).is_file() for n in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz")):
-        print(f"SKIPPED: the Fashion-MNIST training images are not in {root}; install Debian's dataset-fashion-mnist")
+    if data.fashion_mnist_missing("train"):
+        print(f"SKIPPED: the Fashion-MNIST training images are not in {data.FASHION_MNIST_ROOT}; install Debian's dataset-fashion-mnist")
         return 0
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
@@ -88,13 +86,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.safetensors"
 
-        def verdict_of(ckpt: object, layers: list[str] | str, choice: DataChoice, variant: Variant, seed: int = 0) -> Verdict:
+        def verdict_of(ckpt: Session, layers: list[str] | str, choice: DataChoice, variant: Variant, seed: int = 0) -> Verdict:
             config = RepairConfig(epochs=epochs, lr=variant[0], distill=variant[1], seed=seed)
-            return repair(ckpt, layers, out, verify=choice, config=config, device="cpu", force=True).surgical.verify  # type: ignore[arg-type]
+            return repair(ckpt, layers, out, verify=choice, config=config, device="cpu", force=True).surgical.verify
 
         print(f"(1) damaged models: {', '.join(groups)} (noise, seed 0), --layers auto, verified on {len(verify_ds)} test images; "
               f"share of the drop won back", flush=True)
-        damaged = [(g, replace(session, model=m), drop) for g in groups for _, m, drop in [calibrate(session, verify_ds, g, "noise", 0, base)]]
+        damaged = []
+        for g in groups:
+            _, model, drop = calibrate(session, verify_ds, g, "noise", 0, base)
+            damaged.append((g, replace(session, model=model), drop))
         recovered: dict[Variant, float] = {}
         for variant in grid:
             shares = [(verdict_of(d, "auto", verify, variant).accuracy_after - (base - drop)) / drop for _, d, drop in damaged]
@@ -107,7 +108,7 @@ def main() -> int:
               f"[{TRAIN_LIMIT + BUNDLE}, {TRAIN_LIMIT + BUNDLE + index.numel()})), seeds {seeds}", flush=True)
         nets: dict[Variant, list[int]] = {}
         for variant in grid:
-            nets[variant] = [verdict_of(SGD, ["layer4", "fc"], DataChoice(str(selection), "test"), variant, seed).net for seed in seeds]
+            nets[variant] = [verdict_of(session, ["layer4", "fc"], DataChoice(str(selection), "test"), variant, seed).net for seed in seeds]
             print(row(f"lr {variant[0]:g}, distill {variant[1]:g}", nets[variant]), flush=True)
         chosen = choose(recovered, nets)
         default = (RepairConfig.lr, RepairConfig.distill)
@@ -121,7 +122,7 @@ def main() -> int:
             for where, layers, choice in places:
                 if args.quick and where.startswith("10k"):
                     continue
-                verdicts = [verdict_of(SGD, layers, choice, variant, seed) for seed in seeds]
+                verdicts = [verdict_of(session, layers, choice, variant, seed) for seed in seeds]
                 final[f"{label}: {where}"] = [(v.fixed, v.broken) for v in verdicts]
                 counts = " ".join(f"{v.fixed}/{v.broken}" for v in verdicts)
                 print(row(f"{label}: {where}", [v.net for v in verdicts]) + f"  ({counts})", flush=True)

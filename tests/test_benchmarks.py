@@ -10,7 +10,7 @@ import pytest
 from beta_diag import data
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST_TRAIN = any((data.FASHION_MNIST_ROOT / n).is_file() for n in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"))
+FMNIST_TRAIN = not data.fashion_mnist_missing("train")
 
 
 def run_script(name: str, *args: str) -> str:

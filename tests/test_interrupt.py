@@ -28,14 +28,15 @@ def shifted_bundle(folder: Path) -> Path:
 
 
 COMMANDS = {
-    "train": lambda out, data_file: ["train", "--data", TRAIN5K, "--test-data", SAMPLES / "fmnist_test_3k.safetensors", "--arch-arg", "width=16", "--epochs", "20", "-o", out],
-    "rank": lambda out, data_file: ["rank", SGD, "--data", data_file, "--granularity", "module", "--out", out],
-    "repair": lambda out, data_file: ["repair", SGD, "--layers", "layer2,layer3,layer4,fc", "--epochs", "20", "-o", out],
+    "train": lambda out, scratch: ["train", "--data", TRAIN5K, "--test-data", SAMPLES / "fmnist_test_3k.safetensors", "--arch-arg", "width=16", "--epochs", "20", "-o", out],
+    "rank": lambda out, scratch: ["rank", SGD, "--data", shifted_bundle(scratch), "--granularity", "module", "--out", out],
+    "repair": lambda out, scratch: ["repair", SGD, "--layers", "layer2,layer3,layer4,fc", "--epochs", "20", "-o", out],
 }
 
 
-def start(command: str, out: Path, data_file: Path | None = None) -> subprocess.Popen:
-    args = [str(a) for a in COMMANDS[command](out, data_file)]
+def start(command: str, out: Path, scratch: Path) -> subprocess.Popen:
+    """Start ``command`` writing ``out``; its inputs, if it makes any, go to ``scratch``, not beside ``out``."""
+    args = [str(a) for a in COMMANDS[command](out, scratch)]
     return subprocess.Popen([sys.executable, "-m", "beta_diag", *args, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -51,7 +52,7 @@ def test_interrupted_command_writes_nothing(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, command: str, sig: signal.Signals, code: int,
 ) -> None:
     out = tmp_path / ("r.json" if command == "rank" else "m.safetensors")
-    proc = start(command, out, shifted_bundle(tmp_path_factory.mktemp("data")) if command == "rank" else None)
+    proc = start(command, out, tmp_path_factory.mktemp("inputs"))
     wait_until_training(proc)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)

@@ -86,17 +86,29 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 # --- readers -------------------------------------------------------------------------------
 
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _fashion_mnist_file(root: Path, name: str) -> list[Path]:
+    """Where an idx file may lie: in ``root`` or torchvision's FashionMNIST/raw below it, plain or gzipped."""
+    return [p for d in (root, root / "FashionMNIST" / "raw") for p in (d / name, d / f"{name}.gz") if p.is_file()]
+
+
+def fashion_mnist_missing(split: str, root: Path | None = None) -> list[str]:
+    """The idx files of ``split`` that ``load('fashion-mnist', split)`` would not find (empty: all there)."""
+    return [name for name in FASHION_MNIST_FILES[split] if not _fashion_mnist_file(root or FASHION_MNIST_ROOT, name)]
+
+
 def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     from torchvision.datasets import FashionMNIST
 
     root = root or FASHION_MNIST_ROOT
-    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
     with tempfile.TemporaryDirectory(prefix="beta-diag-fmnist-") as tmp:
         raw = Path(tmp) / "FashionMNIST" / "raw"
         raw.mkdir(parents=True)
-        for which, files in names.items():
+        for which, files in FASHION_MNIST_FILES.items():
             for name in files:
-                found = [p for d in (root, root / "FashionMNIST" / "raw") for p in (d / name, d / f"{name}.gz") if p.is_file()]
+                found = _fashion_mnist_file(root, name)
                 if which != split:
                     (raw / name).touch()  # torchvision checks that both splits exist; only ours is read
                 elif not found:
