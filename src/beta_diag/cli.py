@@ -364,7 +364,12 @@ def main() -> None:
     """The console script. Under torchrun, processes other than 0 print nothing on stdout."""
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    clean = False
     try:
         app()
+        clean = True
+    except SystemExit as done:  # typer ends every command with SystemExit
+        clean = done.code in (0, None)
+        raise
     finally:
-        distributed.leave()
+        distributed.leave(clean)

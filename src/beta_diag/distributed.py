@@ -111,6 +111,12 @@ def join(device: torch.device) -> torch.device:
     return device
 
 
-def leave() -> None:
+def leave(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every process first waits for the others, so that
+    none tears down its connections while a peer still uses them (gloo then aborts the peer with
+    'terminate called without an active exception', seen once in CI). After an error there is no
+    wait: torchrun stops the other processes."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
