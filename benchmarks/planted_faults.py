@@ -1,16 +1,26 @@
 """Planted faults: damage one layer group of a trained model, rank, and see which score finds it.
 
-    python benchmarks/planted_faults.py [--quick] [--seeds 0,1,2] [--out results.json]
+    python benchmarks/planted_faults.py [--quick] [--seeds 0,1,2] [--kinds noise,bn_shift] [--samples sgd] [--out results.json]
 
-For each layer group of the SGD sample and each fault kind (Gaussian noise scaled to each
-parameter's own spread; a BatchNorm running-mean shift scaled to the running std), the damage scale
-is found by bisection so that held-out accuracy falls by about 10 points (5 to 15), then the model
-is ranked (all metrics in one pass). Reports, per metric, hits@1 (damaged group ranked first) and
-the mean rank of the damaged group, overall and per group; random choice is the floor
-(hits@1 = 1/G, mean rank (G+1)/2). Baseline auto_rgn: Auto-RGN of surgical fine-tuning (Lee et al.
-2023), the norm of the gradient summed over all examples (right and wrong) relative to the group's
-weight norm. --figure writes the coherence confusion matrix (damaged group vs group ranked first).
---quick: one seed, noise only, 1,000 images.
+For each layer group of a sample and each fault kind, the damage scale is found by bisection (on a
+seeded 1,000 of the held-out images) so that held-out accuracy falls by about 10 points (5 to 15);
+the damaged model is then ranked on all 3,000 (all metrics and activation drift in one run).
+Fault kinds (each seeded, so that seeds give different damage):
+- ``noise``: Gaussian noise scaled to each parameter's own spread;
+- ``bn_shift``: a BatchNorm running-mean shift scaled to the running std;
+- ``bn_var``: each BatchNorm channel's running variance times exp(scale * N(0, 1));
+- ``quant``: weights rounded to a grid of step scale * std (a seeded grid offset): a few bits;
+- ``prune``: magnitude pruning of a fraction ``scale`` of each weight (|w| jittered by a seeded
+  log-normal factor, so that seeds differ);
+- ``dead``: a seeded fraction ``scale`` of each layer's output channels set to zero (weights, bias).
+Reports, per score, hits@1 (damaged group ranked first) and the mean rank of the damaged group,
+overall and per group; random choice is the floor (hits@1 = 1/G, mean rank (G+1)/2). Baseline
+auto_rgn: Auto-RGN of surgical fine-tuning (Lee et al. 2023), the norm of the gradient summed over
+all examples (right and wrong) relative to the group's weight norm. ``drift``: rank's drift suspect
+first (a miss when there is none), the other groups by their charged jump. Each row keeps the
+drift profile, so that ``benchmarks/drift_rule.py`` can choose the rule's thresholds on some seeds
+and report the others. --figure writes the coherence confusion matrix (damaged group vs group
+ranked first). --quick: one seed, noise only, the SGD sample, 1,000 images.
 """
 
 from __future__ import annotations
@@ -28,11 +38,55 @@ from torch import nn
 
 from beta_diag.attribution import summed_gradient
 from beta_diag.groups import Group, layer_groups
-from beta_diag.ranking import Metric, RankConfig, flags, rank
+from beta_diag.ranking import Metric, RankConfig, Ranking, flags, rank
 from beta_diag.session import DataChoice, Session, open_session
 
-SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
+SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
+ADAM = SAMPLES / "fmnist_resnet18w16_adam_beta.safetensors"
+KINDS = ("noise", "bn_shift", "bn_var", "quant", "prune", "dead")
 TARGET, LOW, HIGH = 0.10, 0.05, 0.15
+
+
+def _damage_module(module: nn.Module, kind: str, scale: float, gen: torch.Generator) -> bool:
+    """Damage one module's own parameters or statistics in place; False when the kind does not apply to it."""
+    own = [p for p in module.parameters(recurse=False) if p.numel() > 1]
+    is_bn = isinstance(module, nn.BatchNorm2d)
+    if kind in ("bn_shift", "bn_var"):
+        if not is_bn:
+            return False
+        if kind == "bn_shift":
+            module.running_mean.add_(torch.randn(module.running_mean.shape, generator=gen) * module.running_var.sqrt() * scale)
+        else:
+            module.running_var.mul_(torch.exp(torch.randn(module.running_var.shape, generator=gen) * scale))
+        return True
+    if kind == "noise":
+        for p in own:
+            p.add_(torch.randn(p.shape, generator=gen) * p.std() * scale)
+        return bool(own)
+    if kind == "quant":
+        for p in own:
+            step = float(p.std()) * scale
+            offset = float(torch.rand((), generator=gen)) * step
+            p.copy_(torch.round((p - offset) / step) * step + offset)
+        return bool(own)
+    weights = [p for p in own if p.dim() >= 2]
+    if kind == "prune":
+        for p in weights:
+            key = (p.abs() * torch.exp(0.5 * torch.randn(p.shape, generator=gen))).flatten()
+            cut = int(min(scale, 1.0) * key.numel())
+            if cut:
+                p.view(-1)[key.argsort()[:cut]] = 0.0
+        return bool(weights)
+    if kind == "dead":
+        if not (weights or is_bn):
+            return False
+        channels = own[0].shape[0]
+        dead = torch.randperm(channels, generator=gen)[: max(1, round(min(scale, 1.0) * channels))]
+        for p in module.parameters(recurse=False):
+            p[dead] = 0.0
+        return True
+    raise ValueError(f"unknown fault kind {kind}")
 
 
 def damage(model: nn.Module, group: str, kind: str, scale: float, seed: int) -> nn.Module | None:
@@ -42,16 +96,8 @@ def damage(model: nn.Module, group: str, kind: str, scale: float, seed: int) -> 
     touched = False
     with torch.no_grad():
         for name, module in out.named_modules():
-            if not (name == group or name.startswith(group + ".")):
-                continue
-            if kind == "noise":
-                for p in module.parameters(recurse=False):
-                    if p.numel() > 1:
-                        p.add_(torch.randn(p.shape, generator=gen) * p.std() * scale)
-                        touched = True
-            elif isinstance(module, nn.BatchNorm2d):
-                module.running_mean.add_(torch.randn(module.running_mean.shape, generator=gen) * module.running_var.sqrt() * scale)
-                touched = True
+            if name == group or name.startswith(group + "."):
+                touched = _damage_module(module, kind, scale, gen) or touched
     return out if touched else None
 
 
@@ -92,49 +138,82 @@ def calibrate(session: Session, ds: object, group: str, kind: str, seed: int, ba
     return best[0], best[1], best[2]
 
 
+def ranks_of(values: np.ndarray, names: list[str], group: str) -> tuple[int, str]:
+    """(rank of ``group`` by descending value, the group ranked first)."""
+    order = np.argsort(-values, kind="stable").tolist()
+    return order.index(names.index(group)) + 1, names[order[0]]
+
+
+def drift_values(r: Ranking, names: list[str]) -> np.ndarray:
+    """The drift suspect first, the others by their charged jump. No drift found names the groups after the
+    last BatchNorm (a fault must lie there or not show), first among them the one that runs first."""
+    d = r.drift
+    assert d is not None and d.groups is not None
+    values = np.array([d.groups.get(n, 0.0) for n in names])
+    named = [d.suspect] if d.suspect is not None else list(d.downstream)
+    for i, n in enumerate(named):
+        values[names.index(n)] = np.inf if i == 0 else 1e300
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--kinds", default="noise,bn_shift", help=f"fault kinds, from {','.join(KINDS)}")
+    parser.add_argument("--samples", default="sgd", help="sgd, adam or sgd,adam")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figure", type=Path, help="write the coherence confusion matrix here (PNG)")
     parser.add_argument("--matrices", type=Path, help="save each damaged model's per-example matrices here (.npz)")
     args = parser.parse_args()
-    print("command: python benchmarks/planted_faults.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"))
+    print("command: python benchmarks/planted_faults.py" + (" --quick" if args.quick else
+          f" --seeds {args.seeds} --kinds {args.kinds} --samples {args.samples}"), flush=True)
     start = time.perf_counter()
-    session = open_session(SGD, "cpu")
-    ds = session.load_data(DataChoice(limit=1000 if args.quick else None))
-    base = session.evaluate(ds).accuracy
-    groups = layer_groups(session.model)
-    names = [g.name for g in groups]
-    metrics = [m.value for m in Metric] + ["auto_rgn"]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    kinds = ["noise"] if args.quick else ["noise", "bn_shift"]
+    kinds = ["noise"] if args.quick else args.kinds.split(",")
+    samples = ["sgd"] if args.quick else args.samples.split(",")
+    metrics = [m.value for m in Metric] + ["auto_rgn", "drift"]
     rows: list[dict] = []
+    healthy: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
-    for kind in kinds:
-        for group in names:
-            for seed in seeds:
-                scale, model, drop = calibrate(session, ds, group, kind, seed, base)
-                if model is None:
-                    continue
-                damaged = replace(session, model=model)
-                r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
-                baseline = auto_rgn(damaged, ds, groups)
-                ranks, firsts, hit_flagged = {}, {}, {}
-                for m in metrics:
-                    values = baseline if m == "auto_rgn" else np.array([r.group(n).scores[m] for n in names])
-                    firsts[m] = names[int(np.argmax(values))]
-                    hit_flagged[m] = bool(flags(values, None)[names.index(group)])
-                    ranks[m] = int(np.argsort(-values, kind="stable").tolist().index(names.index(group)) + 1)
-                rows.append({"kind": kind, "group": group, "seed": seed, "scale": scale, "drop": drop, "errors": len(r.error_index), "ranks": ranks,
-                             "first": firsts, "in_flagged": hit_flagged, "auto_rgn": baseline.tolist()})
-                if args.matrices:  # the per-example matrices, to study other scores without re-running
-                    m = r.matrices
-                    assert m is not None
-                    arrays.update({f"{len(rows) - 1}/{k}": getattr(m, k) for k in ("errors", "correct", "dots", "numel", "weight_norm")})
-                print(f"{kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * drop:.1f} pts, rank of damaged group "
-                      + " ".join(f"{m}={ranks[m]}" for m in metrics), flush=True)
+    for sample in samples:
+        session = open_session({"sgd": SGD, "adam": ADAM}[sample], "cpu")
+        ds = session.load_data(DataChoice(limit=1000 if args.quick else None))
+        calib = ds if args.quick else session.load_data(DataChoice(limit=1000))
+        base = session.evaluate(calib).accuracy
+        groups = layer_groups(session.model)
+        names = [g.name for g in groups]
+        whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
+        healthy[sample] = {"accuracy": whole.accuracy, "drift": whole.drift.to_dict() if whole.drift else None}
+        print(f"{sample} undamaged: accuracy {100 * whole.accuracy:.1f}%; {whole.drift.finding if whole.drift else ''}", flush=True)
+        for kind in kinds:
+            for group in names:
+                for seed in seeds:
+                    scale, model, drop = calibrate(session, calib, group, kind, seed, base)
+                    if model is None:
+                        continue
+                    damaged = replace(session, model=model)
+                    r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
+                    baseline = auto_rgn(damaged, ds, groups)
+                    ranks, firsts, hit_flagged = {}, {}, {}
+                    for m in metrics:
+                        if m == "auto_rgn":
+                            values = baseline
+                        elif m == "drift":
+                            values = drift_values(r, names)
+                        else:
+                            values = np.array([r.group(n).scores[m] for n in names])
+                        ranks[m], firsts[m] = ranks_of(values, names, group)
+                        hit_flagged[m] = bool(flags(values, None)[names.index(group)])
+                    rows.append({"sample": sample, "kind": kind, "group": group, "seed": seed, "scale": scale, "drop": whole.accuracy - r.accuracy,
+                                 "errors": len(r.error_index), "ranks": ranks, "first": firsts, "in_flagged": hit_flagged,
+                                 "auto_rgn": baseline.tolist(), "drift": r.drift.to_dict() if r.drift else None})
+                    if args.matrices:  # the per-example matrices, to study other scores without re-running
+                        mat = r.matrices
+                        assert mat is not None
+                        arrays.update({f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "dots", "numel", "weight_norm")})
+                    print(f"{sample} {kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
+                          f"(calibration {100 * drop:.1f}), rank of damaged group " + " ".join(f"{m}={ranks[m]}" for m in metrics), flush=True)
     g = len(names)
     print(f"\n{len(rows)} damaged models; random choice: hits@1 {1 / g:.2f}, mean rank {(g + 1) / 2:.1f}")
     print(f"{'metric':12s} {'hits@1':>7s} {'in flagged':>10s} {'mean rank':>10s}   " + " ".join(f"{n:>7s}" for n in names))
@@ -145,7 +224,7 @@ def main() -> None:
         print(f"{m:12s} {np.mean([x == 1 for x in rk]):7.2f} {in_flagged:10.2f} {np.mean(rk):10.2f}   " + " ".join(f"{x:7.1f}" for x in per))
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
-        args.out.write_text(json.dumps({"base_accuracy": base, "groups": names, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"groups": names, "healthy": healthy, "rows": rows}, indent=2))
     if args.matrices:
         np.savez_compressed(args.matrices, **arrays)
     if args.figure:

@@ -35,6 +35,17 @@ def test_figures_equal_hand_computation_with_ties() -> None:
     # pairs: 4 concordant, 1 discordant, 1 tied in A only -> (4 - 1) / sqrt(6 * 5)
     assert pair.kendall == pytest.approx(3 / math.sqrt(30))
     assert pair.p_same_flags is None and pair.overlap_ci == {}
+    # chance: two random 1-of-4 draws agree with probability 1/4; two 2-of-4 draws share >= 1 with 1 - C(2,2)/C(4,2) = 5/6
+    assert pair.p_chance == {1: pytest.approx(0.25), 2: pytest.approx(5 / 6)}
+    assert pair.p_chance_flags == pytest.approx(0.5)  # |{g1} & B| >= 1 for a random 2-set B: 1 - C(3,2)/C(4,2)
+    # parameter shares are equal: the share ranking is model order (g1, g2, ...); A's top-2 {g1, g2} = it, B's {g1, g3} half
+    assert pair.share_overlap == {1: (1.0, 1.0), 2: (1.0, 0.5)}
+
+
+def test_hypergeometric_tail_by_hand() -> None:
+    assert cmp.p_overlap_by_chance(7, 3, 3, 3) == pytest.approx(1 / 35)  # the paper's "same 3 of 7": 1 in C(7, 3)
+    assert cmp.p_overlap_by_chance(7, 3, 3, 0) == pytest.approx(1.0)
+    assert cmp.p_overlap_by_chance(7, 2, 3, 2) == pytest.approx(5 / 35)  # B holds both of A's: C(5, 1) of C(7, 3)
 
 
 def test_bootstrap_agreement() -> None:

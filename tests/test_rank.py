@@ -52,7 +52,8 @@ def test_rank_api_and_saved_round_trip(tiny: dict[str, Path], tmp_path: Path) ->
     assert len(result.groups) == 7 and [g.rank for g in result.groups] == list(range(1, 8))
     assert 1 <= len(result.flagged) <= 3
     assert result.matrices.errors.shape == (len(result.error_index), 7)
-    assert result.verdict.startswith(f"{len(result.flagged)} of 7 groups flagged: ")
+    assert f"{len(result.flagged)} of 7 groups flagged: {', '.join(result.flagged)}" in result.verdict
+    assert result.drift is not None and result.drift.available
     path = tmp_path / "r.json"
     path.write_text(json.dumps(result.to_dict()))
     assert ranking.load(path) == result

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from typer.testing import CliRunner
 from beta_diag import checkpoint, features, ranking, schedules
 from beta_diag.cli import app
 from beta_diag.errors import ConfigError
-from beta_diag.repair import RepairConfig, repair, verdict
+from beta_diag.drift import Drift
+from beta_diag.repair import AutoLayers, RepairConfig, auto_groups, repair, verdict
 from beta_diag.session import DataChoice, open_session
 from beta_diag.data import Dataset
 from beta_diag.training import Anchor, Predictions, TrainConfig, fit, seeded
@@ -217,3 +219,17 @@ def test_diverged_repair_writes_nothing(tiny: dict[str, Path], tmp_path: Path) -
     r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "--lr", "1e30", "--epochs", "1", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 1 and "the repair diverged" in r.stderr and "lower --lr" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_layers_policies(tiny: dict[str, Path]) -> None:
+    r = ranking.rank(tiny["ckpt"], config=ranking.RankConfig(bootstrap=0), device="cpu")
+    flagged = list(r.flagged)
+    outside = next(g for g in r.group_names if g not in flagged)
+    with_suspect = dataclasses.replace(r, drift=Drift(True, suspect=outside, margin=50.0))
+    assert auto_groups(with_suspect, "flags") == flagged
+    assert auto_groups(with_suspect, AutoLayers.suspect) == [outside]
+    assert auto_groups(with_suspect, "both") == [outside, *flagged]
+    inside = dataclasses.replace(r, drift=Drift(True, suspect=flagged[-1], margin=50.0))
+    assert auto_groups(inside, "both") == [flagged[-1], *flagged[:-1]]
+    for nothing in (Drift(True), Drift(False, "no BatchNorm"), None):  # no suspect: every policy repairs the flags
+        assert all(auto_groups(dataclasses.replace(r, drift=nothing), p) == flagged for p in AutoLayers)

@@ -18,7 +18,7 @@ from beta_diag import checkpoint, distributed, groups, models, plots, report, sc
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
-from beta_diag.repair import MAX_DISTILL, Baseline, Focus, RepairConfig
+from beta_diag.repair import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig
 from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.training import OptimizerName, TrainConfig
@@ -301,6 +301,7 @@ def repair(
     ckpt: CkptArg,
     layers: Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")] = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")] = None,
+    auto_layers: Annotated[AutoLayers, typer.Option("--auto-layers", help="What --layers auto repairs: flags (where the errors agree), suspect (the drift suspect, else the flags) or both.")] = RepairConfig.auto_layers,
     ranking_file: Annotated[Optional[Path], typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
     train_data: Annotated[Optional[str], typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
@@ -335,7 +336,8 @@ def repair(
     if plot is not None and not dry_run:
         checkpoint.check_output(plot, force, (ckpt,))
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
-    config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache, distill)
+    config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache, distill,
+                          auto_layers)
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     with report.progress(quiet or as_json) as progress:

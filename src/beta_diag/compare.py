@@ -4,6 +4,7 @@ and the bootstrap probability that the flagged sets coincide."""
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ class Pair:
     spearman: float
     kendall: float
     p_same_flags: float | None  # bootstrap probability that the flagged sets coincide
+    p_chance: dict[int, float]  # k -> P(two random draws of k of the G groups share at least the observed top-k overlap)
+    p_chance_flags: float  # the same for the flagged sets, with their sizes
+    share_overlap: dict[int, tuple[float, float]]  # k -> overlap@k of A and of B with the top-k by parameter share
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ class Comparison:
         who = "both" if len(self.rankings) == 2 else f"all {len(self.rankings)}"
         if same:
             flagged = self.rankings[0].flagged
-            return f"same {len(flagged)} of {g} groups flagged in {who}: {', '.join(flagged)}; Spearman {rho:.2f}"
+            chance = f"; P(as much overlap by chance) {first.p_chance_flags:.2g}" if len(self.rankings) == 2 else ""
+            return f"same {len(flagged)} of {g} groups flagged in {who}: {', '.join(flagged)}; Spearman {rho:.2f}{chance}"
         sets = "; ".join(f"{label}: {', '.join(r.flagged)}" for label, r in zip(self.labels, self.rankings))
         return f"flagged sets differ ({sets}); Jaccard {first.jaccard:.2f}, Spearman {rho:.2f}"
 
@@ -99,13 +104,15 @@ class Comparison:
             "format": "beta-diag-comparison",
             "verdict": self.verdict,
             "inputs": [{"label": label, "checkpoint": r.checkpoint, "sha256": r.sha256, "flagged": list(r.flagged), "accuracy": r.accuracy,
-                        "errors": len(r.error_index)} for label, r in zip(self.labels, self.rankings)],
+                        "errors": len(r.error_index), "drift_suspect": None if r.drift is None else r.drift.suspect} for label, r in zip(self.labels, self.rankings)],
             "options": self.rankings[0].options(),
             "group_names": list(self.group_names),
             "groups": [{"name": n, "per_input": [_group_row(r, n) for r in self.rankings]} for n in self.group_names],
             "pairs": [{"a": self.labels[p.a], "b": self.labels[p.b], "overlap_at_k": {str(k): v for k, v in p.overlap.items()},
                        "overlap_at_k_ci": {str(k): list(v) for k, v in p.overlap_ci.items()}, "jaccard": p.jaccard, "spearman": p.spearman,
-                       "kendall": p.kendall, "p_same_flags": p.p_same_flags} for p in self.pairs],
+                       "kendall": p.kendall, "p_same_flags": p.p_same_flags, "p_chance_at_k": {str(k): v for k, v in p.p_chance.items()},
+                       "p_chance_flags": p.p_chance_flags,
+                       "share_overlap_at_k": {str(k): list(v) for k, v in p.share_overlap.items()}} for p in self.pairs],
             "flagged_by_all": list(self.flagged_by_all),
             "flagged_by_majority": list(self.flagged_by_majority),
         }
@@ -127,6 +134,12 @@ def _replicates(rows: tuple[tuple, ...], r: Ranking, names: tuple[str, ...]) -> 
     return np.array(rows)[:, col]
 
 
+def p_overlap_by_chance(total: int, ka: int, kb: int, shared: int) -> float:
+    """P(|A & B| >= shared) for A, B drawn uniformly as ka- and kb-subsets of ``total`` groups (hypergeometric tail)."""
+    ways = sum(math.comb(ka, i) * math.comb(total - ka, kb - i) for i in range(shared, min(ka, kb) + 1))
+    return ways / math.comb(total, kb)
+
+
 def _pair(i: int, j: int, a: Ranking, b: Ranking, top_k: int | None) -> Pair:
     names = a.group_names
     ks = sorted({len(a.flagged), len(b.flagged)} | ({top_k} if top_k else set()))
@@ -145,7 +158,12 @@ def _pair(i: int, j: int, a: Ranking, b: Ranking, top_k: int | None) -> Pair:
             ci[k] = (float(np.percentile(per, 5)), float(np.percentile(per, 95)))
         same = _replicates(a.bootstrap_flags[:n], a, names) == _replicates(b.bootstrap_flags[:n], b, names)
         p_same = float(same.all(1).mean())
-    return Pair(i, j, overlap, ci, jaccard, spearman(sa, sb), kendall_tau_b(sa, sb), p_same)
+    g = len(names)
+    p_chance = {k: p_overlap_by_chance(g, k, k, round(overlap[k] * k)) for k in ks}
+    share_rank = ranking.ranks(_aligned(a, names, "param_share"))  # ties in model order, as a ranking's own
+    share_overlap = {k: (float(((ra <= k) & (share_rank <= k)).sum() / k), float(((rb <= k) & (share_rank <= k)).sum() / k)) for k in ks}
+    p_flags = p_overlap_by_chance(g, len(fa), len(fb), len(fa & fb))
+    return Pair(i, j, overlap, ci, jaccard, spearman(sa, sb), kendall_tau_b(sa, sb), p_same, p_chance, p_flags, share_overlap)
 
 
 def compare_rankings(rankings: list[Ranking], labels: list[str] | None = None, top_k: int | None = None) -> Comparison:

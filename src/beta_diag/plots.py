@@ -60,9 +60,13 @@ def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, i
 
 
 def ranking(r: Any, path: Path, force: bool = False) -> None:
-    """Scores per group in rank order with bootstrap 5-95% bars and P(flagged); flagged groups in red."""
+    """Scores per group in rank order with bootstrap 5-95% bars and P(flagged), flagged groups in red;
+    beside it, when available, the drift profile along depth (each BatchNorm's KL, mean and variance parts)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(r.groups)), 4))
+    layers = r.drift.layers if r.drift is not None and r.drift.available else ()
+    width = max(6, 0.5 * len(r.groups))
+    fig, axes = plt.subplots(1, 2 if layers else 1, figsize=(width + (max(6, 0.35 * len(layers)) if layers else 0), 4), squeeze=False)
+    ax = axes[0][0]
     names = [g.name for g in r.groups]
     colours = ["#d62728" if g.flagged else "#7f7f7f" for g in r.groups]
     errs = [[max(0.0, g.score - g.score_lo) for g in r.groups], [max(0.0, g.score_hi - g.score) for g in r.groups]]
@@ -71,9 +75,29 @@ def ranking(r: Any, path: Path, force: bool = False) -> None:
         ax.annotate(f"P={g.p_flagged:.2f}", (i, g.score_hi), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel(r.config.metric.value)
-    ax.set_title(r.verdict)
+    ax.set_title(r.flag_finding, fontsize=9)
+    if layers:
+        _drift_profile(axes[0][1], r.drift)
+    fig.suptitle(r.verdict, fontsize=8)
     _save(fig, path, force)
     plt.close(fig)
+
+
+def _drift_profile(ax: Any, drift: Any) -> None:
+    xs = range(len(drift.layers))
+    tiny = drift.floor * 1e-4  # log axis: a zero part is drawn at the bottom
+    ax.bar(xs, [max(layer.mean_part, tiny) for layer in drift.layers], color="#1f77b4", label="mean part")
+    ax.bar(xs, [max(layer.var_part, tiny) for layer in drift.layers], bottom=[max(layer.mean_part, tiny) for layer in drift.layers],
+           color="#ff7f0e", label="variance part")
+    ax.axhline(drift.floor, color="grey", linestyle=":", linewidth=1, label=f"floor {drift.floor:g}")
+    if drift.suspect_layer is not None:
+        i = [layer.name for layer in drift.layers].index(drift.suspect_layer)
+        ax.annotate(f"suspect: {drift.suspect}", (i, drift.layers[i].kl), ha="center", va="bottom", fontsize=8, color="#d62728")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [layer.name for layer in drift.layers], rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("KL of input statistics vs running statistics")
+    ax.set_title("activation drift along depth", fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def comparison(c: Any, path: Path, force: bool = False) -> None:

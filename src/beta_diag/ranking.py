@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from beta_diag import drift as drift_mod
 from beta_diag.attribution import per_example_norms, summed_gradient
+from beta_diag.drift import Drift
 from beta_diag.training import Progress
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
@@ -83,6 +85,7 @@ class Ranking:
     bootstrap_ranks: tuple[tuple[int, ...], ...]  # (B, G) likewise
     group_names: tuple[str, ...]  # model order
     by_class: dict[str, dict[str, float]] | None = None
+    drift: Drift | None = None  # activation drift against the BatchNorms' running statistics (None in rankings saved before it)
     matrices: Matrices | None = field(default=None, compare=False, repr=False)
 
     def group(self, name: str) -> GroupScore:
@@ -94,8 +97,17 @@ class Ranking:
         return tuple(g.name for g in self.groups if g.flagged)
 
     @property
-    def verdict(self) -> str:
+    def flag_finding(self) -> str:
         return f"{len(self.flagged)} of {len(self.groups)} groups flagged: {', '.join(self.flagged)}"
+
+    @property
+    def verdict(self) -> str:
+        """Both findings: where activations drift (the damage) and where the errors' gradients point (the flags)."""
+        if self.drift is None:
+            return self.flag_finding
+        if self.drift.suspect is not None:
+            return f"{self.drift.finding}; {self.flag_finding} ({self.config.metric.value}: where a change fixes errors most directly)"
+        return f"{self.flag_finding}; {self.drift.finding}"
 
     def options(self) -> dict[str, Any]:
         """What must match for two rankings to be comparable."""
@@ -106,6 +118,7 @@ class Ranking:
         d = asdict(self)
         d.pop("matrices")
         d["config"] = self.config.to_dict()
+        d["drift"] = None if self.drift is None else self.drift.to_dict()
         d["format"], d["flagged"], d["verdict"], d["errors"] = FORMAT, list(self.flagged), self.verdict, len(self.error_index)
         return d
 
@@ -117,6 +130,7 @@ class Ranking:
             d["checkpoint"], d["sha256"], d["data"], d["split"], d["limit"], config, d["examples"], d["accuracy"], tuple(d["error_index"]),
             d["correct_sampled"], tuple(GroupScore(**g) for g in d["groups"]), tuple(tuple(r) for r in d["bootstrap_flags"]),
             tuple(tuple(r) for r in d["bootstrap_ranks"]), tuple(d["group_names"]), d.get("by_class"),
+            Drift.from_dict(d["drift"]) if d.get("drift") else None,
         )
 
 
@@ -160,7 +174,12 @@ def rank(
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
     found = _select_groups(session, config)
     ds = dataset if dataset is not None else session.load_data(data)
-    preds = session.evaluate(ds, progress)
+    recorder = drift_mod.Recorder(session.model)  # drift rides the evaluation pass
+    try:
+        preds = session.evaluate(ds, progress, on_batch=recorder.commit)
+    finally:
+        recorder.remove()
+    drift = recorder.result(layer_groups(session.model, config.granularity), session.device)
     wrong = torch.nonzero(~preds.correct).flatten()
     right = torch.nonzero(preds.correct).flatten()
     if wrong.numel() == 0:
@@ -206,5 +225,5 @@ def rank(
         str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
         tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
         tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
-        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, m,
+        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, m,
     )

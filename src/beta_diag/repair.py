@@ -43,6 +43,25 @@ class Baseline(str, Enum):
     full = "full"
 
 
+class AutoLayers(str, Enum):
+    """What ``--layers auto`` repairs: the groups rank flags, the drift suspect, or both."""
+
+    flags = "flags"  # where the errors' gradients agree most
+    suspect = "suspect"  # the drift suspect when there is one, else the flags
+    both = "both"  # the drift suspect plus the flags
+
+
+def auto_groups(r: Ranking, policy: AutoLayers | str = AutoLayers.flags) -> list[str]:
+    """The groups ``--layers auto`` repairs under ``policy``, in the ranking's order."""
+    policy = AutoLayers(policy)
+    suspect = r.drift.suspect if r.drift is not None else None
+    if policy is AutoLayers.flags or suspect is None:
+        return list(r.flagged)
+    if policy is AutoLayers.suspect:
+        return [suspect]
+    return [suspect] + [g for g in r.flagged if g != suspect]
+
+
 @dataclass(frozen=True)
 class RepairConfig:
     """How to fine-tune. Defaults: SGD, beta momentum on a cosine LR from 0.003, 3 epochs. ``distill``
@@ -62,6 +81,7 @@ class RepairConfig:
     baseline: str = "none"  # or "full"
     cache_features: bool = True
     distill: float = 0.0
+    auto_layers: AutoLayers = AutoLayers.flags
 
     def train_config(self, device: str) -> TrainConfig:
         """The shared training loop's configuration: no warm-up, no augmentation (so features can be cached)."""
@@ -73,7 +93,7 @@ class RepairConfig:
     def to_dict(self) -> dict[str, Any]:
         shared = {k: v for k, v in self.train_config("auto").to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
         return {**shared, "focus": self.focus, "baseline": self.baseline, "cache_features": self.cache_features,
-                "distill": self.distill, "distill_temperature": Anchor.temperature}
+                "distill": self.distill, "distill_temperature": Anchor.temperature, "auto_layers": AutoLayers(self.auto_layers).value}
 
 
 @dataclass(frozen=True)
@@ -229,7 +249,7 @@ def plan_and_data(
     verify_ds = session.load_data(verify)
     if layers == "auto":
         result = saved_ranking or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
-        names = list(result.flagged)
+        names = auto_groups(result, config.auto_layers)
     else:
         names = list(layers)
     params = resolve_layers(session.model, names)

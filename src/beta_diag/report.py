@@ -142,15 +142,19 @@ def rank_table(ranking: Any) -> None:
         f"{ranking.checkpoint}: {ranking.examples} examples of {ranking.data} ({ranking.split}), accuracy {100 * ranking.accuracy:.2f}%, "
         f"{len(ranking.error_index)} errors, {ranking.correct_sampled} correct examples for contrast"
     )
+    drift = ranking.drift if ranking.drift is not None and ranking.drift.available else None
     table = Table(
-        "rank", "group", "params", metric, "norm", "contrast", "flagged", "P(flagged)", "rank 90% CI",
-        title=f"ranked by {metric} ({ranking.config.granularity.value}s, {ranking.config.bootstrap} bootstrap replicates)", title_justify="left",
+        "rank", "group", "params", metric, "norm", "contrast", "flagged", "P(flagged)", "rank 90% CI", *(["drift"] if drift else []),
+        title=f"ranked by {metric} ({ranking.config.granularity.value}s, {ranking.config.bootstrap} bootstrap replicates)"
+        + ("; drift: the largest jump of BatchNorm input statistics charged to the group (x its earlier profile)" if drift else ""),
+        title_justify="left",
     )
     for g in ranking.groups:
         style = "bold red" if g.flagged else None
+        extra = [drift_cell(drift, g.name)] if drift else []
         table.add_row(
             str(g.rank), g.name, f"{100 * g.param_share:.2f}%", f"{g.score:.4g}", f"{g.scores['norm']:.4g}", f"{g.scores['contrast']:.3g}",
-            "yes" if g.flagged else "", f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}", style=style,
+            "yes" if g.flagged else "", f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}", *extra, style=style,
         )
     out.print(table)
     if ranking.by_class:
@@ -161,6 +165,15 @@ def rank_table(ranking: Any) -> None:
             by.add_row(cls, *[f"[bold]{row[n]:.2f}[/]" if n == top else f"{row[n]:.2f}" for n in names])
         out.print(by)
     out.print(f"[bold]{ranking.verdict}[/]")
+
+
+def drift_cell(drift: Any, name: str) -> str:
+    """A group's charged drift jump, the suspect marked; blank for a group no BatchNorm is charged to."""
+    value = (drift.groups or {}).get(name)
+    if value is None:
+        return ""
+    text = f"x{value:,.0f}" if value >= 10 else f"x{value:.2g}"
+    return f"[bold]{text} suspect[/]" if name == drift.suspect else text
 
 
 def compare_table(comparison: Any) -> None:
@@ -176,12 +189,15 @@ def compare_table(comparison: Any) -> None:
         rows = [r.group(name) for r in comparison.rankings]
         table.add_row(name, *[str(g.rank) for g in rows], *[f"{g.score:.4g}" for g in rows], *["yes" if g.flagged else "" for g in rows])
     out.print(table)
-    pairs = Table("pair", "overlap@k (90% CI)", "Jaccard", "Spearman", "Kendall", "P(same flags)", title="pairwise", title_justify="left")
+    pairs = Table("pair", "overlap@k (90% CI)", "P(by chance)", "overlap with parameter share", "Jaccard", "Spearman", "Kendall", "P(same flags)",
+                  title="pairwise; P(by chance): drawing k of the groups at random twice overlaps at least this much", title_justify="left")
     for p in comparison.pairs:
         overlaps = ", ".join(
             f"@{k} {v:.2f}" + (f" ({comparison_ci(p, k)})" if k in p.overlap_ci else "") for k, v in p.overlap.items()
         )
-        pairs.add_row(f"{labels[p.a]} vs {labels[p.b]}", overlaps, f"{p.jaccard:.2f}", f"{p.spearman:.2f}", f"{p.kendall:.2f}",
+        chance = ", ".join(f"@{k} {v:.2g}" for k, v in p.p_chance.items())
+        share = ", ".join(f"@{k} {a:.2f}/{b:.2f}" for k, (a, b) in p.share_overlap.items())
+        pairs.add_row(f"{labels[p.a]} vs {labels[p.b]}", overlaps, chance, share, f"{p.jaccard:.2f}", f"{p.spearman:.2f}", f"{p.kendall:.2f}",
                       "n/a" if p.p_same_flags is None else f"{p.p_same_flags:.2f}")
     out.print(pairs)
     if len(comparison.rankings) > 2:

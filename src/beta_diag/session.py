@@ -64,8 +64,8 @@ class Session:
         data_mod.check_fits(ds, self.num_classes, min_classes=min_classes)
         return ds
 
-    def evaluate(self, ds: Dataset, progress: Any = None) -> Predictions:
-        return evaluate(self.model, ds, self.preprocess, self.device, progress=progress)
+    def evaluate(self, ds: Dataset, progress: Any = None, on_batch: Any = None) -> Predictions:
+        return evaluate(self.model, ds, self.preprocess, self.device, progress=progress, on_batch=on_batch)
 
 
 def preprocess_for(ckpt: Checkpoint, model: nn.Module) -> Preprocess:

@@ -130,16 +130,20 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
 @torch.no_grad()
 def evaluate(
     model: nn.Module, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 128,
-    progress: Progress | None = None,
+    progress: Progress | None = None, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Predictions:
     """Eval-mode logits for every example, streamed in batches; float32 even on CUDA, so that the
     errors rank diagnoses and the fixed/broken counts of repair do not depend on autocast.
+    ``on_batch(logits, labels)`` sees each batch as it is evaluated (rank's drift hooks commit there).
     Under torchrun each process evaluates its share of the batches; every process gets all logits."""
     model.eval()
     world = distributed.current()
     out = []
-    for start, x, _, _ in data_mod.numbered_batches(ds, batch_size, device, owns=world.owns):
-        out.append((start, model(preprocess(x)).float().cpu()))
+    for start, x, y, _ in data_mod.numbered_batches(ds, batch_size, device, owns=world.owns):
+        logits = model(preprocess(x)).float()
+        if on_batch is not None:
+            on_batch(logits, y)
+        out.append((start, logits.cpu()))
         if progress:
             progress("evaluate", min(start + batch_size, len(ds)), len(ds))
     logits = world.gather_rows(out, len(ds))

@@ -1,0 +1,280 @@
+"""Activation drift: each BatchNorm's input on the data against the running statistics it recorded in training.
+
+A BatchNorm with running statistics is a reference the model carries: its running mean and variance
+say what its input looked like over the training data. On held-out data from the same distribution a
+healthy model's inputs match them closely; damage upstream (weights, a shifted running mean, a
+corrupted input) makes the first BatchNorm after it see something else. Per BatchNorm and channel,
+with ``mu``/``s2`` the input's mean and variance on the data (over examples and positions) and ``m``/``v``
+the running statistics, drift is the KL divergence of two Gaussians, split in two parts:
+
+    mean part     0.5 z^2,                z = (mu - m) / sqrt(v + eps)
+    variance part 0.5 (r - 1 - log r),    r = (s2 + eps) / (v + eps)
+
+averaged over channels (eps: the BatchNorm's own, which it adds to the variance it divides by).
+
+The sums ride ``rank``'s evaluation pass (``Recorder``): forward hooks add, per channel, each
+example's mean of the input centred at the running mean and of its square (and their squares, for
+the sampling noise), over all examples and over the errors.
+
+Localisation (``localise``): walking the BatchNorms in the order the forward pass calls them, each
+one's jump is its drift over the largest of: the drift at any earlier one, its own sampling noise
+(the drift that a finite sample adds on average), and a floor (a healthy model's drift stays below
+it, so its jumps stay small). The first BatchNorm whose jump exceeds the threshold
+names the suspect: its mean part is charged to the BatchNorm's own group (a shifted running mean, or
+a bias upstream), its variance part to the group of the layer feeding it (a damaged convolution
+changes the spread of what it hands on), whichever is larger. No jump above the threshold: no drift
+found, so any fault lies after the last BatchNorm or does not show in activation statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from beta_diag import distributed
+from beta_diag.groups import Group
+
+RUNNING_STATS_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+FLOOR = 1e-3  # drift below this is a healthy model's own profile (the samples stay under 1e-3 on held-out data)
+THRESHOLD = 4.0  # a jump of more than this many times the largest earlier drift names a suspect
+
+
+def _tracks(module: nn.Module) -> bool:
+    return isinstance(module, RUNNING_STATS_NORMS) and module.track_running_stats and module.running_mean is not None
+
+
+def unavailable_reason(model: nn.Module) -> str | None:
+    """Why drift cannot be measured on ``model``, or None when it can."""
+    if any(_tracks(m) for m in model.modules()):
+        return None
+    if any(isinstance(m, RUNNING_STATS_NORMS) for m in model.modules()):
+        return "its BatchNorm layers keep no running statistics (track_running_stats=False)"
+    if any(isinstance(m, OTHER_NORMS) for m in model.modules()):
+        return "its normalisation layers (LayerNorm, GroupNorm or InstanceNorm) keep no running statistics"
+    return "it has no BatchNorm layer (none, or folded into the convolutions)"
+
+
+@dataclass(frozen=True)
+class LayerDrift:
+    """One BatchNorm's drift on the data. ``feeder``: the parameter-owning layer called just before it."""
+
+    name: str
+    group: str | None  # its own group at the ranking's granularity (None for a BatchNorm without parameters)
+    feeder: str | None
+    feeder_group: str | None
+    channels: int
+    mean_part: float
+    var_part: float
+    noise: float  # the drift sampling alone adds on average, at this many examples: a jump must stand above it
+    errors_mean_part: float | None  # the same on the errors alone (None without errors)
+    errors_var_part: float | None
+
+    @property
+    def kl(self) -> float:
+        return self.mean_part + self.var_part
+
+    @property
+    def errors_kl(self) -> float | None:
+        return None if self.errors_mean_part is None or self.errors_var_part is None else self.errors_mean_part + self.errors_var_part
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The drift profile of a model on some data and where it points. ``available`` False: ``reason`` says why."""
+
+    available: bool
+    reason: str | None = None
+    suspect: str | None = None
+    margin: float | None = None  # the suspect's jump: its drift over the largest earlier drift (or the floor)
+    suspect_layer: str | None = None
+    groups: dict[str, float] | None = None  # per group: the largest jump charged to it
+    layers: tuple[LayerDrift, ...] = ()
+    floor: float = FLOOR
+    threshold: float = THRESHOLD
+    downstream: tuple[str, ...] = ()  # groups whose layers run after the last BatchNorm: drift cannot see them
+
+    @property
+    def finding(self) -> str:
+        """One clause for the verdict."""
+        if not self.available:
+            return f"drift unavailable: {self.reason}"
+        if self.suspect is None:
+            after = f" (in {', '.join(self.downstream)})" if self.downstream else ""
+            return (f"no activation drift found: any fault lies after the last BatchNorm{after} "
+                    "or does not show in activation statistics")
+        return f"activations leave their training statistics at {self.suspect} (x{_times(self.margin)}): the damage is likely there"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [{**asdict(layer), "kl": layer.kl, "errors_kl": layer.errors_kl, "jump": jump}
+                       for layer, jump in zip(self.layers, jumps(self.layers, self.floor))]
+        d["finding"] = self.finding
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Drift:
+        keep = {f for f in LayerDrift.__dataclass_fields__}
+        layers = tuple(LayerDrift(**{k: v for k, v in layer.items() if k in keep}) for layer in d.get("layers", ()))
+        return cls(d["available"], d.get("reason"), d.get("suspect"), d.get("margin"), d.get("suspect_layer"), d.get("groups"), layers,
+                   d.get("floor", FLOOR), d.get("threshold", THRESHOLD), tuple(d.get("downstream", ())))
+
+
+def _times(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "inf"
+    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def bases(layers: Sequence[LayerDrift], floor: float = FLOOR) -> list[float]:
+    """What each layer's drift is measured against: the largest drift at any earlier layer, its own
+    sampling noise, or ``floor``, whichever is largest."""
+    out, top = [], floor
+    for layer in layers:
+        out.append(max(top, layer.noise))
+        top = max(top, layer.kl)
+    return out
+
+
+def jumps(layers: Sequence[LayerDrift], floor: float = FLOOR) -> list[float]:
+    """Each layer's drift over its base (``bases``)."""
+    return [layer.kl / base for layer, base in zip(layers, bases(layers, floor))]
+
+
+def localise(layers: Sequence[LayerDrift], floor: float = FLOOR, threshold: float = THRESHOLD) -> tuple[str | None, float | None, str | None, dict[str, float]]:
+    """(suspect group, its jump, the BatchNorm that names it, largest charged jump per group) from a profile in call order."""
+    per_group: dict[str, float] = {}
+    suspect = margin = layer_name = None
+    for layer, base in zip(layers, bases(layers, floor)):
+        jump = layer.kl / base
+        own, feeder = layer.group or layer.feeder_group, layer.feeder_group or layer.group
+        for group, part in ((own, layer.mean_part), (feeder, layer.var_part)):
+            if group is not None:
+                per_group[group] = max(per_group.get(group, 0.0), part / base)
+        if suspect is None and jump > threshold:
+            suspect = own if layer.mean_part >= layer.var_part else feeder
+            margin, layer_name = jump, layer.name
+    return suspect, margin, layer_name, per_group
+
+
+def _owner(name: str, groups: Sequence[Group]) -> str | None:
+    """The group holding module ``name``: the longest group name that is the module or one of its ancestors."""
+    best = None
+    for g in groups:
+        if (name == g.name or name.startswith(g.name + ".")) and (best is None or len(g.name) > len(best)):
+            best = g.name
+    return best
+
+
+class Recorder:
+    """Forward hooks on every BatchNorm with running statistics, for one evaluation pass.
+
+    Each hook keeps its batch's per-example, per-channel means of the input centred at the running
+    mean and of its square; ``commit`` (called with the batch's logits and labels) adds them, and
+    their squares, to the totals over all examples and over the errors. The squares give the
+    sampling noise of the statistics (examples, not positions, are the independent draws).
+    Per-example means are float32 (one image's positions), totals float64. Also records, on the
+    first batch, the order in which parameter-owning layers run (for feeders).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.norms = {name: m for name, m in model.named_modules() if name and _tracks(m)}
+        self.order: list[str] = []
+        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # name -> (2, 5, C) float64: [all, errors] x [examples, sum m1, sum m2, sum m1^2, sum m2^2]; m1, m2 per-example means
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._stats(name)) for name, m in self.norms.items()]
+        self.handles += [m.register_forward_hook(self._seen(name)) for name, m in model.named_modules()
+                         if name and any(True for _ in m.parameters(recurse=False)) and name not in self.norms]
+
+    def _seen(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not self.sums and name not in self.order:
+                self.order.append(name)
+        return hook
+
+    def _stats(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+                return
+            x = args[0].detach().float()
+            if not self.sums and name not in self.order:
+                self.order.append(name)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            xc = x - module.running_mean.detach().float().view(shape)  # (B, C, ...) centred at the running mean
+            dims = tuple(range(2, x.dim()))
+            m1 = xc.mean(dims) if dims else xc  # (B, C) per-example means
+            m2 = xc.square().mean(dims) if dims else xc.square()
+            self.pending.setdefault(name, []).append((m1, m2))
+        return hook
+
+    def commit(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add the batch just evaluated; its errors are the examples whose argmax differs from the label."""
+        wrong = logits.argmax(1).to(labels.device) != labels
+        for name, calls in self.pending.items():
+            for m1, m2 in calls:
+                w = wrong.to(m1.device)
+                m = torch.stack([torch.ones_like(m1), m1, m2, m1.square(), m2.square()], 1).double()  # (B, 5, C)
+                add = torch.stack([m.sum(0), m[w].sum(0)]).cpu()  # (2, 5, C)
+                self.sums[name] = self.sums[name] + add if name in self.sums else add
+        self.pending.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _reduce(self, device: torch.device) -> None:
+        """Under torchrun each process saw its own batches: add every process's sums."""
+        world = distributed.current()
+        if world.size == 1:
+            return
+        for name, module in self.norms.items():  # a process may have seen no batch: zeros of the right shape
+            mine = self.sums.get(name, torch.zeros(2, 5, module.num_features, dtype=torch.float64))
+            self.sums[name] = torch.tensor(world.total(mine.reshape(-1).tolist(), device), dtype=torch.float64).reshape(mine.shape)
+
+    def result(self, groups: Sequence[Group], device: torch.device = torch.device("cpu"),
+               floor: float = FLOOR, threshold: float = THRESHOLD) -> Drift:
+        """The profile over what was evaluated, and the suspect among ``groups``."""
+        reason = unavailable_reason(self.model)
+        if reason is not None:
+            return Drift(False, reason)
+        self._reduce(device)
+        param_order = [n for n in self.order if n not in self.norms]
+        layers = []
+        for name in [n for n in self.order if n in self.norms and n in self.sums]:
+            module = self.norms[name]
+            before = self.order[: self.order.index(name)]
+            feeder = next((n for n in reversed(before) if n in param_order), None)
+            (mean, var, noise), err = _parts(module, self.sums[name][0]), _parts(module, self.sums[name][1])
+            layers.append(LayerDrift(name, _owner(name, groups), feeder, None if feeder is None else _owner(feeder, groups),
+                                     module.num_features, mean, var, noise, *(err[:2] if err else (None, None))))
+        if not layers:
+            return Drift(False, "no BatchNorm with running statistics was called on the data")
+        suspect, margin, layer, per_group = localise(layers, floor, threshold)
+        last = max(self.order.index(n) for n in self.norms if n in self.order)
+        downstream = tuple(dict.fromkeys(g for n in self.order[last + 1:] if (g := _owner(n, groups)) is not None))
+        return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), floor, threshold, downstream)
+
+
+def _parts(module: nn.Module, sums: torch.Tensor) -> tuple[float, float, float] | None:
+    """Channel-averaged (mean part, variance part, sampling noise) of KL(N(mu, s2) || N(m, v)) from ``sums`` (5, C).
+
+    Noise: the drift that sampling alone adds on average, 0.5 Var(mu)/v + 0.25 Var(s2)/v^2 (second
+    order in the estimates' errors), with examples as the independent draws; None without examples."""
+    n = float(sums[0, 0])
+    if n == 0:
+        return None
+    ref = module.running_var.detach().double().cpu() + module.eps  # (C,)
+    m1, m2, q1, q2 = sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n  # m1 = mu - m
+    var = (m2 - m1.square()).clamp_min(0.0)
+    r = (var + module.eps) / ref
+    mean_part = 0.5 * m1.square() / ref
+    var_part = 0.5 * (r - 1.0 - torch.log(r))
+    noise = 0.5 * (q1 - m1.square()).clamp_min(0.0) / n / ref + 0.25 * (q2 - m2.square()).clamp_min(0.0) / n / ref.square()
+    return float(mean_part.mean()), float(var_part.mean()), float(noise.mean())

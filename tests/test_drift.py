@@ -1,0 +1,166 @@
+"""Activation drift against BatchNorm running statistics: exact sums, the localisation rule, the samples, and models without statistics."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from beta_diag import checkpoint, drift, ranking
+from beta_diag.cli import app
+from beta_diag.data import Dataset, Preprocess
+from beta_diag.drift import LayerDrift, Recorder, localise
+from beta_diag.groups import Granularity, layer_groups
+from beta_diag.ranking import RankConfig
+from beta_diag.session import DataChoice, open_session
+from beta_diag.training import TrainConfig, evaluate, train
+from tests.conftest import SAMPLES, make_images
+
+SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
+runner = CliRunner()
+
+
+def small_net(bn: nn.Module | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    norm = bn if bn is not None else nn.BatchNorm2d(3)
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv2d(1, 3, 3, padding=1))
+    net.add_module("norm", norm)
+    net.add_module("act", nn.ReLU())
+    net.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    net.add_module("flat", nn.Flatten())
+    net.add_module("fc", nn.Linear(3, 4))
+    return net.eval()
+
+
+def test_recorder_sums_equal_the_statistics_of_the_batchnorm_input() -> None:
+    net = small_net()
+    with torch.no_grad():  # running statistics that the data does not match
+        net.norm.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        net.norm.running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
+    images, labels = make_images(50, size=6)
+    ds = Dataset(images, labels, ("a", "b", "c", "d"), "synthetic", "test")
+    pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
+    rec = Recorder(net)
+    preds = evaluate(net, ds, pre, torch.device("cpu"), batch_size=16, on_batch=rec.commit)  # 4 batches, the last partial
+    rec.remove()
+    result = rec.result(layer_groups(net))
+    x = net.conv(pre(images)).detach().double()  # (N, 3, 6, 6): the BatchNorm's input
+    wrong = ~preds.correct
+
+    def parts(x: torch.Tensor) -> tuple[float, float]:
+        mu, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        ref = net.norm.running_var.double() + net.norm.eps
+        r = (var + net.norm.eps) / ref
+        return float((0.5 * (mu - net.norm.running_mean.double()) ** 2 / ref).mean()), float((0.5 * (r - 1 - torch.log(r))).mean())
+
+    # sampling noise: the variance of the mean of per-example means (and of mean squares), examples as draws
+    xc = x - net.norm.running_mean.double().view(1, -1, 1, 1)
+    m1, m2 = xc.mean((2, 3)), xc.square().mean((2, 3))  # (N, C)
+    ref = net.norm.running_var.double() + net.norm.eps
+    noise = 0.5 * m1.var(0, unbiased=False) / len(x) / ref + 0.25 * m2.var(0, unbiased=False) / len(x) / ref**2
+
+    (layer,) = result.layers
+    assert (layer.name, layer.group, layer.feeder, layer.feeder_group, layer.channels) == ("norm", "norm", "conv", "conv", 3)
+    assert layer.mean_part == pytest.approx(parts(x)[0], rel=1e-5)
+    assert layer.var_part == pytest.approx(parts(x)[1], rel=1e-5)
+    assert layer.noise == pytest.approx(float(noise.mean()), rel=1e-5)
+    assert wrong.any()
+    assert layer.errors_mean_part == pytest.approx(parts(x[wrong])[0], rel=1e-5)
+    assert layer.errors_var_part == pytest.approx(parts(x[wrong])[1], rel=1e-5)
+    assert result.downstream == ("fc",)
+    assert not net.norm._forward_hooks  # hooks removed
+
+
+def profile(*rows: tuple[str, str | None, str | None, float, float]) -> list[LayerDrift]:
+    return [LayerDrift(name, group, f"{name}.feeder", feeder, 8, mean, var, 0.0, None, None) for name, group, feeder, mean, var in rows]
+
+
+def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feeder() -> None:
+    healthy = profile(("bn1", "bn1", "conv1", 1e-5, 1e-5), ("l1.bn", "layer1", "layer1", 1e-4, 1e-4), ("l2.bn", "layer2", "layer2", 3e-4, 2e-4))
+    assert localise(healthy)[0] is None  # every drift below the floor 1e-3
+    # conv1 damaged: bn1's input spread changes (variance part) -> charged to conv1, which feeds bn1
+    conv1 = profile(("bn1", "bn1", "conv1", 1e-3, 0.5), ("l1.bn", "layer1", "layer1", 0.2, 0.9))
+    suspect, margin, layer, groups = localise(conv1)
+    assert (suspect, layer) == ("conv1", "bn1")
+    assert margin == pytest.approx(0.501 / 1e-3)
+    assert groups["conv1"] == pytest.approx(500.0) and groups["bn1"] == pytest.approx(1.0)
+    # bn1's running mean shifted: its own input is fine, its mean part is not -> bn1
+    assert localise(profile(("bn1", "bn1", "conv1", 0.3, 0.01), ("l1.bn", "layer1", "layer1", 0.5, 0.5)))[0] == "bn1"
+    # the first jump wins, even when a later one is larger: later layers inherit the damage
+    later = profile(("bn1", "bn1", "conv1", 1e-5, 1e-5), ("l2.bn", "layer2", "layer2", 0.01, 0.02), ("l3.bn", "layer3", "layer3", 5.0, 5.0))
+    assert localise(later)[0] == "layer2"
+    # a jump of 4x or less names nobody
+    assert localise(profile(("a", "g1", "g1", 1e-3, 1e-3), ("b", "g2", "g2", 4e-3, 3.9e-3)))[0] is None
+    layers = profile(*[(n, n, n, kl, 0.0) for n, kl in zip("abcd", [1e-4, 2e-3, 1e-3, 8e-3])])
+    assert drift.jumps(layers) == pytest.approx([0.1, 2.0, 0.5, 4.0])
+    # a jump must stand above the layer's own sampling noise too: 0.05 against noise 0.02 is no finding
+    noisy = [LayerDrift("bn", "g", "conv", "g", 8, 0.03, 0.02, 0.02, None, None)]
+    assert localise(noisy)[0] is None and localise(noisy[:0] + [LayerDrift("bn", "g", "conv", "g", 8, 0.03, 0.02, 0.0, None, None)])[0] == "g"
+
+
+@pytest.mark.parametrize(("norm", "reason"), [
+    (nn.BatchNorm2d(3, track_running_stats=False), "track_running_stats=False"),
+    (nn.GroupNorm(1, 3), "LayerNorm, GroupNorm or InstanceNorm"),
+    (nn.Identity(), "no BatchNorm layer"),
+])
+def test_models_without_running_statistics_report_why(norm: nn.Module, reason: str) -> None:
+    net = small_net(norm)
+    rec = Recorder(net)
+    images, labels = make_images(8, size=6)
+    evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), Preprocess((1, 6, 6), (0.5,), (0.5,)), torch.device("cpu"),
+             on_batch=rec.commit)
+    result = rec.result(layer_groups(net))
+    assert not result.available and reason in (result.reason or "")
+    assert result.finding.startswith("drift unavailable: ")
+
+
+@pytest.fixture(scope="module")
+def sample_session():  # noqa: ANN201
+    return open_session(SGD, "cpu")
+
+
+def test_healthy_sample_has_no_suspect_and_json_carries_the_profile(sample_session, tmp_path: Path) -> None:  # noqa: ANN001
+    r = ranking.rank(sample_session, DataChoice(limit=1000), RankConfig(bootstrap=0))
+    assert r.drift is not None and r.drift.available and r.drift.suspect is None
+    assert r.drift.downstream == ("fc",)
+    assert len(r.drift.layers) == 20 and all(layer.kl < drift.FLOOR for layer in r.drift.layers)
+    assert r.verdict.endswith("no activation drift found: any fault lies after the last BatchNorm (in fc) or does not show in activation statistics")
+    d = r.to_dict()["drift"]
+    assert d["available"] is True and d["suspect"] is None and set(d["groups"]) == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+    assert d["layers"][0]["name"] == "bn1" and d["layers"][0]["feeder"] == "conv1" and "jump" in d["layers"][0]
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps(r.to_dict()))
+    assert ranking.load(saved).drift == r.drift
+
+
+@pytest.mark.parametrize(("granularity", "expected"), [(Granularity.group, "layer2"), (Granularity.block, "layer2.0"),
+                                                       (Granularity.module, "layer2.0.bn1")])
+def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, granularity: Granularity, expected: str) -> None:  # noqa: ANN001
+    model = copy.deepcopy(sample_session.model)
+    bn = model.layer2[0].bn1
+    with torch.no_grad():
+        bn.running_mean.add_(bn.running_var.sqrt() * 1.5)
+    damaged = type(sample_session)(sample_session.ckpt, model, sample_session.preprocess, sample_session.device)
+    r = ranking.rank(damaged, DataChoice(limit=500), RankConfig(bootstrap=0, granularity=granularity))
+    assert r.drift is not None and r.drift.suspect == expected and r.drift.suspect_layer == "layer2.0.bn1"
+    assert r.drift.margin is not None and r.drift.margin > 100  # 0.5 * 1.5^2 = 1.1 against a profile under 1e-3
+    assert r.verdict.startswith(f"activations leave their training statistics at {expected} (x")
+
+
+def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_before(tiny: dict[str, Path], tmp_path: Path) -> None:
+    result = train("tests.nets:convnet", str(tiny["train"]), str(tiny["test"]), {}, TrainConfig(epochs=1, batch_size=64, device="cpu"))
+    ckpt = tmp_path / "convnet.safetensors"
+    checkpoint.save(ckpt, result.model.state_dict(), result.metadata)
+    out = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
+    assert d["drift"] == {**d["drift"], "available": False, "suspect": None, "groups": None, "layers": [],
+                          "reason": "it has no BatchNorm layer (none, or folded into the convolutions)"}
+    assert d["verdict"].endswith("; drift unavailable: it has no BatchNorm layer (none, or folded into the convolutions)")
+    assert len(d["groups"]) == 3 and d["flagged"]
+    table = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--quiet"])
+    assert table.exit_code == 0 and "drift unavailable" in table.stdout and "│ drift" not in table.stdout
