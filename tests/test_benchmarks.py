@@ -31,6 +31,28 @@ def test_planted_faults_quick(tmp_path: Path) -> None:
     scored = subprocess.run([sys.executable, str(REPO / "benchmarks" / "planted_scores.py"), str(out), str(npz), "--choose", "0"],
                             capture_output=True, text=True, timeout=120)
     assert scored.returncode == 0 and "coherence (default)" in scored.stdout, scored.stderr
+    assert all(r["drift"]["available"] and 1 <= r["ranks"]["drift"] <= 7 for r in rows)
+    rule = subprocess.run([sys.executable, str(REPO / "benchmarks" / "drift_rule.py"), str(out), "--choose", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert rule.returncode == 0, rule.stderr
+    assert "chosen on seeds [0]: floor " in rule.stdout and "undamaged sgd: no suspect" in rule.stdout
+
+
+def test_auto_layers_and_shifts_quick(tmp_path: Path) -> None:
+    out = tmp_path / "a.json"
+    stdout = run_script("auto_layers.py", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert {"flags", "suspect", "both"} <= set(row) and "damaged group chosen" in stdout
+    assert row["both"]["trainable"] >= max(row["flags"]["trainable"], row["suspect"]["trainable"])
+    out = tmp_path / "s.json"
+    stdout = run_script("shifts.py", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shift"] == "invert" and row["shifted_accuracy"] < row["clean_accuracy"] and row["oracle"] in ("conv1", "fc")
+    assert row["full"]["trainable"] > row["per_group"]["fc"]["trainable"] and "oracle rec." in stdout
+
+
+def test_drift_cost_quick() -> None:
+    assert "% of rank (goal <= 5%)" in run_script("drift_cost.py")
 
 
 def test_planted_repair_quick(tmp_path: Path) -> None:

@@ -189,6 +189,7 @@ class Recorder:
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # name -> (2, 5, C) float64: [all, errors] x [examples, sum m1, sum m2, sum m1^2, sum m2^2]; m1, m2 per-example means
         self.sums: dict[str, torch.Tensor] = {}
+        self.batches: dict[str, list[torch.Tensor]] = {}  # under torchrun: this process's per-batch sums, to add in global order
         self.handles = [m.register_forward_hook(self._stats(name)) for name, m in self.norms.items()]
         self.handles += [m.register_forward_hook(self._seen(name)) for name, m in model.named_modules()
                          if name and any(True for _ in m.parameters(recurse=False)) and name not in self.norms]
@@ -223,28 +224,36 @@ class Recorder:
                 m = torch.stack([torch.ones_like(m1), m1, m2, m1.square(), m2.square()], 1).double()  # (B, 5, C)
                 add = torch.stack([m.sum(0), m[w].sum(0)]).cpu()  # (2, 5, C)
                 self.sums[name] = self.sums[name] + add if name in self.sums else add
+                if distributed.current().size > 1:
+                    self.batches.setdefault(name, []).append(add)
         self.pending.clear()
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
-    def _reduce(self, device: torch.device) -> None:
-        """Under torchrun each process saw its own batches: add every process's sums."""
+    def _reduce(self) -> None:
+        """Under torchrun each process saw every size-th batch: add all processes' batches in batch order,
+        as one process adds them, so that the figures are bit-identical to one process's."""
         world = distributed.current()
         if world.size == 1:
             return
-        for name, module in self.norms.items():  # a process may have seen no batch: zeros of the right shape
-            mine = self.sums.get(name, torch.zeros(2, 5, module.num_features, dtype=torch.float64))
-            self.sums[name] = torch.tensor(world.total(mine.reshape(-1).tolist(), device), dtype=torch.float64).reshape(mine.shape)
+        everyone = world.round(self.batches)  # per process: name -> its batches' sums, in its order
+        for name in self.norms:
+            parts = [p.get(name, []) for p in everyone]  # type: ignore[union-attr]
+            ordered = [parts[b % world.size][b // world.size] for b in range(sum(len(p) for p in parts))]  # batch b: process b % size's
+            if ordered:
+                total = ordered[0].clone()
+                for add in ordered[1:]:
+                    total = total + add
+                self.sums[name] = total
 
-    def result(self, groups: Sequence[Group], device: torch.device = torch.device("cpu"),
-               floor: float = FLOOR, threshold: float = THRESHOLD) -> Drift:
+    def result(self, groups: Sequence[Group], floor: float = FLOOR, threshold: float = THRESHOLD) -> Drift:
         """The profile over what was evaluated, and the suspect among ``groups``."""
         reason = unavailable_reason(self.model)
         if reason is not None:
             return Drift(False, reason)
-        self._reduce(device)
+        self._reduce()
         param_order = [n for n in self.order if n not in self.norms]
         layers = []
         for name in [n for n in self.order if n in self.norms and n in self.sums]:

@@ -179,7 +179,7 @@ def rank(
         preds = session.evaluate(ds, progress, on_batch=recorder.commit)
     finally:
         recorder.remove()
-    drift = recorder.result(layer_groups(session.model, config.granularity), session.device)
+    drift = recorder.result(layer_groups(session.model, config.granularity))
     wrong = torch.nonzero(~preds.correct).flatten()
     right = torch.nonzero(preds.correct).flatten()
     if wrong.numel() == 0:
