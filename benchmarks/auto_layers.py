@@ -8,7 +8,7 @@ suspect, both) under repair's default budget (3 epochs on the bundled 5,000 unse
 SGD + beta momentum, cosine LR from 0.003), verified on the bundled 3,000 test images, which no arm
 trains on. A policy that picks the same groups as another reuses its repair. Reports per policy: the
 share of the drop won back, net fixed, the share of parameters trained, and how often each policy
-picked the damaged group. --quick: one group (layer2), one epoch, 1,000 verification images.
+picked the damaged group. --quick: one group (layer2), one epoch on 1,000 training images, 1,000 verification images.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else args.kinds.split(",")
     config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs)
+    train = DataChoice(limit=1000 if args.quick else None)
     policies = [p.value for p in AutoLayers]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +67,7 @@ def main() -> None:
                     for policy in policies:
                         chosen = tuple(auto_groups(r, policy))
                         if chosen not in done:
-                            out = repair(damaged, list(chosen), Path(tmp) / "x.safetensors", verify=verify, config=replace(config, seed=seed),
+                            out = repair(damaged, list(chosen), Path(tmp) / "x.safetensors", train=train, verify=verify, config=replace(config, seed=seed),
                                          device="cpu", force=True)
                             done[chosen] = arm_row(out.surgical, base, after)
                         row[policy] = {**done[chosen], "hit": group in chosen}

@@ -1,39 +1,40 @@
-"""Choose the drift rule's floor and threshold on some seeds of the planted faults, report them on the others.
+"""Choose the drift rule's constants on some seeds of the planted faults, report them on the others.
 
     python benchmarks/drift_rule.py RESULTS.json [--choose 0,1]
 
 RESULTS.json comes from ``benchmarks/planted_faults.py --out``; each row keeps the damaged model's drift
 profile, so the rule (``beta_diag.drift.localise``) can be re-applied with other constants without
-re-running. On the seeds in --choose, every (floor, threshold) of a small grid is scored by hits@1
-(the suspect is the damaged group; no suspect counts as naming the groups after the last BatchNorm,
-where drift cannot see) under one constraint: no suspect on the undamaged samples. The best (ties:
-the library's defaults first, then the smaller threshold) is then reported on the held-out seeds,
-per fault kind, beside coherence, Auto-RGN and random choice, which need no choosing.
+re-running. On the seeds in --choose, every rule (floor, threshold, unmoved: ``beta_diag.drift.Rule``)
+of a small grid is scored by hits@1 (the suspect is the damaged group; no suspect counts as naming
+the groups after the last BatchNorm, where drift cannot see) under one constraint: no suspect on the
+undamaged samples. The best (ties: the library's defaults first, then the smaller threshold) is then
+reported on the held-out seeds, per fault kind, beside coherence, Auto-RGN and random choice, which
+need no choosing.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from beta_diag.drift import FLOOR, THRESHOLD, Drift, localise
+from beta_diag.drift import Drift, Rule, localise
 
-FLOORS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-THRESHOLDS = (2.0, 4.0, 8.0, 16.0, 32.0)
+GRID = [Rule(*c) for c in itertools.product((1e-4, 3e-4, 1e-3, 3e-3, 1e-2), (2.0, 4.0, 8.0, 16.0, 32.0), (0.0, 1.0, 2.0, 4.0))]
 
 
-def named(d: Drift, floor: float, threshold: float) -> str | None:
+def named(d: Drift, rule: Rule) -> str | None:
     """The group the rule names: the suspect, or, without one, the first group after the last BatchNorm."""
-    suspect = localise(d.layers, floor, threshold)[0]
+    suspect = localise(d.layers, rule)[0]
     return suspect if suspect is not None else (d.downstream[0] if d.downstream else None)
 
 
-def hits(rows: list[dict], floor: float, threshold: float) -> float:
-    return float(np.mean([named(Drift.from_dict(r["drift"]), floor, threshold) == r["group"] for r in rows])) if rows else float("nan")
+def hits(rows: list[dict], rule: Rule) -> float:
+    return float(np.mean([named(Drift.from_dict(r["drift"]), rule) == r["group"] for r in rows])) if rows else float("nan")
 
 
 def main() -> None:
@@ -49,19 +50,18 @@ def main() -> None:
     held = [r for r in rows if r["seed"] not in chosen]
     healthy = {k: Drift.from_dict(v["drift"]) for k, v in res["healthy"].items()}
     print(f"{len(choose)} damaged models to choose on (seeds {sorted(chosen)}), {len(held)} held out; samples {', '.join(healthy)}")
-    print(f"{'floor':>8s} {'threshold':>9s} {'hits@1 (choose)':>15s} {'healthy suspects':>16s}")
+    print(f"{'floor':>8s} {'threshold':>9s} {'unmoved':>7s} {'hits@1 (choose)':>15s} {'healthy suspects':>16s}")
     best = None
-    for floor in FLOORS:
-        for threshold in THRESHOLDS:
-            fp = sum(localise(d.layers, floor, threshold)[0] is not None for d in healthy.values())
-            h = hits(choose, floor, threshold)
-            print(f"{floor:8.0e} {threshold:9.0f} {h:15.3f} {fp:16d}")
-            key = (fp == 0, h, (floor, threshold) == (FLOOR, THRESHOLD), -threshold)
-            if best is None or key > best[0]:
-                best = (key, floor, threshold)
+    for rule in GRID:
+        fp = sum(localise(d.layers, rule)[0] is not None for d in healthy.values())
+        h = hits(choose, rule)
+        print(f"{rule.floor:8.0e} {rule.threshold:9.0f} {rule.unmoved:7.0f} {h:15.3f} {fp:16d}")
+        key = (fp == 0, h, rule == Rule(), -rule.threshold)
+        if best is None or key > best[0]:
+            best = (key, rule)
     assert best is not None
-    _, floor, threshold = best
-    print(f"\nchosen on seeds {sorted(chosen)}: floor {floor:g}, threshold {threshold:g} (library defaults: floor {FLOOR:g}, threshold {THRESHOLD:g})")
+    rule = best[1]
+    print(f"\nchosen on seeds {sorted(chosen)}: {rule} (library default: {Rule()})")
     for label, part in (("chosen seeds", choose), ("held-out seeds", held)):
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for r in part:
@@ -69,13 +69,13 @@ def main() -> None:
         print(f"\n{label}: hits@1 of the damaged group ({len(part)} models; random {1 / len(names):.2f})")
         print(f"{'kind':10s} {'models':>6s} {'drift':>6s} {'coherence':>9s} {'auto_rgn':>8s}")
         for kind, rs in [*sorted(by_kind.items()), ("all", part)]:
-            print(f"{kind:10s} {len(rs):6d} {hits(rs, floor, threshold):6.2f} "
+            print(f"{kind:10s} {len(rs):6d} {hits(rs, rule):6.2f} "
                   f"{np.mean([r['ranks']['coherence'] == 1 for r in rs]):9.2f} {np.mean([r['ranks']['auto_rgn'] == 1 for r in rs]):8.2f}")
-        misses = [(r["sample"], r["kind"], r["group"], named(Drift.from_dict(r["drift"]), floor, threshold)) for r in part
-                  if named(Drift.from_dict(r["drift"]), floor, threshold) != r["group"]]
+        misses = [(r["sample"], r["kind"], r["group"], named(Drift.from_dict(r["drift"]), rule)) for r in part
+                  if named(Drift.from_dict(r["drift"]), rule) != r["group"]]
         print("drift misses (sample, kind, damaged -> named): " + "; ".join(f"{s} {k} {g} -> {n}" for s, k, g, n in misses))
     for sample, d in healthy.items():
-        suspect = localise(d.layers, floor, threshold)[0]
+        suspect = localise(d.layers, rule)[0]
         print(f"undamaged {sample}: {'no suspect' if suspect is None else 'suspect ' + suspect}; largest drift {max(layer.kl for layer in d.layers):.2e}")
 
 

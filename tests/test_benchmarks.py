@@ -35,7 +35,7 @@ def test_planted_faults_quick(tmp_path: Path) -> None:
     rule = subprocess.run([sys.executable, str(REPO / "benchmarks" / "drift_rule.py"), str(out), "--choose", "0"],
                           capture_output=True, text=True, timeout=120)
     assert rule.returncode == 0, rule.stderr
-    assert "chosen on seeds [0]: floor " in rule.stdout and "undamaged sgd: no suspect" in rule.stdout
+    assert "chosen on seeds [0]: Rule(floor=" in rule.stdout and "undamaged sgd: no suspect" in rule.stdout
 
 
 def test_auto_layers_and_shifts_quick(tmp_path: Path) -> None:

@@ -88,6 +88,10 @@ def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feede
     assert (suspect, layer) == ("conv1", "bn1")
     assert margin == pytest.approx(0.501 / 1e-3)
     assert groups["conv1"] == pytest.approx(500.0) and groups["bn1"] == pytest.approx(1.0)
+    # bn1's running variance scaled: the variance moved but the mean stayed within sampling noise -> bn1, not its feeder
+    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, None, None)])[0] == "bn1"
+    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1e-3, 0.5, 1e-5, None, None)])[0] == "conv1"
+    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, None, None)], drift.Rule(unmoved=0.0))[0] == "conv1"
     # bn1's running mean shifted: its own input is fine, its mean part is not -> bn1
     assert localise(profile(("bn1", "bn1", "conv1", 0.3, 0.01), ("l1.bn", "layer1", "layer1", 0.5, 0.5)))[0] == "bn1"
     # the first jump wins, even when a later one is larger: later layers inherit the damage

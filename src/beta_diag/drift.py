@@ -22,7 +22,9 @@ one's jump is its drift over the largest of: the drift at any earlier one, its o
 it, so its jumps stay small). The first BatchNorm whose jump exceeds the threshold
 names the suspect: its mean part is charged to the BatchNorm's own group (a shifted running mean, or
 a bias upstream), its variance part to the group of the layer feeding it (a damaged convolution
-changes the spread of what it hands on), whichever is larger. No jump above the threshold: no drift
+changes the spread of what it hands on), whichever is larger; but a variance that moved while the
+mean stayed within sampling noise is charged to the BatchNorm's own group (its running variance
+changed, not its input: a damaged layer upstream moves the mean of what it hands on too). No jump above the threshold: no drift
 found, so any fault lies after the last BatchNorm or does not show in activation statistics.
 """
 
@@ -41,8 +43,18 @@ from beta_diag.groups import Group
 
 RUNNING_STATS_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-FLOOR = 1e-3  # drift below this is a healthy model's own profile (the samples stay under 1e-3 on held-out data)
-THRESHOLD = 4.0  # a jump of more than this many times the largest earlier drift names a suspect
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The localisation rule's constants (chosen on planted faults, seeds 0-1: benchmarks/drift_rule.py)."""
+
+    floor: float = 1e-3  # drift below this is a healthy model's own profile (the samples stay under 1e-3 on held-out data)
+    threshold: float = 4.0  # a jump of more than this many times its base names a suspect
+    unmoved: float = 2.0  # a mean part within this many times the sampling noise: the input's mean has not moved
+
+
+FLOOR = Rule.floor
 
 
 def _tracks(module: nn.Module) -> bool:
@@ -95,8 +107,7 @@ class Drift:
     suspect_layer: str | None = None
     groups: dict[str, float] | None = None  # per group: the largest jump charged to it
     layers: tuple[LayerDrift, ...] = ()
-    floor: float = FLOOR
-    threshold: float = THRESHOLD
+    rule: Rule = Rule()
     downstream: tuple[str, ...] = ()  # groups whose layers run after the last BatchNorm: drift cannot see them
 
     @property
@@ -113,7 +124,7 @@ class Drift:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [{**asdict(layer), "kl": layer.kl, "errors_kl": layer.errors_kl, "jump": jump}
-                       for layer, jump in zip(self.layers, jumps(self.layers, self.floor))]
+                       for layer, jump in zip(self.layers, jumps(self.layers, self.rule.floor))]
         d["finding"] = self.finding
         return d
 
@@ -122,7 +133,7 @@ class Drift:
         keep = {f for f in LayerDrift.__dataclass_fields__}
         layers = tuple(LayerDrift(**{k: v for k, v in layer.items() if k in keep}) for layer in d.get("layers", ()))
         return cls(d["available"], d.get("reason"), d.get("suspect"), d.get("margin"), d.get("suspect_layer"), d.get("groups"), layers,
-                   d.get("floor", FLOOR), d.get("threshold", THRESHOLD), tuple(d.get("downstream", ())))
+                   Rule(**d["rule"]) if d.get("rule") else Rule(), tuple(d.get("downstream", ())))
 
 
 def _times(x: float | None) -> str:
@@ -146,18 +157,21 @@ def jumps(layers: Sequence[LayerDrift], floor: float = FLOOR) -> list[float]:
     return [layer.kl / base for layer, base in zip(layers, bases(layers, floor))]
 
 
-def localise(layers: Sequence[LayerDrift], floor: float = FLOOR, threshold: float = THRESHOLD) -> tuple[str | None, float | None, str | None, dict[str, float]]:
+def localise(layers: Sequence[LayerDrift], rule: Rule = Rule()) -> tuple[str | None, float | None, str | None, dict[str, float]]:
     """(suspect group, its jump, the BatchNorm that names it, largest charged jump per group) from a profile in call order."""
     per_group: dict[str, float] = {}
     suspect = margin = layer_name = None
-    for layer, base in zip(layers, bases(layers, floor)):
+    for layer, base in zip(layers, bases(layers, rule.floor)):
         jump = layer.kl / base
         own, feeder = layer.group or layer.feeder_group, layer.feeder_group or layer.group
         for group, part in ((own, layer.mean_part), (feeder, layer.var_part)):
             if group is not None:
                 per_group[group] = max(per_group.get(group, 0.0), part / base)
-        if suspect is None and jump > threshold:
-            suspect = own if layer.mean_part >= layer.var_part else feeder
+        if suspect is None and jump > rule.threshold:
+            # the variance moved while the mean stayed within sampling noise: the BatchNorm's own running variance
+            # changed, not its input (a damaged layer upstream moves the mean of what it hands on too)
+            unmoved = layer.mean_part <= rule.unmoved * layer.noise
+            suspect = own if layer.mean_part >= layer.var_part or unmoved else feeder
             margin, layer_name = jump, layer.name
     return suspect, margin, layer_name, per_group
 
@@ -248,7 +262,7 @@ class Recorder:
                     total = total + add
                 self.sums[name] = total
 
-    def result(self, groups: Sequence[Group], floor: float = FLOOR, threshold: float = THRESHOLD) -> Drift:
+    def result(self, groups: Sequence[Group], rule: Rule = Rule()) -> Drift:
         """The profile over what was evaluated, and the suspect among ``groups``."""
         reason = unavailable_reason(self.model)
         if reason is not None:
@@ -265,10 +279,10 @@ class Recorder:
                                      module.num_features, mean, var, noise, *(err[:2] if err else (None, None))))
         if not layers:
             return Drift(False, "no BatchNorm with running statistics was called on the data")
-        suspect, margin, layer, per_group = localise(layers, floor, threshold)
+        suspect, margin, layer, per_group = localise(layers, rule)
         last = max(self.order.index(n) for n in self.norms if n in self.order)
         downstream = tuple(dict.fromkeys(g for n in self.order[last + 1:] if (g := _owner(n, groups)) is not None))
-        return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), floor, threshold, downstream)
+        return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), rule, downstream)
 
 
 def _parts(module: nn.Module, sums: torch.Tensor) -> tuple[float, float, float] | None:

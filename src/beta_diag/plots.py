@@ -85,11 +85,11 @@ def ranking(r: Any, path: Path, force: bool = False) -> None:
 
 def _drift_profile(ax: Any, drift: Any) -> None:
     xs = range(len(drift.layers))
-    tiny = drift.floor * 1e-4  # log axis: a zero part is drawn at the bottom
+    tiny = drift.rule.floor * 1e-4  # log axis: a zero part is drawn at the bottom
     ax.bar(xs, [max(layer.mean_part, tiny) for layer in drift.layers], color="#1f77b4", label="mean part")
     ax.bar(xs, [max(layer.var_part, tiny) for layer in drift.layers], bottom=[max(layer.mean_part, tiny) for layer in drift.layers],
            color="#ff7f0e", label="variance part")
-    ax.axhline(drift.floor, color="grey", linestyle=":", linewidth=1, label=f"floor {drift.floor:g}")
+    ax.axhline(drift.rule.floor, color="grey", linestyle=":", linewidth=1, label=f"floor {drift.rule.floor:g}")
     if drift.suspect_layer is not None:
         i = [layer.name for layer in drift.layers].index(drift.suspect_layer)
         ax.annotate(f"suspect: {drift.suspect}", (i, drift.layers[i].kl), ha="center", va="bottom", fontsize=8, color="#d62728")

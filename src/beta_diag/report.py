@@ -181,7 +181,8 @@ def compare_table(comparison: Any) -> None:
     out = stdout()
     labels = [f"[{i + 1}]" for i in range(len(comparison.labels))]
     for label, r, path in zip(labels, comparison.rankings, comparison.labels):
-        out.print(f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}")
+        found = "" if r.drift is None else f"; {r.drift.finding}"
+        out.print(f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}{found}")
     metric = comparison.rankings[0].config.metric.value
     table = Table("group", *[f"{lab} rank" for lab in labels], *[f"{lab} {metric}" for lab in labels], *[f"{lab} flag" for lab in labels])
     order = sorted(comparison.group_names, key=lambda n: comparison.rankings[0].group(n).rank)
