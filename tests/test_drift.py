@@ -168,3 +168,19 @@ def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_
     assert len(d["groups"]) == 3 and d["flagged"]
     table = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--quiet"])
     assert table.exit_code == 0 and "drift unavailable" in table.stdout and "│ drift" not in table.stdout
+
+
+def test_batchnorm1d_on_features_is_measured_too() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4)).eval()
+    with torch.no_grad():
+        net[2].running_mean.fill_(0.2)
+    images, labels = make_images(40, size=6)
+    pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
+    rec = Recorder(net)
+    evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), pre, torch.device("cpu"), batch_size=16, on_batch=rec.commit)
+    (layer,) = rec.result(layer_groups(net)).layers
+    x = net[1](net[0](pre(images))).detach().double()  # (N, 5)
+    ref = net[2].running_var.double() + net[2].eps
+    assert (layer.name, layer.feeder) == ("2", "1")
+    assert layer.mean_part == pytest.approx(float((0.5 * (x.mean(0) - 0.2) ** 2 / ref).mean()), rel=1e-5)
