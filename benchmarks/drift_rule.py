@@ -1,12 +1,13 @@
 """Choose the drift rule's constants on some seeds of the planted faults, report them on the others.
 
-    python benchmarks/drift_rule.py RESULTS.json [--choose 0,1]
+    python benchmarks/drift_rule.py RESULTS.json [MORE.json ...] [--choose 0,1]
 
-RESULTS.json comes from ``benchmarks/planted_faults.py --out``; each row keeps the damaged model's drift
+RESULTS.json comes from ``benchmarks/planted_faults.py --out`` (several files, e.g. one per sample, are pooled); each row keeps the damaged model's drift
 profile, so the rule (``beta_diag.drift.localise``) can be re-applied with other constants without
 re-running. On the seeds in --choose, every rule (floor, threshold, unmoved: ``beta_diag.drift.Rule``)
 of a small grid is scored by hits@1 (the suspect is the damaged group; no suspect counts as naming
-the groups after the last BatchNorm, where drift cannot see) under one constraint: no suspect on the
+the groups after the last BatchNorm, where drift cannot see, so "all but fc" is reported too: there
+drift names the damaged group only by elimination) under one constraint: no suspect on the
 undamaged samples. The best (ties: the library's defaults first, then the smaller threshold) is then
 reported on the held-out seeds, per fault kind, beside coherence, Auto-RGN and random choice, which
 need no choosing.
@@ -39,16 +40,16 @@ def hits(rows: list[dict], rule: Rule) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--choose", default="0,1", help="seeds used to choose; the others are held out")
     args = parser.parse_args()
-    print(f"command: python benchmarks/drift_rule.py {args.results} --choose {args.choose}")
-    res = json.loads(args.results.read_text())
-    rows, names = res["rows"], res["groups"]
+    print(f"command: python benchmarks/drift_rule.py {' '.join(map(str, args.results))} --choose {args.choose}")
+    loaded = [json.loads(p.read_text()) for p in args.results]
+    rows, names = [r for res in loaded for r in res["rows"]], loaded[0]["groups"]
     chosen = {int(s) for s in args.choose.split(",")}
     choose = [r for r in rows if r["seed"] in chosen]
     held = [r for r in rows if r["seed"] not in chosen]
-    healthy = {k: Drift.from_dict(v["drift"]) for k, v in res["healthy"].items()}
+    healthy = {k: Drift.from_dict(v["drift"]) for res in loaded for k, v in res["healthy"].items()}
     print(f"{len(choose)} damaged models to choose on (seeds {sorted(chosen)}), {len(held)} held out; samples {', '.join(healthy)}")
     print(f"{'floor':>8s} {'threshold':>9s} {'unmoved':>7s} {'hits@1 (choose)':>15s} {'healthy suspects':>16s}")
     best = None
@@ -68,7 +69,8 @@ def main() -> None:
             by_kind[r["kind"]].append(r)
         print(f"\n{label}: hits@1 of the damaged group ({len(part)} models; random {1 / len(names):.2f})")
         print(f"{'kind':10s} {'models':>6s} {'drift':>6s} {'coherence':>9s} {'auto_rgn':>8s}")
-        for kind, rs in [*sorted(by_kind.items()), ("all", part)]:
+        blind = [r for r in part if r["group"] not in Drift.from_dict(r["drift"]).downstream]  # drift names fc only by elimination
+        for kind, rs in [*sorted(by_kind.items()), ("all", part), ("all but fc", blind)]:
             print(f"{kind:10s} {len(rs):6d} {hits(rs, rule):6.2f} "
                   f"{np.mean([r['ranks']['coherence'] == 1 for r in rs]):9.2f} {np.mean([r['ranks']['auto_rgn'] == 1 for r in rs]):8.2f}")
         misses = [(r["sample"], r["kind"], r["group"], named(Drift.from_dict(r["drift"]), rule)) for r in part

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,17 +58,21 @@ def test_recorder_sums_equal_the_statistics_of_the_batchnorm_input() -> None:
         r = (var + net.norm.eps) / ref
         return float((0.5 * (mu - net.norm.running_mean.double()) ** 2 / ref).mean()), float((0.5 * (r - 1 - torch.log(r))).mean())
 
-    # sampling noise: the variance of the mean of per-example means (and of mean squares), examples as draws
+    # sampling noise, examples as draws: the variance of the per-example means' mean, and of the variance estimate
+    # s2 = mean(m2) - mean(m1)^2 by the delta method (checked here against a direct bootstrap-free formula)
     xc = x - net.norm.running_mean.double().view(1, -1, 1, 1)
     m1, m2 = xc.mean((2, 3)), xc.square().mean((2, 3))  # (N, C)
-    ref = net.norm.running_var.double() + net.norm.eps
-    noise = 0.5 * m1.var(0, unbiased=False) / len(x) / ref + 0.25 * m2.var(0, unbiased=False) / len(x) / ref**2
+    ref, n = net.norm.running_var.double() + net.norm.eps, len(x)
+    mu = m1.mean(0)
+    var_s2 = ((m2 - 2 * mu * m1) - (m2 - 2 * mu * m1).mean(0)).square().mean(0) / n  # Var of the linearised s2
+    mean_noise, var_noise = 0.5 * m1.var(0, unbiased=False) / n / ref, 0.25 * var_s2 / ref**2
 
     (layer,) = result.layers
     assert (layer.name, layer.group, layer.feeder, layer.feeder_group, layer.channels) == ("norm", "norm", "conv", "conv", 3)
     assert layer.mean_part == pytest.approx(parts(x)[0], rel=1e-5)
     assert layer.var_part == pytest.approx(parts(x)[1], rel=1e-5)
-    assert layer.noise == pytest.approx(float(noise.mean()), rel=1e-5)
+    assert layer.mean_noise == pytest.approx(float(mean_noise.mean()), rel=1e-5)
+    assert layer.var_noise == pytest.approx(float(var_noise.mean()), rel=1e-4)  # per-example means are float32
     assert wrong.any()
     assert layer.errors_mean_part == pytest.approx(parts(x[wrong])[0], rel=1e-5)
     assert layer.errors_var_part == pytest.approx(parts(x[wrong])[1], rel=1e-5)
@@ -76,7 +81,7 @@ def test_recorder_sums_equal_the_statistics_of_the_batchnorm_input() -> None:
 
 
 def profile(*rows: tuple[str, str | None, str | None, float, float]) -> list[LayerDrift]:
-    return [LayerDrift(name, group, f"{name}.feeder", feeder, 8, mean, var, 0.0, None, None) for name, group, feeder, mean, var in rows]
+    return [LayerDrift(name, group, f"{name}.feeder", feeder, 8, mean, var, 0.0, 0.0, None, None) for name, group, feeder, mean, var in rows]
 
 
 def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feeder() -> None:
@@ -89,9 +94,9 @@ def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feede
     assert margin == pytest.approx(0.501 / 1e-3)
     assert groups["conv1"] == pytest.approx(500.0) and groups["bn1"] == pytest.approx(1.0)
     # bn1's running variance scaled: the variance moved but the mean stayed within sampling noise -> bn1, not its feeder
-    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, None, None)])[0] == "bn1"
-    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1e-3, 0.5, 1e-5, None, None)])[0] == "conv1"
-    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, None, None)], drift.Rule(unmoved=0.0))[0] == "conv1"
+    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, 1e-3, None, None)])[0] == "bn1"
+    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1e-3, 0.5, 1e-5, 1e-3, None, None)])[0] == "conv1"
+    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, 1e-3, None, None)], drift.Rule(unmoved=0.0))[0] == "conv1"
     # bn1's running mean shifted: its own input is fine, its mean part is not -> bn1
     assert localise(profile(("bn1", "bn1", "conv1", 0.3, 0.01), ("l1.bn", "layer1", "layer1", 0.5, 0.5)))[0] == "bn1"
     # the first jump wins, even when a later one is larger: later layers inherit the damage
@@ -102,8 +107,11 @@ def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feede
     layers = profile(*[(n, n, n, kl, 0.0) for n, kl in zip("abcd", [1e-4, 2e-3, 1e-3, 8e-3])])
     assert drift.jumps(layers) == pytest.approx([0.1, 2.0, 0.5, 4.0])
     # a jump must stand above the layer's own sampling noise too: 0.05 against noise 0.02 is no finding
-    noisy = [LayerDrift("bn", "g", "conv", "g", 8, 0.03, 0.02, 0.02, None, None)]
-    assert localise(noisy)[0] is None and localise(noisy[:0] + [LayerDrift("bn", "g", "conv", "g", 8, 0.03, 0.02, 0.0, None, None)])[0] == "g"
+    assert localise([LayerDrift("bn", "g", "conv", "g", 8, 0.03, 0.02, 0.01, 0.01, None, None)])[0] is None
+    assert localise([LayerDrift("bn", "g", "conv", "g", 8, 0.03, 0.02, 0.0, 0.0, None, None)])[0] == "g"
+    # NaN in a BatchNorm's input: broken from there on, whatever the earlier profile; the table says so too
+    broken = localise(profile(("bn1", "bn1", "conv1", 1e-5, 1e-5), ("l1.bn", "layer1", "layer1", math.nan, math.nan)))
+    assert broken[0] == "layer1" and broken[1] == math.inf and broken[3]["layer1"] == math.inf
 
 
 @pytest.mark.parametrize(("norm", "reason"), [
@@ -117,6 +125,7 @@ def test_models_without_running_statistics_report_why(norm: nn.Module, reason: s
     images, labels = make_images(8, size=6)
     evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), Preprocess((1, 6, 6), (0.5,), (0.5,)), torch.device("cpu"),
              on_batch=rec.commit)
+    rec.remove()
     result = rec.result(layer_groups(net))
     assert not result.available and reason in (result.reason or "")
     assert result.finding.startswith("drift unavailable: ")
@@ -131,10 +140,10 @@ def test_healthy_sample_has_no_suspect_and_json_carries_the_profile(sample_sessi
     r = ranking.rank(sample_session, DataChoice(limit=1000), RankConfig(bootstrap=0))
     assert r.drift is not None and r.drift.available and r.drift.suspect is None
     assert r.drift.downstream == ("fc",)
-    assert len(r.drift.layers) == 20 and all(layer.kl < drift.FLOOR for layer in r.drift.layers)
+    assert len(r.drift.layers) == 20 and all(layer.kl < drift.Rule.floor for layer in r.drift.layers)
     assert r.verdict.endswith("no activation drift found: any fault lies after the last BatchNorm (in fc) or does not show in activation statistics")
     d = r.to_dict()["drift"]
-    assert d["available"] is True and d["suspect"] is None and set(d["groups"]) == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+    assert d["available"] is True and d["suspect"] is None and set(d["groups"]) == {"bn1", "layer1", "layer2", "layer3", "layer4"}
     assert d["layers"][0]["name"] == "bn1" and d["layers"][0]["feeder"] == "conv1" and "jump" in d["layers"][0]
     saved = tmp_path / "r.json"
     saved.write_text(json.dumps(r.to_dict()))
@@ -153,6 +162,7 @@ def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, gr
     assert r.drift is not None and r.drift.suspect == expected and r.drift.suspect_layer == "layer2.0.bn1"
     assert r.drift.margin is not None and r.drift.margin > 100  # 0.5 * 1.5^2 = 1.1 against a profile under 1e-3
     assert r.verdict.startswith(f"activations leave their training statistics at {expected} (x")
+    assert "the damage is likely there, or the data differ from the training data; " in r.verdict
 
 
 def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_before(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -179,8 +189,31 @@ def test_batchnorm1d_on_features_is_measured_too() -> None:
     pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
     rec = Recorder(net)
     evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), pre, torch.device("cpu"), batch_size=16, on_batch=rec.commit)
+    rec.remove()
     (layer,) = rec.result(layer_groups(net)).layers
     x = net[1](net[0](pre(images))).detach().double()  # (N, 5)
     ref = net[2].running_var.double() + net[2].eps
+    r = (x.var(0, unbiased=False) + net[2].eps) / ref
     assert (layer.name, layer.feeder) == ("2", "1")
     assert layer.mean_part == pytest.approx(float((0.5 * (x.mean(0) - 0.2) ** 2 / ref).mean()), rel=1e-5)
+    assert layer.var_part == pytest.approx(float((0.5 * (r - 1 - torch.log(r))).mean()), rel=1e-5)
+    assert layer.mean_noise == pytest.approx(float((0.5 * x.var(0, unbiased=False) / len(x) / ref).mean()), rel=1e-5)
+
+
+def test_a_batchnorm_called_twice_per_pass_is_left_out() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm, self.fc = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.norm(self.norm(self.conv(x))).mean((2, 3)))
+
+    net = Twice().eval()
+    rec = Recorder(net)
+    images, labels = make_images(8, size=6)
+    evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), Preprocess((1, 6, 6), (0.5,), (0.5,)), torch.device("cpu"),
+             on_batch=rec.commit)
+    rec.remove()
+    result = rec.result(layer_groups(net))
+    assert not result.available and result.reason == "every BatchNorm is called more than once per pass on the data"

@@ -54,7 +54,6 @@ class Rule:
     unmoved: float = 2.0  # a mean part within this many times the sampling noise: the input's mean has not moved
 
 
-FLOOR = Rule.floor
 
 
 def _tracks(module: nn.Module) -> bool:
@@ -83,13 +82,20 @@ class LayerDrift:
     channels: int
     mean_part: float
     var_part: float
-    noise: float  # the drift sampling alone adds on average, at this many examples: a jump must stand above it
+    mean_noise: float  # what sampling alone adds to each part on average, at this many examples
+    var_noise: float
     errors_mean_part: float | None  # the same on the errors alone (None without errors)
     errors_var_part: float | None
 
     @property
     def kl(self) -> float:
+        """Non-finite when the input held NaN or Inf."""
         return self.mean_part + self.var_part
+
+    @property
+    def noise(self) -> float:
+        """The drift that sampling alone adds on average: a jump must stand above it."""
+        return self.mean_noise + self.var_noise
 
     @property
     def errors_kl(self) -> float | None:
@@ -103,7 +109,7 @@ class Drift:
     available: bool
     reason: str | None = None
     suspect: str | None = None
-    margin: float | None = None  # the suspect's jump: its drift over the largest earlier drift (or the floor)
+    margin: float | None = None  # the suspect's jump: its drift over its base (largest earlier drift, own noise, floor)
     suspect_layer: str | None = None
     groups: dict[str, float] | None = None  # per group: the largest jump charged to it
     layers: tuple[LayerDrift, ...] = ()
@@ -119,7 +125,8 @@ class Drift:
             after = f" (in {', '.join(self.downstream)})" if self.downstream else ""
             return (f"no activation drift found: any fault lies after the last BatchNorm{after} "
                     "or does not show in activation statistics")
-        return f"activations leave their training statistics at {self.suspect} (x{_times(self.margin)}): the damage is likely there"
+        return (f"activations leave their training statistics at {self.suspect} (x{times(self.margin)}): "
+                "the damage is likely there, or the data differ from the training data")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -136,23 +143,24 @@ class Drift:
                    Rule(**d["rule"]) if d.get("rule") else Rule(), tuple(d.get("downstream", ())))
 
 
-def _times(x: float | None) -> str:
+def times(x: float | None) -> str:
+    """A jump for people: x1,800 reads as ``1,800``; two significant digits below 10."""
     if x is None or not math.isfinite(x):
         return "inf"
-    return f"{x:,.0f}" if x >= 10 else f"{x:.1f}"
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
-def bases(layers: Sequence[LayerDrift], floor: float = FLOOR) -> list[float]:
+def bases(layers: Sequence[LayerDrift], floor: float = Rule.floor) -> list[float]:
     """What each layer's drift is measured against: the largest drift at any earlier layer, its own
     sampling noise, or ``floor``, whichever is largest."""
     out, top = [], floor
     for layer in layers:
         out.append(max(top, layer.noise))
-        top = max(top, layer.kl)
+        top = max(top, layer.kl) if math.isfinite(layer.kl) else top
     return out
 
 
-def jumps(layers: Sequence[LayerDrift], floor: float = FLOOR) -> list[float]:
+def jumps(layers: Sequence[LayerDrift], floor: float = Rule.floor) -> list[float]:
     """Each layer's drift over its base (``bases``)."""
     return [layer.kl / base for layer, base in zip(layers, bases(layers, floor))]
 
@@ -162,16 +170,18 @@ def localise(layers: Sequence[LayerDrift], rule: Rule = Rule()) -> tuple[str | N
     per_group: dict[str, float] = {}
     suspect = margin = layer_name = None
     for layer, base in zip(layers, bases(layers, rule.floor)):
-        jump = layer.kl / base
+        finite = math.isfinite(layer.kl)
+        jump = layer.kl / base if finite else math.inf  # NaN or Inf in a BatchNorm's input: broken from there on
         own, feeder = layer.group or layer.feeder_group, layer.feeder_group or layer.group
-        for group, part in ((own, layer.mean_part), (feeder, layer.var_part)):
+        # a variance that moved while the mean stayed within sampling noise: the BatchNorm's own running variance
+        # changed, not its input (a damaged layer upstream moves the mean of what it hands on too)
+        unmoved = finite and layer.mean_part <= rule.unmoved * layer.mean_noise
+        var_to = own if unmoved else feeder
+        for group, part in ((own, layer.mean_part), (var_to, layer.var_part)):
             if group is not None:
-                per_group[group] = max(per_group.get(group, 0.0), part / base)
+                per_group[group] = max(per_group.get(group, 0.0), part / base if finite else math.inf)
         if suspect is None and jump > rule.threshold:
-            # the variance moved while the mean stayed within sampling noise: the BatchNorm's own running variance
-            # changed, not its input (a damaged layer upstream moves the mean of what it hands on too)
-            unmoved = layer.mean_part <= rule.unmoved * layer.noise
-            suspect = own if layer.mean_part >= layer.var_part or unmoved else feeder
+            suspect = own if finite and layer.mean_part >= layer.var_part else var_to
             margin, layer_name = jump, layer.name
     return suspect, margin, layer_name, per_group
 
@@ -189,19 +199,22 @@ class Recorder:
     """Forward hooks on every BatchNorm with running statistics, for one evaluation pass.
 
     Each hook keeps its batch's per-example, per-channel means of the input centred at the running
-    mean and of its square; ``commit`` (called with the batch's logits and labels) adds them, and
-    their squares, to the totals over all examples and over the errors. The squares give the
-    sampling noise of the statistics (examples, not positions, are the independent draws).
-    Per-example means are float32 (one image's positions), totals float64. Also records, on the
-    first batch, the order in which parameter-owning layers run (for feeders).
+    mean (m1) and of its square (m2); ``commit`` (called with the batch's logits and labels) adds
+    them and their products (m1^2, m2^2, m1 m2: the sampling noise, with examples, not positions,
+    as the independent draws) to the totals over all examples and over the errors, on the model's
+    device (one small matrix product per BatchNorm and batch, no host transfer). Per-example means
+    are float32 (one image's positions), totals float64. A BatchNorm called more than once per
+    forward pass is left out (its calls see different inputs). Also records, on the first batch, the
+    order in which parameter-owning layers run (for feeders).
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.norms = {name: m for name, m in model.named_modules() if name and _tracks(m)}
         self.order: list[str] = []
-        self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        # name -> (2, 5, C) float64: [all, errors] x [examples, sum m1, sum m2, sum m1^2, sum m2^2]; m1, m2 per-example means
+        self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.repeated: set[str] = set()
+        # name -> (2, 6, C) float64: [all, errors] x [examples, sum m1, sum m2, sum m1^2, sum m2^2, sum m1 m2]
         self.sums: dict[str, torch.Tensor] = {}
         self.batches: dict[str, list[torch.Tensor]] = {}  # under torchrun: this process's per-batch sums, to add in global order
         self.handles = [m.register_forward_hook(self._stats(name)) for name, m in self.norms.items()]
@@ -218,6 +231,9 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
                 return
+            if name in self.pending:
+                self.repeated.add(name)
+                return
             x = args[0].detach().float()
             if not self.sums and name not in self.order:
                 self.order.append(name)
@@ -226,20 +242,19 @@ class Recorder:
             dims = tuple(range(2, x.dim()))
             m1 = xc.mean(dims) if dims else xc  # (B, C) per-example means
             m2 = xc.square().mean(dims) if dims else xc.square()
-            self.pending.setdefault(name, []).append((m1, m2))
+            self.pending[name] = (m1, m2)
         return hook
 
     def commit(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the batch just evaluated; its errors are the examples whose argmax differs from the label."""
-        wrong = logits.argmax(1).to(labels.device) != labels
-        for name, calls in self.pending.items():
-            for m1, m2 in calls:
-                w = wrong.to(m1.device)
-                m = torch.stack([torch.ones_like(m1), m1, m2, m1.square(), m2.square()], 1).double()  # (B, 5, C)
-                add = torch.stack([m.sum(0), m[w].sum(0)]).cpu()  # (2, 5, C)
-                self.sums[name] = self.sums[name] + add if name in self.sums else add
-                if distributed.current().size > 1:
-                    self.batches.setdefault(name, []).append(add)
+        wrong = (logits.argmax(1) != labels).double()
+        weights = torch.stack([torch.ones_like(wrong), wrong])  # (2, B): all examples, errors
+        for name, (m1, m2) in self.pending.items():
+            m = torch.stack([torch.ones_like(m1), m1, m2, m1.square(), m2.square(), m1 * m2], 1).double()  # (B, 6, C)
+            add = torch.einsum("kb,bsc->ksc", weights.to(m.device), m)  # (2, 6, C)
+            self.sums[name] = self.sums[name] + add if name in self.sums else add
+            if distributed.current().size > 1:
+                self.batches.setdefault(name, []).append(add.cpu())
         self.pending.clear()
 
     def remove(self) -> None:
@@ -268,36 +283,37 @@ class Recorder:
         if reason is not None:
             return Drift(False, reason)
         self._reduce()
-        param_order = [n for n in self.order if n not in self.norms]
         layers = []
-        for name in [n for n in self.order if n in self.norms and n in self.sums]:
+        for name in [n for n in self.order if n in self.norms and n in self.sums and n not in self.repeated]:
             module = self.norms[name]
-            before = self.order[: self.order.index(name)]
-            feeder = next((n for n in reversed(before) if n in param_order), None)
-            (mean, var, noise), err = _parts(module, self.sums[name][0]), _parts(module, self.sums[name][1])
+            feeder = next((n for n in reversed(self.order[: self.order.index(name)]) if n not in self.norms), None)
+            sums = self.sums[name].cpu()
+            (mean, var, mean_noise, var_noise), err = _parts(module, sums[0]), _parts(module, sums[1])
             layers.append(LayerDrift(name, _owner(name, groups), feeder, None if feeder is None else _owner(feeder, groups),
-                                     module.num_features, mean, var, noise, *(err[:2] if err else (None, None))))
+                                     module.num_features, mean, var, mean_noise, var_noise, *(err[:2] if err else (None, None))))
         if not layers:
-            return Drift(False, "no BatchNorm with running statistics was called on the data")
+            why = "every BatchNorm is called more than once per pass" if self.repeated else "no BatchNorm with running statistics was called"
+            return Drift(False, f"{why} on the data")
         suspect, margin, layer, per_group = localise(layers, rule)
         last = max(self.order.index(n) for n in self.norms if n in self.order)
         downstream = tuple(dict.fromkeys(g for n in self.order[last + 1:] if (g := _owner(n, groups)) is not None))
         return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), rule, downstream)
 
 
-def _parts(module: nn.Module, sums: torch.Tensor) -> tuple[float, float, float] | None:
-    """Channel-averaged (mean part, variance part, sampling noise) of KL(N(mu, s2) || N(m, v)) from ``sums`` (5, C).
+def _parts(module: nn.Module, sums: torch.Tensor) -> tuple[float, float, float, float] | None:
+    """Channel-averaged mean part, variance part and their sampling noise from ``sums`` (6, C); None without examples.
 
-    Noise: the drift that sampling alone adds on average, 0.5 Var(mu)/v + 0.25 Var(s2)/v^2 (second
-    order in the estimates' errors), with examples as the independent draws; None without examples."""
+    KL(N(mu, s2) || N(m, v)) with mu - m = E[m1], s2 = E[m2] - E[m1]^2. Noise: what sampling adds to
+    each part on average, to second order in the estimates' errors: 0.5 Var(mu)/v and
+    0.25 Var(s2)/v^2, with Var(s2) = Var(E m2) - 4 mu Cov(E m1, E m2) + 4 mu^2 Var(E m1) (delta method)."""
     n = float(sums[0, 0])
     if n == 0:
         return None
     ref = module.running_var.detach().double().cpu() + module.eps  # (C,)
-    m1, m2, q1, q2 = sums[1] / n, sums[2] / n, sums[3] / n, sums[4] / n  # m1 = mu - m
+    m1, m2, q1, q2, q12 = (sums[i] / n for i in range(1, 6))  # m1 = mu - m
     var = (m2 - m1.square()).clamp_min(0.0)
     r = (var + module.eps) / ref
-    mean_part = 0.5 * m1.square() / ref
-    var_part = 0.5 * (r - 1.0 - torch.log(r))
-    noise = 0.5 * (q1 - m1.square()).clamp_min(0.0) / n / ref + 0.25 * (q2 - m2.square()).clamp_min(0.0) / n / ref.square()
-    return float(mean_part.mean()), float(var_part.mean()), float(noise.mean())
+    var_m1, var_m2, cov = (q1 - m1.square()) / n, (q2 - m2.square()) / n, (q12 - m1 * m2) / n
+    var_s2 = (var_m2 - 4 * m1 * cov + 4 * m1.square() * var_m1).clamp_min(0.0)
+    parts = (0.5 * m1.square() / ref, 0.5 * (r - 1.0 - torch.log(r)), 0.5 * var_m1.clamp_min(0.0) / ref, 0.25 * var_s2 / ref.square())
+    return tuple(float(p.mean()) for p in parts)  # type: ignore[return-value]

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from beta_diag import distributed
+from beta_diag.drift import times
 from beta_diag.schedules import regime_fractions
 from beta_diag.training import Progress as ProgressFn, without_timing
 
@@ -146,7 +147,7 @@ def rank_table(ranking: Any) -> None:
     table = Table(
         "rank", "group", "params", metric, "norm", "contrast", "flagged", "P(flagged)", "rank 90% CI", *(["drift"] if drift else []),
         title=f"ranked by {metric} ({ranking.config.granularity.value}s, {ranking.config.bootstrap} bootstrap replicates)"
-        + ("; drift: the largest jump of BatchNorm input statistics charged to the group (x its earlier profile)" if drift else ""),
+        + ("; drift: the largest part of a BatchNorm's input drift charged to the group, over the drift before it" if drift else ""),
         title_justify="left",
     )
     for g in ranking.groups:
@@ -172,7 +173,7 @@ def drift_cell(drift: Any, name: str) -> str:
     value = (drift.groups or {}).get(name)
     if value is None:
         return ""
-    text = f"x{value:,.0f}" if value >= 10 else f"x{value:.2g}"
+    text = f"x{times(value)}"
     return f"[bold]{text} suspect[/]" if name == drift.suspect else text
 
 
