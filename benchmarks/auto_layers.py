@@ -62,7 +62,7 @@ def main() -> None:
                     r = rank(damaged, verify, RankConfig(bootstrap=0), dataset=ds)
                     after = r.accuracy
                     done: dict[tuple[str, ...], dict] = {}
-                    row = {"kind": kind, "group": group, "seed": seed, "drop": base - after, "suspect": r.drift.suspect if r.drift else None,
+                    row = {"kind": kind, "group": group, "seed": seed, "drop": base - after, "drift_suspect": r.drift.suspect if r.drift else None,
                            "flagged": list(r.flagged)}
                     for policy in policies:
                         chosen = tuple(auto_groups(r, policy))
@@ -72,7 +72,7 @@ def main() -> None:
                             done[chosen] = arm_row(out.surgical, base, after)
                         row[policy] = {**done[chosen], "hit": group in chosen}
                     rows.append(row)
-                    print(f"{kind:8s} {group:7s} seed {seed}: drop {100 * row['drop']:.1f} pts, suspect {row['suspect']}, flagged {', '.join(r.flagged)}; "
+                    print(f"{kind:8s} {group:7s} seed {seed}: drop {100 * row['drop']:.1f} pts, suspect {row['drift_suspect']}, flagged {', '.join(r.flagged)}; "
                           + "; ".join(f"{p} ({', '.join(row[p]['groups'])}) recovers {100 * row[p]['recovered']:.0f}%, net {row[p]['net']:+d}"
                                       for p in policies), flush=True)
     total = sum(p.numel() for p in session.model.parameters())
