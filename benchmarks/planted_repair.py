@@ -26,7 +26,7 @@ from pathlib import Path
 from planted_faults import SGD, calibrate
 
 from beta_diag.groups import layer_groups
-from beta_diag.repair import Arm, RepairConfig, repair
+from beta_diag.repair import Arm, AutoLayers, RepairConfig, repair
 from beta_diag.session import DataChoice, open_session
 
 
@@ -54,7 +54,8 @@ def main() -> None:
     base = session.evaluate(ds).accuracy
     names = [g.name for g in layer_groups(session.model)]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.lr, baseline="full", distill=args.distill)
+    # auto = the flags, as in the recorded figures (before --auto-layers suspect became the default; auto_layers.py compares them)
+    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.lr, baseline="full", distill=args.distill, auto_layers=AutoLayers.flags)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for group in names[-1:] if args.quick else names:

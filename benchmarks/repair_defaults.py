@@ -34,7 +34,7 @@ from planted_faults import SGD, calibrate
 
 from beta_diag import data
 from beta_diag.groups import layer_groups
-from beta_diag.repair import RepairConfig, Verdict, repair
+from beta_diag.repair import AutoLayers, RepairConfig, Verdict, repair
 from beta_diag.session import DataChoice, Session, open_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main() -> int:
         out = Path(tmp) / "r.safetensors"
 
         def verdict_of(ckpt: Session, layers: list[str] | str, choice: DataChoice, variant: Variant, seed: int = 0) -> Verdict:
-            config = RepairConfig(epochs=epochs, lr=variant[0], distill=variant[1], seed=seed)
+            config = RepairConfig(epochs=epochs, lr=variant[0], distill=variant[1], seed=seed, auto_layers=AutoLayers.flags)  # as recorded
             return repair(ckpt, layers, out, verify=choice, config=config, device="cpu", force=True).surgical.verify
 
         print(f"(1) damaged models: {', '.join(groups)} (noise, seed 0), --layers auto, verified on {len(verify_ds)} test images; "
