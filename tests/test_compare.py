@@ -83,6 +83,11 @@ def test_self_comparison_and_saved_vs_fresh(tiny: dict[str, Path], tmp_path: Pat
     assert all(v == 1.0 for v in pair["overlap_at_k"].values())
     assert pair["jaccard"] == pair["spearman"] == pair["kendall"] == pair["p_same_flags"] == 1.0
     assert c["verdict"].startswith("same ")
+    k = len(c["inputs"][0]["flagged"])  # a model against itself: the chance of as much overlap is 1 / C(7, k)
+    assert pair["p_chance_flags"] == pytest.approx(1 / math.comb(7, k)) and pair["p_chance_at_k"][str(k)] == pair["p_chance_flags"]
+    assert c["verdict"].endswith(f"; P(as much overlap by chance) {1 / math.comb(7, k):.2g}")
+    assert c["inputs"][0]["drift_suspect"] == c["inputs"][1]["drift_suspect"]
+    assert set(pair["share_overlap_at_k"]) == set(pair["overlap_at_k"])
     again = cmp.compare([tiny["ckpt"], tiny["ckpt"]], config=RankConfig(bootstrap=40), device="cpu")
     assert again.pairs[0].spearman == 1.0 and again.rankings[0] == again.rankings[1]
 
@@ -103,4 +108,5 @@ def test_compare_cli_table_and_plot(tiny: dict[str, Path], tmp_path: Path) -> No
     r = runner.invoke(app, ["compare", str(tiny["ckpt"]), str(tiny["ckpt"]), str(tiny["ckpt"]), "--bootstrap", "10", "--plot", str(plot)])
     assert r.exit_code == 0, r.stderr
     assert "flagged by all:" in r.stdout and "in all 3" in r.stdout
+    assert "P(by chance)" in r.stdout and "overlap with parameter share" in r.stdout
     assert plot.read_bytes()[:4] == b"\x89PNG"
