@@ -105,7 +105,7 @@ def auto_rgn(session: Session, ds: object, groups: list[Group]) -> np.ndarray:
     """||sum of gradients over every example||_g / ||theta_g|| per group."""
     grad = summed_gradient(session.model, ds, torch.arange(len(ds)), session.preprocess, session.device)  # type: ignore[arg-type]
     params = dict(session.model.named_parameters())
-    sq = [(sum(float(grad[p].double().pow(2).sum()) for p in g.param_names), sum(float(params[p].double().pow(2).sum()) for p in g.param_names))
+    sq = [(sum(float(grad[p].double().pow(2).sum()) for p in g.param_names), sum(float(params[p].detach().double().pow(2).sum()) for p in g.param_names))
           for g in groups]
     return np.array([(gs / ws) ** 0.5 if ws > 0 else 0.0 for gs, ws in sq])
 
