@@ -112,8 +112,8 @@ def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tm
     v = report["surgical"]["verify"]
     assert v["net"] == v["fixed"] - v["broken"] and report["baseline"]["groups"] == ["all"]
     assert report["sha256"] == sha(out) and sha(tiny["ckpt"]) == before
-    ranked = ranking.rank(tiny["ckpt"], config=ranking.RankConfig(bootstrap=0), device="cpu")  # auto: the drift suspect, else the flags
-    assert report["plan"]["groups"] == auto_groups(ranked, "suspect") and report["plan"]["config"]["auto_layers"] == "suspect"
+    ranked = ranking.rank(tiny["ckpt"], config=ranking.RankConfig(bootstrap=0), device="cpu")  # auto: the drift suspect plus the flags
+    assert report["plan"]["groups"] == auto_groups(ranked, "both") and report["plan"]["config"]["auto_layers"] == "both"
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert runner.invoke(app, ["info", str(out)]).exit_code == 0
     assert runner.invoke(app, ["rank", str(out), "--bootstrap", "5"]).exit_code == 0

@@ -301,7 +301,7 @@ def repair(
     ckpt: CkptArg,
     layers: Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")] = "auto",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")] = None,
-    auto_layers: Annotated[AutoLayers, typer.Option("--auto-layers", help="What --layers auto repairs: suspect (the drift suspect, else the flags), flags (where the errors agree) or both.")] = RepairConfig.auto_layers,
+    auto_layers: Annotated[AutoLayers, typer.Option("--auto-layers", help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).")] = RepairConfig.auto_layers,
     ranking_file: Annotated[Optional[Path], typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
     train_data: Annotated[Optional[str], typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
