@@ -275,6 +275,8 @@ def compare(
     bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP,
     seed: SeedOpt = 0,
     groups_glob: GroupsOpt = None,
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
     device: DeviceOpt = "auto",
     plot: PlotOpt = None,
     force: ForceOpt = False,
@@ -282,14 +284,17 @@ def compare(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Do the same layer groups carry the errors in each checkpoint (e.g. SGD- vs Adam-trained)?"""
+    """Do the same layer groups carry the errors in each checkpoint (e.g. SGD- vs Adam-trained)?
+
+    --arch and --arch-arg apply to every checkpoint given (they must share an architecture to compare).
+    """
     from beta_diag.compare import compare as compare_fn
 
     if plot is not None:
         checkpoint.check_output(plot, force, tuple(inputs))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
     with report.progress(quiet or as_json) as progress:
-        result = compare_fn(list(inputs), DataChoice(data, split, limit, seed), config, device, top_k, progress)
+        result = compare_fn(list(inputs), DataChoice(data, split, limit, seed), config, device, top_k, progress, arch, parse_arch_args(arch_arg))
     if plot is not None:
         plots.comparison(result, plot, force)
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
@@ -320,6 +325,8 @@ def repair(
     granularity: GranularityOpt = Granularity.group,
     top_k: TopKOpt = None,
     seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    arch_arg: ArchArgOpt = None,
     device: DeviceOpt = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
     plot: PlotOpt = None,
@@ -342,9 +349,9 @@ def repair(
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
-            planned = plan_fn(load_checkpoint(ckpt, None, None), chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
+            planned = plan_fn(load_checkpoint(ckpt, arch, arch_arg), chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
         else:
-            result = repair_fn(load_checkpoint(ckpt, None, None), chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
+            result = repair_fn(load_checkpoint(ckpt, arch, arch_arg), chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
                                force, progress)
     if dry_run:
         report.print_json(asdict(planned) | {"fraction": planned.fraction}, timings) if as_json else report.plan_table(planned)

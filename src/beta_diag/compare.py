@@ -198,16 +198,17 @@ def _load_saved(path: Path) -> Ranking:
 
 def compare(
     inputs: list[str | Path], data: DataChoice = DataChoice(), config: RankConfig = RankConfig(), device: str = "auto",
-    top_k: int | None = None, progress: Progress | None = None,
+    top_k: int | None = None, progress: Progress | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
 ) -> Comparison:
     """Rank each checkpoint (or read each saved ranking) with identical options, then compare.
 
-    The data is decoded once for all checkpoints. Example:
+    ``arch``/``arch_kwargs`` (``--arch``/``--arch-arg``) name the architecture of every checkpoint given,
+    for plain state dicts. The data is decoded once for all checkpoints. Example:
     ``compare(['sgd.safetensors', 'adam.safetensors']).verdict``.
     """
     paths = [Path(p) for p in inputs]
     saved = {i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json"}
-    sessions = {i: open_session(p, device) for i, p in enumerate(paths) if i not in saved}
+    sessions = {i: open_session(p, device, arch, arch_kwargs) for i, p in enumerate(paths) if i not in saved}
     specs = {i: s.resolve_data(data) for i, s in sessions.items()}
     if len(set(specs.values())) > 1:
         listed = ", ".join(f"{paths[i]}: {sp}" for i, (sp, _) in specs.items())
