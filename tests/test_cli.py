@@ -145,6 +145,25 @@ def test_plain_state_dict_on_compare_and_repair_with_arch(tiny: dict[str, Path],
     assert checkpoint.load(out).metadata.arch == "resnet18_cifar"  # the repaired file names what it was built as
 
 
+def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str, Path], tmp_path: Path) -> None:
+    weights = checkpoint.load(tiny["ckpt"]).state_dict
+    wrapped = tmp_path / "ddp_compiled.pt"
+    torch.save({"epoch": 3, "net": {f"module._orig_mod.{k}": v for k, v in weights.items()}}, wrapped)
+    arch = ["--arch", "resnet18_cifar", "--arch-arg", "width=4", "--arch-arg", "in_channels=1", "--arch-arg", "num_classes=4"]
+    info = run("info", wrapped, *arch, "--json")
+    assert info.exit_code == 0, info.stderr
+    notes = ["read the weights under the key 'net'", "stripped the 'module.' prefix from every key (DataParallel/DDP)",
+             "stripped the '_orig_mod.' prefix from every key (torch.compile)"]
+    assert json.loads(info.stdout)["notes"] == notes and len(json.loads(info.stdout)["groups"]) == 7
+    assert info.stderr.splitlines() == [f"Note: {wrapped}: {n}" for n in notes]  # each said once
+    plain = tmp_path / "plain.safetensors"
+    save_file(weights, str(plain))
+    compared = run("compare", wrapped, plain, "--data", str(tiny["test"]), *arch, "--bootstrap", "5", "--json")
+    assert compared.exit_code == 0, compared.stderr
+    assert json.loads(compared.stdout)["pairs"][0]["spearman"] == 1.0  # the same weights, however they were saved
+    assert compared.stderr.count("Note: ") == 3
+
+
 def test_usage_error_exits_2(tiny: dict[str, Path]) -> None:
     assert run("info").exit_code == 2
     assert run("train", "--optimizer", "lbfgs", "-o", "x.safetensors").exit_code == 2

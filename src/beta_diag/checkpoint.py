@@ -137,6 +137,7 @@ class Checkpoint:
     metadata: Metadata
     sha256: str
     arch_from_user: bool = False  # True when --arch named the architecture, not the file
+    notes: tuple[str, ...] = ()  # what loading assumed or converted (a wrapper key, a stripped prefix), for stderr and --json
 
     def with_overrides(self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> Checkpoint:
         """The same checkpoint with the architecture given by hand (``--arch``)."""
@@ -230,7 +231,25 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, raw_meta
 
 
-def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts commonly keep the weights
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DistributedDataParallel, torch.compile
+
+
+def _unwrap(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip the prefixes that DataParallel/DDP and torch.compile put before every key; notes say which."""
+    notes = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if tensors and all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                notes.append(f"stripped the '{prefix}' prefix from every key ({'torch.compile' if prefix == '_orig_mod.' else 'DataParallel/DDP'})")
+                changed = True
+    return tensors, notes
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -240,13 +259,16 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({type(exc).__name__}): re-save it with torch.save(model.state_dict(), path)") from None
-    for wrapper in ("state_dict", "model_state_dict", "model"):
+    notes = []
+    for wrapper in STATE_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
+            notes.append(f"read the weights under the key '{wrapper}'")
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors: re-save it with torch.save(model.state_dict(), path)")
-    return obj
+        raise CheckpointError(f"{path}: does not hold a state dict of tensors (nor one under {', '.join(STATE_KEYS)}): "
+                              "re-save it with torch.save(model.state_dict(), path)")
+    return obj, notes
 
 
 def load(path: str | os.PathLike[str]) -> Checkpoint:
@@ -272,15 +294,17 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     suffix = file.suffix.lower()
     if suffix == ".safetensors":
         tensors, raw = _read_safetensors(file)
+        notes: list[str] = []
         meta_values: dict[str, Any] = dict(Metadata.from_strings(raw, str(file)).to_dict())
         if config:
             meta_values = {**{k: v for k, v in config.items() if k in meta_values}, **{k: v for k, v in meta_values.items() if v not in (None, {}, [])}}
         metadata = Metadata.from_dict(meta_values, str(file))
     elif suffix in (".pt", ".pth", ".bin"):
-        tensors, metadata = _read_torch(file), Metadata()
+        (tensors, notes), metadata = _read_torch(file), Metadata()
     else:
         raise CheckpointError(f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors")
-    return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file))
+    tensors, stripped = _unwrap(tensors)
+    return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file), notes=tuple(notes + stripped))
 
 
 def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = (), checkpoint_file: bool = False) -> None:

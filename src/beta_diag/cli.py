@@ -89,7 +89,12 @@ def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, arch: str | None, arch_args: list[str] | None) -> checkpoint.Checkpoint:
-    return checkpoint.load(path).with_overrides(arch, parse_arch_args(arch_args))
+    """The checkpoint with ``--arch``/``--arch-arg`` applied; what loading converted is said once on stderr."""
+    ckpt = checkpoint.load(path).with_overrides(arch, parse_arch_args(arch_args))
+    for note in ckpt.notes:
+        if distributed.is_main():
+            print(f"Note: {ckpt.path}: {note}", file=sys.stderr)
+    return ckpt
 
 
 @app.command()
@@ -136,7 +141,7 @@ def train(
 
 def describe(ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
     """The ``info`` figures: metadata, parameters per group, history summary."""
-    info: dict[str, Any] = {"path": str(ckpt.path), "sha256": ckpt.sha256, "metadata": ckpt.metadata.to_dict()}
+    info: dict[str, Any] = {"path": str(ckpt.path), "sha256": ckpt.sha256, "metadata": ckpt.metadata.to_dict(), "notes": list(ckpt.notes)}
     info["metadata"].pop("history")
     if ckpt.metadata.arch:
         model = ckpt.build_model()
@@ -293,8 +298,9 @@ def compare(
     if plot is not None:
         checkpoint.check_output(plot, force, tuple(inputs))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
+    opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg) for p in inputs]
     with report.progress(quiet or as_json) as progress:
-        result = compare_fn(list(inputs), DataChoice(data, split, limit, seed), config, device, top_k, progress, arch, parse_arch_args(arch_arg))
+        result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
     if plot is not None:
         plots.comparison(result, plot, force)
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)

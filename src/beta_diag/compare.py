@@ -197,7 +197,7 @@ def _load_saved(path: Path) -> Ranking:
 
 
 def compare(
-    inputs: list[str | Path], data: DataChoice = DataChoice(), config: RankConfig = RankConfig(), device: str = "auto",
+    inputs: list[str | Path | checkpoint.Checkpoint], data: DataChoice = DataChoice(), config: RankConfig = RankConfig(), device: str = "auto",
     top_k: int | None = None, progress: Progress | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
 ) -> Comparison:
     """Rank each checkpoint (or read each saved ranking) with identical options, then compare.
@@ -206,9 +206,10 @@ def compare(
     for plain state dicts. The data is decoded once for all checkpoints. Example:
     ``compare(['sgd.safetensors', 'adam.safetensors']).verdict``.
     """
-    paths = [Path(p) for p in inputs]
-    saved = {i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json"}
-    sessions = {i: open_session(p, device, arch, arch_kwargs) for i, p in enumerate(paths) if i not in saved}
+    paths = [p.path if isinstance(p, checkpoint.Checkpoint) else Path(p) for p in inputs]
+    saved = {i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json" and not isinstance(inputs[i], checkpoint.Checkpoint)}
+    sessions = {i: open_session(inputs[i] if isinstance(inputs[i], checkpoint.Checkpoint) else p, device, arch, arch_kwargs)
+                for i, p in enumerate(paths) if i not in saved}
     specs = {i: s.resolve_data(data) for i, s in sessions.items()}
     if len(set(specs.values())) > 1:
         listed = ", ".join(f"{paths[i]}: {sp}" for i, (sp, _) in specs.items())
