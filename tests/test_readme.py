@@ -66,3 +66,17 @@ def test_readme_torchrun_command_runs(command: str, workdir: Path) -> None:
         import json
 
         json.loads(results[0][0])
+
+
+def test_every_option_the_readme_names_exists() -> None:
+    """Options named anywhere in the README (prose included) are options of some command; launcher
+    options (torchrun's) and the evidence scripts' are theirs."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    ours = {opt for cmd in group.commands.values() for param in cmd.params for opt in param.opts + param.secondary_opts}
+    theirs = {"--standalone", "--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"}
+    prose = re.sub(r"`python benchmarks/[^`]*`", "", README)  # the evidence scripts' own options (argparse) are theirs
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", prose))
+    assert {"--timings", "--auto-layers", "--arch", "--json"} <= named  # the test reads what it should
+    assert named - ours - theirs == set()
