@@ -164,6 +164,26 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
     assert compared.stderr.count("Note: ") == 3
 
 
+def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
+    info = run("info", plain, "--arch", "resnet18_cifar", "--arch-arg", "width=4", "--json")
+    assert info.exit_code == 0, info.stderr
+    notes = ["inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
+             "inferred in_channels=1 from the weights (conv1.weight); --arch-arg in_channels=N overrides it"]
+    d = json.loads(info.stdout)
+    assert d["notes"] == notes and d["metadata"]["arch_kwargs"] == {"width": 4, "num_classes": 4, "in_channels": 1}
+    assert info.stderr.splitlines() == [f"Note: {plain}: {n}" for n in notes]
+    torchvision = pytest.importorskip("torchvision")
+    r18 = tmp_path / "r18.safetensors"
+    save_file(torchvision.models.resnet18(num_classes=7).state_dict(), str(r18))
+    info = run("info", r18, "--arch", "resnet18", "--json")
+    assert info.exit_code == 0, info.stderr
+    assert json.loads(info.stdout)["notes"] == ["inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it"]
+    given = run("info", r18, "--arch", "resnet18", "--arch-arg", "num_classes=7", "--json")
+    assert json.loads(given.stdout)["notes"] == [] and given.stderr == ""  # named: nothing inferred, nothing said
+
+
 def test_usage_error_exits_2(tiny: dict[str, Path]) -> None:
     assert run("info").exit_code == 2
     assert run("train", "--optimizer", "lbfgs", "-o", "x.safetensors").exit_code == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import pickle
@@ -148,6 +149,44 @@ class Checkpoint:
             return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True)
         return replace(self, metadata=meta)
 
+    def _arch_kwargs(self) -> dict[str, Any]:
+        kwargs = dict(self.metadata.arch_kwargs)
+        if self.metadata.num_classes is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = self.metadata.num_classes
+        return kwargs
+
+    def inferred(self) -> Checkpoint:
+        """The checkpoint with what its weights say about the architecture filled in, where nothing named it:
+        ``num_classes`` from the classifier's output size, and ``in_channels`` from the first convolution's
+        input (for builders that take it). Each inference is added to ``notes``. The model is built on the
+        meta device, so nothing is allocated; an architecture that cannot be built is left to ``build_model``."""
+        meta = self.metadata
+        if not meta.arch or (":" in meta.arch and not self.arch_from_user):
+            return self
+        kwargs = self._arch_kwargs()
+        try:
+            with torch.device("meta"):
+                model = models.build(meta.arch, kwargs)
+            takes_channels = "in_channels" in inspect.signature(models.resolve(meta.arch)).parameters
+        except Exception:  # noqa: BLE001 - build_model reports it with the fix
+            return self
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        found: dict[str, tuple[int, str]] = {}
+        if layers and "num_classes" not in kwargs:
+            key = f"{layers[-1][0]}.weight"  # the classifier is the last linear or convolution registered
+            if key in self.state_dict and self.state_dict[key].dim() >= 1 and self.state_dict[key].shape[0] != layers[-1][1].weight.shape[0]:
+                found["num_classes"] = (int(self.state_dict[key].shape[0]), key)
+        first = layers[0][1] if layers else None
+        if isinstance(first, nn.Conv2d) and takes_channels and "in_channels" not in kwargs:
+            key = f"{layers[0][0]}.weight"
+            if key in self.state_dict and self.state_dict[key].dim() == 4 and self.state_dict[key].shape[1] != first.weight.shape[1]:
+                found["in_channels"] = (int(self.state_dict[key].shape[1]) * first.groups, key)
+        if not found:
+            return self
+        notes = tuple(f"inferred {k}={v} from the weights ({key}); --arch-arg {k}=N overrides it" for k, (v, key) in found.items())
+        return replace(self, metadata=replace(meta, arch_kwargs={**meta.arch_kwargs, **{k: v for k, (v, _) in found.items()}}),
+                       notes=self.notes + notes)
+
     def build_model(self) -> nn.Module:
         """Build the architecture named in the metadata and load the weights strictly (eval mode)."""
         meta = self.metadata
@@ -158,10 +197,7 @@ class Checkpoint:
                 f"{self.path}: metadata names code to import ({meta.arch}); beta-diag never runs code a file names: "
                 f"if you trust it, pass --arch {meta.arch}"
             )
-        kwargs = dict(meta.arch_kwargs)
-        if meta.num_classes is not None and "num_classes" not in kwargs:
-            kwargs["num_classes"] = meta.num_classes
-        model = models.build(meta.arch, kwargs)
+        model = models.build(meta.arch, self._arch_kwargs())
         load_weights(model, self.state_dict, str(self.path))
         return model.eval()
 

@@ -90,7 +90,7 @@ def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, arch: str | None, arch_args: list[str] | None) -> checkpoint.Checkpoint:
     """The checkpoint with ``--arch``/``--arch-arg`` applied; what loading converted is said once on stderr."""
-    ckpt = checkpoint.load(path).with_overrides(arch, parse_arch_args(arch_args))
+    ckpt = checkpoint.load(path).with_overrides(arch, parse_arch_args(arch_args)).inferred()
     for note in ckpt.notes:
         if distributed.is_main():
             print(f"Note: {ckpt.path}: {note}", file=sys.stderr)

@@ -87,7 +87,7 @@ def open_session(
     Example: ``open_session('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors')``.
     """
     ckpt = path if isinstance(path, Checkpoint) else checkpoint.load(path)
-    ckpt = ckpt.with_overrides(arch, arch_kwargs)
+    ckpt = ckpt.with_overrides(arch, arch_kwargs).inferred()
     dev = resolve_device(device)
     model = prepare(ckpt.build_model(), dev).eval()
     return Session(ckpt, model, preprocess_for(ckpt, model), dev)
