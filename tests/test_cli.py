@@ -145,6 +145,10 @@ def test_plain_state_dict_on_compare_and_repair_with_arch(tiny: dict[str, Path],
     assert checkpoint.load(out).metadata.arch == "resnet18_cifar"  # the repaired file names what it was built as
 
 
+ASSUMED = ["assumed 1x32x32 inputs (the metadata names no input shape): pass --input-size if the model expects another",
+           "assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel (the metadata names none): pass --mean and --std"]
+
+
 def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str, Path], tmp_path: Path) -> None:
     weights = checkpoint.load(tiny["ckpt"]).state_dict
     wrapped = tmp_path / "ddp_compiled.pt"
@@ -153,7 +157,7 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
     info = run("info", wrapped, *arch, "--json")
     assert info.exit_code == 0, info.stderr
     notes = ["read the weights under the key 'net'", "stripped the 'module.' prefix from every key (DataParallel/DDP)",
-             "stripped the '_orig_mod.' prefix from every key (torch.compile)"]
+             "stripped the '_orig_mod.' prefix from every key (torch.compile)", *ASSUMED]
     assert json.loads(info.stdout)["notes"] == notes and len(json.loads(info.stdout)["groups"]) == 7
     assert info.stderr.splitlines() == [f"Note: {wrapped}: {n}" for n in notes]  # each said once
     plain = tmp_path / "plain.safetensors"
@@ -161,7 +165,7 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
     compared = run("compare", wrapped, plain, "--data", str(tiny["test"]), *arch, "--bootstrap", "5", "--json")
     assert compared.exit_code == 0, compared.stderr
     assert json.loads(compared.stdout)["pairs"][0]["spearman"] == 1.0  # the same weights, however they were saved
-    assert compared.stderr.count("Note: ") == 3
+    assert compared.stderr.count("Note: ") == len(notes) + len(ASSUMED)  # the plain file's assumptions too
 
 
 def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -169,7 +173,7 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
     info = run("info", plain, "--arch", "resnet18_cifar", "--arch-arg", "width=4", "--json")
     assert info.exit_code == 0, info.stderr
-    notes = ["inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
+    notes = [*ASSUMED, "inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
              "inferred in_channels=1 from the weights (conv1.weight); --arch-arg in_channels=N overrides it"]
     d = json.loads(info.stdout)
     assert d["notes"] == notes and d["metadata"]["arch_kwargs"] == {"width": 4, "num_classes": 4, "in_channels": 1}
@@ -179,9 +183,18 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     save_file(torchvision.models.resnet18(num_classes=7).state_dict(), str(r18))
     info = run("info", r18, "--arch", "resnet18", "--json")
     assert info.exit_code == 0, info.stderr
-    assert json.loads(info.stdout)["notes"] == ["inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it"]
-    given = run("info", r18, "--arch", "resnet18", "--arch-arg", "num_classes=7", "--json")
-    assert json.loads(given.stdout)["notes"] == [] and given.stderr == ""  # named: nothing inferred, nothing said
+    rgb = [n.replace("1x32x32", "3x32x32") for n in ASSUMED]
+    assert json.loads(info.stdout)["notes"] == [*rgb, "inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it"]
+    given = run("info", r18, "--arch", "resnet18", "--arch-arg", "num_classes=7", "--input-size", "64", "--mean", "0.4", "--std", "0.2,0.3,0.25",
+                "--json")
+    assert given.exit_code == 0, given.stderr
+    assert json.loads(given.stdout)["notes"] == [] and given.stderr == ""  # named: nothing inferred or assumed, nothing said
+    meta = json.loads(given.stdout)["metadata"]
+    assert (meta["input_shape"], meta["mean"], meta["std"]) == ([3, 64, 64], [0.4, 0.4, 0.4], [0.2, 0.3, 0.25])
+    for bad, fix in ((["--std", "0,1,1"], "all positive"), (["--mean", "0.1,0.2"], "pass one finite number or 3"),
+                     (["--input-size", "0"], "pass sides from 1 to 4096"), (["--input-size", "a"], "pass numbers separated by commas")):
+        refused = run("info", r18, "--arch", "resnet18", *bad)
+        assert refused.exit_code == 1 and len(refused.stderr.splitlines()) == 1 and fix in refused.stderr, refused.stderr
 
 
 def test_usage_error_exits_2(tiny: dict[str, Path]) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import pickle
 import struct
@@ -140,11 +141,27 @@ class Checkpoint:
     arch_from_user: bool = False  # True when --arch named the architecture, not the file
     notes: tuple[str, ...] = ()  # what loading assumed or converted (a wrapper key, a stripped prefix), for stderr and --json
 
-    def with_overrides(self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None) -> Checkpoint:
-        """The same checkpoint with the architecture given by hand (``--arch``)."""
+    def with_overrides(
+        self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None, input_size: tuple[int, int] | None = None,
+        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+    ) -> Checkpoint:
+        """The same checkpoint with the architecture (``--arch``, ``--arch-arg``) or the preprocessing
+        (``--input-size``, ``--mean``, ``--std``; one value or one per channel) given by hand."""
         meta = self.metadata
         if arch_kwargs:
             meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **arch_kwargs})
+        channels = meta.input_shape[0] if meta.input_shape else first_conv_channels(self.state_dict) or 3
+        if input_size is not None:
+            if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in input_size):
+                raise CheckpointError(f"--input-size {input_size}: pass sides from 1 to {MAX_INPUT_SIDE} pixels, e.g. --input-size 28")
+            meta = replace(meta, input_shape=(channels, *input_size))
+        for name, values in (("mean", mean), ("std", std)):
+            if values is None:
+                continue
+            if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+                raise CheckpointError(f"--{name} {','.join(map(str, values))}: pass one finite number or {channels} (one per input channel)"
+                                      + (", all positive" if name == "std" else ""))
+            meta = replace(meta, **{name: tuple(values) * (channels if len(values) == 1 else 1)})
         if arch is not None:
             return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True)
         return replace(self, metadata=meta)
@@ -160,7 +177,18 @@ class Checkpoint:
         ``num_classes`` from the classifier's output size, and ``in_channels`` from the first convolution's
         input (for builders that take it). Each inference is added to ``notes``. The model is built on the
         meta device, so nothing is allocated; an architecture that cannot be built is left to ``build_model``."""
-        meta = self.metadata
+        meta, assumed = self.metadata, []
+        if meta.input_shape is None:
+            c = first_conv_channels(self.state_dict) or 3
+            meta = replace(meta, input_shape=(c, 32, 32))
+            assumed.append(f"assumed {c}x32x32 inputs (the metadata names no input shape): pass --input-size if the model expects another")
+        if meta.mean is None or meta.std is None:
+            c = meta.input_shape[0]
+            meta = replace(meta, mean=meta.mean or (0.5,) * c, std=meta.std or (0.5,) * c)
+            assumed.append("assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel "
+                           "(the metadata names none): pass --mean and --std")
+        if assumed:
+            return replace(self, metadata=meta, notes=self.notes + tuple(assumed)).inferred()
         if not meta.arch or (":" in meta.arch and not self.arch_from_user):
             return self
         kwargs = self._arch_kwargs()
@@ -265,6 +293,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}): re-save or re-download it") from None
     return tensors, raw_meta
+
+
+MAX_INPUT_SIDE = 4096  # pixels: beyond this a single image's activations alone exhaust memory
+
+
+def first_conv_channels(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Input channels of the first 4-D weight (the first convolution, in the order the model saved it)."""
+    first = next((t for k, t in state_dict.items() if k.endswith("weight") and t.dim() == 4), None)
+    return int(first.shape[1]) if first is not None else None
 
 
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts commonly keep the weights

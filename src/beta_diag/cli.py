@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -38,6 +39,9 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing o
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")]
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")]
 ArchArgOpt = Annotated[Optional[list[str]], typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")]
+InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr).")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw a PNG figure to this path.")]
 
@@ -88,13 +92,34 @@ def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_checkpoint(path: Path, arch: str | None, arch_args: list[str] | None) -> checkpoint.Checkpoint:
-    """The checkpoint with ``--arch``/``--arch-arg`` applied; what loading converted is said once on stderr."""
-    ckpt = checkpoint.load(path).with_overrides(arch, parse_arch_args(arch_args)).inferred()
-    for note in ckpt.notes:
-        if distributed.is_main():
-            print(f"Note: {ckpt.path}: {note}", file=sys.stderr)
+def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in re.split(r"[,x]", text.strip()) if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} {text}: pass numbers separated by commas (sizes: 28 or 224x224)") from None
+
+
+def load_checkpoint(
+    path: Path, arch: str | None, arch_args: list[str] | None, input_size: str | None = None, mean: str | None = None, std: str | None = None,
+) -> checkpoint.Checkpoint:
+    """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
+    size = _numbers("--input-size", input_size, int)
+    if size is not None and len(size) not in (1, 2):
+        raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")
+    ckpt = checkpoint.load(path).with_overrides(
+        arch, parse_arch_args(arch_args), None if size is None else (size[0], size[-1]), _numbers("--mean", mean, float), _numbers("--std", std, float),
+    ).inferred()
     return ckpt
+
+
+def say_notes(source: object, notes: tuple[str, ...] | list[str]) -> None:
+    """What opening a checkpoint assumed or converted, once on stderr, after the command succeeded
+    (a failing command prints its one error line only)."""
+    if distributed.is_main():
+        for note in notes:
+            print(f"Note: {source}: {note}", file=sys.stderr)
 
 
 @app.command()
@@ -162,11 +187,15 @@ def info(
     ckpt: CkptArg,
     arch: ArchOpt = None,
     arch_arg: ArchArgOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
-    result = describe(load_checkpoint(ckpt, arch, arch_arg))
+    result = describe(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std))
+    say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
 
 
@@ -237,6 +266,9 @@ def rank(
     groups_glob: GroupsOpt = None,
     arch: ArchOpt = None,
     arch_arg: ArchArgOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Save the ranking as JSON for compare and repair.")] = None,
     plot: PlotOpt = None,
@@ -256,9 +288,10 @@ def rank(
         if path is not None:
             checkpoint.check_output(path, force, (ckpt,))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob)
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg), device)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std), device)
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
+    say_notes(session.ckpt.path, result.notes)
     if plot is not None:
         plots.ranking(result, plot, force)
     if out is not None:
@@ -282,6 +315,9 @@ def compare(
     groups_glob: GroupsOpt = None,
     arch: ArchOpt = None,
     arch_arg: ArchArgOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: DeviceOpt = "auto",
     plot: PlotOpt = None,
     force: ForceOpt = False,
@@ -298,9 +334,12 @@ def compare(
     if plot is not None:
         checkpoint.check_output(plot, force, tuple(inputs))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
-    opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg) for p in inputs]
+    opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std) for p in inputs]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
+    for opened_ckpt in opened:
+        if isinstance(opened_ckpt, checkpoint.Checkpoint):
+            say_notes(opened_ckpt.path, opened_ckpt.notes)
     if plot is not None:
         plots.comparison(result, plot, force)
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
@@ -333,6 +372,9 @@ def repair(
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     arch_arg: ArchArgOpt = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: DeviceOpt = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
     plot: PlotOpt = None,
@@ -353,12 +395,14 @@ def repair(
                           auto_layers)
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
+    opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
-            planned = plan_fn(load_checkpoint(ckpt, arch, arch_arg), chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
+            planned = plan_fn(opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
         else:
-            result = repair_fn(load_checkpoint(ckpt, arch, arch_arg), chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
+            result = repair_fn(opened, chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
                                force, progress)
+    say_notes(opened.path, opened.notes)
     if dry_run:
         report.print_json(asdict(planned) | {"fraction": planned.fraction}, timings) if as_json else report.plan_table(planned)
         return

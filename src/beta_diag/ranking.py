@@ -86,6 +86,7 @@ class Ranking:
     group_names: tuple[str, ...]  # model order
     by_class: dict[str, dict[str, float]] | None = None
     drift: Drift | None = None  # activation drift against the BatchNorms' running statistics (None in rankings saved before it)
+    notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
     matrices: Matrices | None = field(default=None, compare=False, repr=False)
 
     def group(self, name: str) -> GroupScore:
@@ -130,7 +131,7 @@ class Ranking:
             d["checkpoint"], d["sha256"], d["data"], d["split"], d["limit"], config, d["examples"], d["accuracy"], tuple(d["error_index"]),
             d["correct_sampled"], tuple(GroupScore(**g) for g in d["groups"]), tuple(tuple(r) for r in d["bootstrap_flags"]),
             tuple(tuple(r) for r in d["bootstrap_ranks"]), tuple(d["group_names"]), d.get("by_class"),
-            Drift.from_dict(d["drift"]) if d.get("drift") else None,
+            Drift.from_dict(d["drift"]) if d.get("drift") else None, tuple(d.get("notes", ())),
         )
 
 
@@ -225,5 +226,5 @@ def rank(
         str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
         tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
         tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
-        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, m,
+        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, session.ckpt.notes, m,
     )

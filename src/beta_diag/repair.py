@@ -161,6 +161,7 @@ class RepairReport:
     output: str | None
     sha256: str | None
     parent_sha256: str
+    notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
 
     @property
     def compute_saving(self) -> float | None:
@@ -342,4 +343,4 @@ def repair(
     if diverged:
         raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
     sha = checkpoint.save(out, state, meta, force=force, inputs=(session.ckpt.path,))
-    return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256)
+    return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, session.ckpt.notes)

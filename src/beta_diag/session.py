@@ -68,15 +68,11 @@ class Session:
         return evaluate(self.model, ds, self.preprocess, self.device, progress=progress, on_batch=on_batch)
 
 
-def preprocess_for(ckpt: Checkpoint, model: nn.Module) -> Preprocess:
-    """Model input from metadata; a plain state dict gets [0, 1] scaling and a 3-channel guess refined by the first conv."""
-    meta = ckpt.metadata
-    if meta.input_shape and meta.mean and meta.std:
-        return Preprocess(meta.input_shape, meta.mean, meta.std)
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    channels = first.in_channels if first is not None else 3
-    shape = meta.input_shape or (channels, 32, 32)
-    return Preprocess(shape, meta.mean or (0.5,) * shape[0], meta.std or (0.5,) * shape[0])
+def preprocess_for(ckpt: Checkpoint) -> Preprocess:
+    """Model input as the metadata names it (``Checkpoint.inferred`` fills in, and notes, what it does not)."""
+    meta = ckpt.inferred().metadata
+    assert meta.input_shape and meta.mean and meta.std
+    return Preprocess(meta.input_shape, meta.mean, meta.std)
 
 
 def open_session(
@@ -90,4 +86,4 @@ def open_session(
     ckpt = ckpt.with_overrides(arch, arch_kwargs).inferred()
     dev = resolve_device(device)
     model = prepare(ckpt.build_model(), dev).eval()
-    return Session(ckpt, model, preprocess_for(ckpt, model), dev)
+    return Session(ckpt, model, preprocess_for(ckpt), dev)
