@@ -165,7 +165,9 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
     compared = run("compare", wrapped, plain, "--data", str(tiny["test"]), *arch, "--bootstrap", "5", "--json")
     assert compared.exit_code == 0, compared.stderr
     assert json.loads(compared.stdout)["pairs"][0]["spearman"] == 1.0  # the same weights, however they were saved
-    assert compared.stderr.count("Note: ") == len(notes) + len(ASSUMED)  # the plain file's assumptions too
+    assert compared.stderr.count("Note: ") == len(notes) + len(ASSUMED) + 2  # the plain file's assumptions, and for each:
+    assert compared.stderr.count(": 8x8 images are resized to the model's 32x32 (bilinear)\n") == 2
+    assert json.loads(compared.stdout)["inputs"][1]["notes"] == [*ASSUMED, "8x8 images are resized to the model's 32x32 (bilinear)"]
 
 
 def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_path: Path) -> None:

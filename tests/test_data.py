@@ -130,3 +130,18 @@ def test_preprocess_channels_pad_and_normalise() -> None:
     assert out[0, 0, 0, 0] == -1.0 and out[0, 0, 2, 2] == 1.0  # zero padding, then normalised
     grey = data.Preprocess((1, 16, 16), (0.0,), (1.0,))(torch.full((1, 3, 32, 32), 255, dtype=torch.uint8))
     assert grey.shape == (1, 1, 16, 16) and torch.allclose(grey, torch.ones_like(grey))
+
+
+def test_one_size_policy_whatever_the_parity() -> None:
+    """Pad (centred, the odd pixel right and down) when at most an eighth of the model's side smaller; else resize."""
+    pre = data.Preprocess((1, 32, 32), (0.0,), (1.0,))
+    img = torch.full((1, 1, 29, 29), 255, dtype=torch.uint8)
+    x = pre(img)
+    assert x.shape == (1, 1, 32, 32) and x[0, 0, 1:30, 1:30].eq(1).all() and x[0, 0, 0].eq(0).all() and x[0, 0, 30:].eq(0).all()
+    assert pre.conversions((1, 29, 29)) == ["29x29 images are padded with zeros to the model's 32x32 (centred)"]
+    assert pre.conversions((1, 28, 28)) == ["28x28 images are padded with zeros to the model's 32x32 (centred)"]
+    assert pre.conversions((1, 27, 27)) == ["27x27 images are resized to the model's 32x32 (bilinear)"]
+    assert pre(torch.full((1, 1, 27, 27), 255, dtype=torch.uint8)).eq(1).all()  # resized, not padded
+    big = data.Preprocess((3, 224, 224), (0.0,) * 3, (1.0,) * 3)
+    assert big.conversions((1, 28, 28)) == ["1-channel images are repeated to 3 channels", "28x28 images are resized to the model's 224x224 (bilinear)"]
+    assert big.conversions((3, 224, 224)) == [] and big.conversions((3, 300, 300)) == ["300x300 images are resized to the model's 224x224 (bilinear)"]

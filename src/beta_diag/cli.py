@@ -337,9 +337,9 @@ def compare(
     opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std) for p in inputs]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
-    for opened_ckpt in opened:
-        if isinstance(opened_ckpt, checkpoint.Checkpoint):
-            say_notes(opened_ckpt.path, opened_ckpt.notes)
+    for opened_ckpt, ranked in zip(opened, result.rankings):
+        if isinstance(opened_ckpt, checkpoint.Checkpoint):  # a saved ranking's notes were said when it was made
+            say_notes(opened_ckpt.path, ranked.notes)
     if plot is not None:
         plots.comparison(result, plot, force)
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
@@ -402,7 +402,7 @@ def repair(
         else:
             result = repair_fn(opened, chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
                                force, progress)
-    say_notes(opened.path, opened.notes)
+    say_notes(opened.path, opened.notes if dry_run else result.notes)
     if dry_run:
         report.print_json(asdict(planned) | {"fraction": planned.fraction}, timings) if as_json else report.plan_table(planned)
         return

@@ -67,13 +67,35 @@ class Preprocess:
             else:
                 raise DataError(f"images have {x.shape[1]} channels but the model takes {c}: pass data with {c} channels")
         dh, dw = h - x.shape[2], w - x.shape[3]
-        if dh >= 0 and dw >= 0 and dh % 2 == 0 and dw % 2 == 0 and (dh, dw) != (0, 0):
-            x = F.pad(x, (dw // 2, dw // 2, dh // 2, dh // 2))  # centre, like torchvision's Pad
+        if fits_by_padding(x.shape[2:], (h, w)):
+            x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))  # centred; an odd extra pixel goes right and down
         elif (dh, dw) != (0, 0):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=dh < 0 or dw < 0)
         mean = x.new_tensor(self.mean).view(1, -1, 1, 1)
         std = x.new_tensor(self.std).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+    def conversions(self, image_shape: tuple[int, ...]) -> list[str]:
+        """What ``__call__`` does to images of ``image_shape`` (C, H, W) beyond scaling and normalising, in words."""
+        c, h, w = self.input_shape
+        out = []
+        if image_shape[0] != c:
+            out.append(f"{image_shape[0]}-channel images are repeated to {c} channels" if image_shape[0] == 1
+                       else f"{image_shape[0]}-channel images are converted to grey (ITU-R 601 luma)" if c == 1 else "")
+        src = f"{image_shape[1]}x{image_shape[2]}"
+        if fits_by_padding(image_shape[1:], (h, w)):
+            out.append(f"{src} images are padded with zeros to the model's {h}x{w} (centred)")
+        elif tuple(image_shape[1:]) != (h, w):
+            out.append(f"{src} images are resized to the model's {h}x{w} (bilinear)")
+        return [o for o in out if o]
+
+
+def fits_by_padding(size: tuple[int, ...] | torch.Size, target: tuple[int, int]) -> bool:
+    """The size policy: an image at most an eighth of the model's side smaller (28 into 32) is padded with
+    zeros, centred; any other size difference (28 into 224, larger images) is resized."""
+    dh, dw = target[0] - size[0], target[1] - size[1]
+    return (dh, dw) != (0, 0) and 0 <= dh <= target[0] // 8 and 0 <= dw <= target[1] // 8
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
