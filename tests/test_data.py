@@ -145,3 +145,16 @@ def test_one_size_policy_whatever_the_parity() -> None:
     big = data.Preprocess((3, 224, 224), (0.0,) * 3, (1.0,) * 3)
     assert big.conversions((1, 28, 28)) == ["1-channel images are repeated to 3 channels", "28x28 images are resized to the model's 224x224 (bilinear)"]
     assert big.conversions((3, 224, 224)) == [] and big.conversions((3, 300, 300)) == ["300x300 images are resized to the model's 224x224 (bilinear)"]
+
+
+def test_image_folders_are_matched_to_the_models_class_names() -> None:
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    folders = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "imagefolder:/d", "test")
+    matched = data.match_classes(folders, ("coat", "shirt", "boot"))
+    assert matched.labels.tolist() == [2, 0, 0] and matched.class_names == ("coat", "shirt", "boot")
+    assert matched.notes == ("imagefolder:/d (test): class folders matched to the model's class names by name",)
+    assert data.match_classes(folders, ("boot", "coat")) is folders  # same order: nothing to do, nothing said
+    bundle = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "x.safetensors", "test")
+    assert data.match_classes(bundle, ("coat", "boot")) is bundle  # bundles' labels are the model's own indices
+    with pytest.raises(DataError, match=r"folder\(s\) sandal name no class of the model \(coat, boot\): name each folder after"):
+        data.match_classes(data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "sandal"), "imagefolder:/d", "test"), ("coat", "boot"))

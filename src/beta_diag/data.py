@@ -40,12 +40,13 @@ class Dataset:
     class_names: tuple[str, ...]
     spec: str
     split: str
+    notes: tuple[str, ...] = ()  # what loading matched or converted (class names to the model's), in words
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def subset(self, index: torch.Tensor) -> Dataset:
-        return Dataset(self.images[index], self.labels[index], self.class_names, self.spec, self.split)
+        return Dataset(self.images[index], self.labels[index], self.class_names, self.spec, self.split, self.notes)
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,22 @@ def subset_index(n: int, limit: int, seed: int, skip: int = 0) -> torch.Tensor:
     """The sorted indices ``--limit`` keeps: a seeded permutation's ``[skip, skip + limit)`` slice."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[skip : skip + limit].sort().values
+
+
+def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset:
+    """An ImageFolder's labels follow its sorted folder names; when the model names its classes, relabel
+    by name (folders may hold a subset of them), and refuse folders the model does not know."""
+    if not ds.spec.startswith("imagefolder:") or not model_classes or ds.class_names == tuple(model_classes):
+        return ds
+    unknown = [n for n in ds.class_names if n not in model_classes]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        known = ", ".join(model_classes[:10]) + (", ..." if len(model_classes) > 10 else "")
+        raise DataError(f"{ds.spec} ({ds.split}): folder(s) {shown} name no class of the model ({known}): "
+                        "name each folder after one of the model's classes")
+    index = torch.tensor([list(model_classes).index(n) for n in ds.class_names])
+    note = f"{ds.spec} ({ds.split}): class folders matched to the model's class names by name"
+    return Dataset(ds.images, index[ds.labels], tuple(model_classes), ds.spec, ds.split, ds.notes + (note,))
 
 
 def check_fits(ds: Dataset, num_classes: int, min_classes: int = 1) -> None:

@@ -226,5 +226,5 @@ def rank(
         str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
         tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
         tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
-        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, session.ckpt.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))), m,
+        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))), m,
     )

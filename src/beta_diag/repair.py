@@ -343,5 +343,6 @@ def repair(
     if diverged:
         raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
     sha = checkpoint.save(out, state, meta, force=force, inputs=(session.ckpt.path,))
-    notes = session.ckpt.notes + tuple(dict.fromkeys(n for d in (train_ds, verify_ds) for n in session.preprocess.conversions(tuple(d.images.shape[1:]))))
+    notes = session.ckpt.notes + tuple(dict.fromkeys(
+        n for d in (train_ds, verify_ds) for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:])))))
     return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
