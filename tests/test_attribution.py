@@ -40,6 +40,14 @@ CASES = {
     "resnet18_cifar": (lambda: models.build("resnet18_cifar", {"width": 4, "in_channels": 1, "num_classes": 4}), 1, 16),
     # torchvision's: in-place ReLU reused, max-pool, 1x1 shortcut convolutions
     "torchvision resnet18": (lambda: models.build("resnet18", {"num_classes": 4}), 3, 32),
+    # LayerNorm2d (NCHW, normalised over channels) in the stem and downsampling, channels-last LayerNorm and a
+    # layer-scale parameter owned by each block (the fallback) in the blocks
+    "convnext": (
+        lambda: torchvision.models.convnext.ConvNeXt(
+            [torchvision.models.convnext.CNBlockConfig(8, 16, 1), torchvision.models.convnext.CNBlockConfig(16, None, 1)], num_classes=4,
+        ),
+        3, 16,
+    ),
     # attention weights used without calling their module, a class token owned by the root: the fallback
     "vision transformer": (
         lambda: torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=4),

@@ -97,6 +97,9 @@ def _sq_norm_weight(xs: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
 def _norm_affine_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example weight and bias gradients (B, C) of an eval-mode normalisation layer."""
     if isinstance(module, nn.LayerNorm):
+        shape = tuple(module.normalized_shape)
+        if len(shape) == 1 and x.dim() > 2 and x.shape[-1] != shape[0] and x.shape[1] == shape[0]:
+            x, g = x.movedim(1, -1), g.movedim(1, -1)  # LayerNorm2d (ConvNeXt): NCHW in and out, normalised over channels
         xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
         dims = tuple(range(1, x.dim() - len(module.normalized_shape)))
         gw, gb = (g * xhat).sum(dims) if dims else g * xhat, g.sum(dims) if dims else g
