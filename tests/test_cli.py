@@ -160,8 +160,17 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
              "stripped the '_orig_mod.' prefix from every key (torch.compile)", *ASSUMED]
     assert json.loads(info.stdout)["notes"] == notes and len(json.loads(info.stdout)["groups"]) == 7
     assert info.stderr.splitlines() == [f"Note: {wrapped}: {n}" for n in notes]  # each said once
+    custom = tmp_path / "custom.pt"
+    torch.save({"ema_weights": weights, "step": 7}, custom)
+    refused = run("info", custom, *arch)
+    assert refused.exit_code == 1 and refused.stderr.strip().endswith("(its dicts: ema_weights): pass --state-key with the one holding the weights")
+    wrong_key = run("info", custom, *arch, "--state-key", "weights")
+    assert wrong_key.exit_code == 1 and wrong_key.stderr.strip().endswith("(its keys: ema_weights, step): pass --state-key with one of them")
+    named = run("info", custom, *arch, "--state-key", "ema_weights", "--json")
+    assert named.exit_code == 0 and json.loads(named.stdout)["notes"][0] == "read the weights under the key 'ema_weights' (--state-key)"
     plain = tmp_path / "plain.safetensors"
     save_file(weights, str(plain))
+    assert "--state-key is for .pt/.pth files" in run("info", plain, "--state-key", "x").stderr
     compared = run("compare", wrapped, plain, "--data", str(tiny["test"]), *arch, "--bootstrap", "5", "--json")
     assert compared.exit_code == 0, compared.stderr
     assert json.loads(compared.stdout)["pairs"][0]["spearman"] == 1.0  # the same weights, however they were saved

@@ -322,7 +322,7 @@ def _unwrap(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return tensors, notes
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _read_torch(path: Path, state_key: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -333,19 +333,31 @@ def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch file ({type(exc).__name__}): re-save it with torch.save(model.state_dict(), path)") from None
     notes = []
+    if state_key is not None:
+        if not isinstance(obj, dict) or not isinstance(obj.get(state_key), dict):
+            keys = ", ".join(sorted(str(k) for k in obj)[:10]) if isinstance(obj, dict) else "none"
+            raise CheckpointError(f"{path}: holds no dict under the key '{state_key}' (its keys: {keys}): pass --state-key with one of them")
+        return obj[state_key], [f"read the weights under the key '{state_key}' (--state-key)"]
     for wrapper in STATE_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             notes.append(f"read the weights under the key '{wrapper}'")
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        nested = sorted(str(k) for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
+        if nested:
+            raise CheckpointError(f"{path}: holds no state dict of tensors itself nor under {', '.join(STATE_KEYS)} (its dicts: "
+                                  f"{', '.join(nested[:10])}): pass --state-key with the one holding the weights")
         raise CheckpointError(f"{path}: does not hold a state dict of tensors (nor one under {', '.join(STATE_KEYS)}): "
                               "re-save it with torch.save(model.state_dict(), path)")
     return obj, notes
 
 
-def load(path: str | os.PathLike[str]) -> Checkpoint:
+def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoint:
     """Read a checkpoint: ``.safetensors``, ``.pt``/``.pth``, or a folder with ``model.safetensors``.
+
+    ``state_key``: the key of a ``.pt``/``.pth`` dict that holds the weights (default: the dict itself,
+    or the first of ``STATE_KEYS`` it has).
 
     Raises CheckpointError with the fix for every unreadable or unsafe input.
     Example: ``ckpt = load('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors')``.
@@ -365,6 +377,8 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CheckpointError(f"{path / 'config.json'}: not valid JSON: fix or remove it") from None
     suffix = file.suffix.lower()
+    if state_key is not None and suffix not in (".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{file}: --state-key is for .pt/.pth files, whose dicts may hold the weights under a key: drop it")
     if suffix == ".safetensors":
         tensors, raw = _read_safetensors(file)
         notes: list[str] = []
@@ -373,7 +387,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
             meta_values = {**{k: v for k, v in config.items() if k in meta_values}, **{k: v for k, v in meta_values.items() if v not in (None, {}, [])}}
         metadata = Metadata.from_dict(meta_values, str(file))
     elif suffix in (".pt", ".pth", ".bin"):
-        (tensors, notes), metadata = _read_torch(file), Metadata()
+        (tensors, notes), metadata = _read_torch(file, state_key), Metadata()
     else:
         raise CheckpointError(f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors")
     tensors, stripped = _unwrap(tensors)

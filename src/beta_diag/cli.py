@@ -42,6 +42,7 @@ ArchArgOpt = Annotated[Optional[list[str]], typer.Option("--arch-arg", help="Arc
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr).")]
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
+StateKeyOpt = Annotated[Optional[str], typer.Option("--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net).")]
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw a PNG figure to this path.")]
 
@@ -103,12 +104,13 @@ def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
 
 def load_checkpoint(
     path: Path, arch: str | None, arch_args: list[str] | None, input_size: str | None = None, mean: str | None = None, std: str | None = None,
+    state_key: str | None = None,
 ) -> checkpoint.Checkpoint:
     """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
     size = _numbers("--input-size", input_size, int)
     if size is not None and len(size) not in (1, 2):
         raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")
-    ckpt = checkpoint.load(path).with_overrides(
+    ckpt = checkpoint.load(path, state_key).with_overrides(
         arch, parse_arch_args(arch_args), None if size is None else (size[0], size[-1]), _numbers("--mean", mean, float), _numbers("--std", std, float),
     ).inferred()
     return ckpt
@@ -190,11 +192,12 @@ def info(
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    state_key: StateKeyOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
-    result = describe(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std))
+    result = describe(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key))
     say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
 
@@ -269,6 +272,7 @@ def rank(
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    state_key: StateKeyOpt = None,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="Save the ranking as JSON for compare and repair.")] = None,
     plot: PlotOpt = None,
@@ -288,7 +292,7 @@ def rank(
         if path is not None:
             checkpoint.check_output(path, force, (ckpt,))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob)
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std), device)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
     say_notes(session.ckpt.path, result.notes)
@@ -318,6 +322,7 @@ def compare(
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    state_key: StateKeyOpt = None,
     device: DeviceOpt = "auto",
     plot: PlotOpt = None,
     force: ForceOpt = False,
@@ -334,7 +339,7 @@ def compare(
     if plot is not None:
         checkpoint.check_output(plot, force, tuple(inputs))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
-    opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std) for p in inputs]
+    opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key) for p in inputs]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
     for opened_ckpt, ranked in zip(opened, result.rankings):
@@ -375,6 +380,7 @@ def repair(
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    state_key: StateKeyOpt = None,
     device: DeviceOpt = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
     plot: PlotOpt = None,
@@ -395,7 +401,7 @@ def repair(
                           auto_layers)
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
-    opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std)
+    opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
             planned = plan_fn(opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
