@@ -153,10 +153,13 @@ def test_metadata_without_arch(tmp_path: Path) -> None:
 def test_hf_folder_with_config(tmp_path: Path) -> None:
     model = small_model()
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"arch": "resnet18_cifar", "arch_kwargs": {"width": 2, "in_channels": 1}, "num_classes": 3}))
+    (tmp_path / "config.json").write_text(json.dumps({"arch": "resnet18_cifar", "arch_kwargs": {"width": 2, "in_channels": 1}, "num_classes": 3,
+                                                      "input_shape": [1, 8, 8], "mean": [0.2], "std": [0.3]}))
     ckpt = checkpoint.load(tmp_path)
     assert ckpt.path == tmp_path / "model.safetensors"
     assert torch.equal(ckpt.build_model().fc.weight, model.fc.weight)
+    assert (ckpt.metadata.input_shape, ckpt.metadata.mean, ckpt.metadata.std) == ((1, 8, 8), (0.2,), (0.3,))
+    assert ckpt.inferred().notes == ()  # the README's config.json keys leave nothing to assume
 
 
 def test_unknown_arch_lists_valid_names() -> None:
