@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from beta_diag import checkpoint, groups, models
 from beta_diag.checkpoint import Metadata
 from beta_diag.errors import CheckpointError, ModelError, OutputError
+from tests.conftest import REPO
 
 
 def small_model() -> torch.nn.Module:
@@ -210,3 +211,10 @@ def test_canonical_header_is_stable_and_loads(tmp_path: Path) -> None:
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     with safe_open(path, "pt") as f:
         assert f.metadata() == meta
+
+
+def test_a_model_file_by_path(tmp_path: Path) -> None:
+    model = models.build(f"{REPO / 'examples' / 'my_model.py'}:SmallNet", {"num_classes": 3})
+    assert [g.name for g in groups.layer_groups(model)] == ["stem", "body", "head"] and model.head[-1].out_features == 3
+    with pytest.raises(ModelError, match=r"cannot import module '.*nope.py' .*no such file .*nope.py; make it importable"):
+        models.build(f"{tmp_path / 'nope.py'}:SmallNet")

@@ -8,7 +8,9 @@ for a user's own architecture. Builders take keyword arguments; ``num_classes`` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,9 +108,20 @@ def available() -> list[str]:
 
 
 def _import_factory(spec: str) -> Builder:
-    module_name, _, attr = spec.partition(":")
+    """``package.module:factory``, or ``path/to/file.py:factory`` for a model file that is no package."""
+    module_name, _, attr = spec.rpartition(":")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ImportError(f"no such file {path}")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            if loader is None or loader.loader is None:
+                raise ImportError(f"{path} is not a Python file")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(
             f"cannot import module '{module_name}' for --model {spec}: {exc}; "
