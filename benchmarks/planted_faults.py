@@ -38,7 +38,7 @@ from torch import nn
 
 from beta_diag.attribution import summed_gradient
 from beta_diag.groups import Group, layer_groups
-from beta_diag.ranking import Metric, RankConfig, Ranking, flags, rank
+from beta_diag.ranking import Metric, RankConfig, Ranking, flags, rank, ranks
 from beta_diag.session import DataChoice, Session, open_session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -140,8 +140,8 @@ def calibrate(session: Session, ds: object, group: str, kind: str, seed: int, ba
 
 def ranks_of(values: np.ndarray, names: list[str], group: str) -> tuple[int, str]:
     """(rank of ``group`` by descending value, the group ranked first)."""
-    order = np.argsort(-values, kind="stable").tolist()
-    return order.index(names.index(group)) + 1, names[order[0]]
+    rk = ranks(values)  # 1 = largest, ties in model order
+    return int(rk[names.index(group)]), names[int(np.argmin(rk))]
 
 
 def drift_values(r: Ranking, names: list[str]) -> np.ndarray:

@@ -87,9 +87,10 @@ def main() -> None:
             data.save_bundle(test_file, replace(test_ds, split="test"))
             data.save_bundle(train_file, replace(train_ds, split="train"))
             verify, train = DataChoice(str(test_file), "test"), DataChoice(str(train_file), "train")
-            r = rank(session, verify, RankConfig(bootstrap=0))
+            verify_ds = session.load_data(verify)
+            r = rank(session, verify, RankConfig(bootstrap=0), dataset=verify_ds)
             shifted = r.accuracy
-            rgn = auto_rgn(session, session.load_data(verify), groups)
+            rgn = auto_rgn(session, verify_ds, groups)
 
             def recovery(layers: list[str]) -> dict:
                 out = repair(session, layers, Path(tmp) / "x.safetensors", train=train, verify=verify, config=config, device="cpu", force=True)

@@ -17,7 +17,7 @@ from beta_diag.drift import LayerDrift, Recorder, localise
 from beta_diag.groups import Granularity, layer_groups
 from beta_diag.ranking import RankConfig
 from beta_diag.session import DataChoice, open_session
-from beta_diag.training import TrainConfig, evaluate, train
+from beta_diag.training import Predictions, TrainConfig, evaluate, train
 from tests.conftest import SAMPLES, make_images
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -37,19 +37,27 @@ def small_net(bn: nn.Module | None = None) -> nn.Module:
     return net.eval()
 
 
+PRE = Preprocess((1, 6, 6), (0.5,), (0.5,))
+
+
+def record(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[drift.Drift, Predictions]:
+    """One evaluation pass of ``net`` with the drift hooks (batches of 16: a partial last batch when N is not a multiple)."""
+    rec = Recorder(net)
+    preds = evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "synthetic", "test"), PRE, torch.device("cpu"), batch_size=16,
+                     on_batch=rec.commit)
+    rec.remove()
+    assert not any(m._forward_hooks for m in net.modules())  # hooks removed
+    return rec.result(layer_groups(net)), preds
+
+
 def test_recorder_sums_equal_the_statistics_of_the_batchnorm_input() -> None:
     net = small_net()
     with torch.no_grad():  # running statistics that the data does not match
         net.norm.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
         net.norm.running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
     images, labels = make_images(50, size=6)
-    ds = Dataset(images, labels, ("a", "b", "c", "d"), "synthetic", "test")
-    pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
-    rec = Recorder(net)
-    preds = evaluate(net, ds, pre, torch.device("cpu"), batch_size=16, on_batch=rec.commit)  # 4 batches, the last partial
-    rec.remove()
-    result = rec.result(layer_groups(net))
-    x = net.conv(pre(images)).detach().double()  # (N, 3, 6, 6): the BatchNorm's input
+    result, preds = record(net, images, labels)  # 4 batches, the last partial
+    x = net.conv(PRE(images)).detach().double()  # (N, 3, 6, 6): the BatchNorm's input
     wrong = ~preds.correct
 
     def parts(x: torch.Tensor) -> tuple[float, float]:
@@ -77,7 +85,6 @@ def test_recorder_sums_equal_the_statistics_of_the_batchnorm_input() -> None:
     assert layer.errors_mean_part == pytest.approx(parts(x[wrong])[0], rel=1e-5)
     assert layer.errors_var_part == pytest.approx(parts(x[wrong])[1], rel=1e-5)
     assert result.downstream == ("fc",)
-    assert not net.norm._forward_hooks  # hooks removed
 
 
 def profile(*rows: tuple[str, str | None, str | None, float, float]) -> list[LayerDrift]:
@@ -120,13 +127,7 @@ def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feede
     (nn.Identity(), "no BatchNorm layer"),
 ])
 def test_models_without_running_statistics_report_why(norm: nn.Module, reason: str) -> None:
-    net = small_net(norm)
-    rec = Recorder(net)
-    images, labels = make_images(8, size=6)
-    evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), Preprocess((1, 6, 6), (0.5,), (0.5,)), torch.device("cpu"),
-             on_batch=rec.commit)
-    rec.remove()
-    result = rec.result(layer_groups(net))
+    result, _ = record(small_net(norm), *make_images(8, size=6))
     assert not result.available and reason in (result.reason or "")
     assert result.finding.startswith("drift unavailable: ")
 
@@ -186,12 +187,8 @@ def test_batchnorm1d_on_features_is_measured_too() -> None:
     with torch.no_grad():
         net[2].running_mean.fill_(0.2)
     images, labels = make_images(40, size=6)
-    pre = Preprocess((1, 6, 6), (0.5,), (0.5,))
-    rec = Recorder(net)
-    evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), pre, torch.device("cpu"), batch_size=16, on_batch=rec.commit)
-    rec.remove()
-    (layer,) = rec.result(layer_groups(net)).layers
-    x = net[1](net[0](pre(images))).detach().double()  # (N, 5)
+    (layer,) = record(net, images, labels)[0].layers
+    x = net[1](net[0](PRE(images))).detach().double()  # (N, 5)
     ref = net[2].running_var.double() + net[2].eps
     r = (x.var(0, unbiased=False) + net[2].eps) / ref
     assert (layer.name, layer.feeder) == ("2", "1")
@@ -209,11 +206,5 @@ def test_a_batchnorm_called_twice_per_pass_is_left_out() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.norm(self.norm(self.conv(x))).mean((2, 3)))
 
-    net = Twice().eval()
-    rec = Recorder(net)
-    images, labels = make_images(8, size=6)
-    evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "s", "test"), Preprocess((1, 6, 6), (0.5,), (0.5,)), torch.device("cpu"),
-             on_batch=rec.commit)
-    rec.remove()
-    result = rec.result(layer_groups(net))
+    result, _ = record(Twice().eval(), *make_images(8, size=6))
     assert not result.available and result.reason == "every BatchNorm is called more than once per pass on the data"

@@ -140,6 +140,7 @@ class Checkpoint:
     sha256: str
     arch_from_user: bool = False  # True when --arch named the architecture, not the file
     notes: tuple[str, ...] = ()  # what loading assumed or converted (a wrapper key, a stripped prefix), for stderr and --json
+    resolved: bool = False  # True once ``inferred`` has filled in what the weights say; an override clears it
 
     def with_overrides(
         self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None, input_size: tuple[int, int] | None = None,
@@ -163,8 +164,8 @@ class Checkpoint:
                                       + (", all positive" if name == "std" else ""))
             meta = replace(meta, **{name: tuple(values) * (channels if len(values) == 1 else 1)})
         if arch is not None:
-            return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True)
-        return replace(self, metadata=meta)
+            return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True, resolved=False)
+        return self if meta == self.metadata else replace(self, metadata=meta, resolved=False)
 
     def _arch_kwargs(self) -> dict[str, Any]:
         kwargs = dict(self.metadata.arch_kwargs)
@@ -177,6 +178,8 @@ class Checkpoint:
         ``num_classes`` from the classifier's output size, and ``in_channels`` from the first convolution's
         input (for builders that take it). Each inference is added to ``notes``. The model is built on the
         meta device, so nothing is allocated; an architecture that cannot be built is left to ``build_model``."""
+        if self.resolved:
+            return self
         meta, assumed = self.metadata, []
         if meta.input_shape is None:
             c = first_conv_channels(self.state_dict) or 3
@@ -190,14 +193,14 @@ class Checkpoint:
         if assumed:
             return replace(self, metadata=meta, notes=self.notes + tuple(assumed)).inferred()
         if not meta.arch or (":" in meta.arch and not self.arch_from_user):
-            return self
+            return replace(self, resolved=True)
         kwargs = self._arch_kwargs()
         try:
             with torch.device("meta"):
                 model = models.build(meta.arch, kwargs)
             takes_channels = "in_channels" in inspect.signature(models.resolve(meta.arch)).parameters
         except Exception:  # noqa: BLE001 - build_model reports it with the fix
-            return self
+            return replace(self, resolved=True)
         layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         found: dict[str, tuple[int, str]] = {}
         if layers and "num_classes" not in kwargs:
@@ -210,10 +213,10 @@ class Checkpoint:
             if key in self.state_dict and self.state_dict[key].dim() == 4 and self.state_dict[key].shape[1] != first.weight.shape[1]:
                 found["in_channels"] = (int(self.state_dict[key].shape[1]) * first.groups, key)
         if not found:
-            return self
+            return replace(self, resolved=True)
         notes = tuple(f"inferred {k}={v} from the weights ({key}); --arch-arg {k}=N overrides it" for k, (v, key) in found.items())
         return replace(self, metadata=replace(meta, arch_kwargs={**meta.arch_kwargs, **{k: v for k, (v, _) in found.items()}}),
-                       notes=self.notes + notes)
+                       notes=self.notes + notes, resolved=True)
 
     def build_model(self) -> nn.Module:
         """Build the architecture named in the metadata and load the weights strictly (eval mode)."""

@@ -97,7 +97,7 @@ def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
     if text is None:
         return None
     try:
-        return tuple(kind(v) for v in re.split(r"[,x]", text.strip()) if v.strip())
+        return tuple(kind(v) for v in re.split(r"[,x]" if kind is int else ",", text.strip()) if v.strip())  # sizes: 224x224
     except ValueError:
         raise ConfigError(f"{option} {text}: pass numbers separated by commas (sizes: 28 or 224x224)") from None
 

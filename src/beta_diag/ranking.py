@@ -149,12 +149,12 @@ def load(path: str | Path) -> Ranking:
         raise ConfigError(f"{path}: not a ranking saved by beta-diag rank --out: rerun rank with --out") from None
 
 
-def _select_groups(session: Session, config: RankConfig) -> list:
-    found = layer_groups(session.model, config.granularity)
+def _select_groups(every: list, config: RankConfig) -> list:
+    found = every
     if config.include:
         found = [g for g in found if any(fnmatch.fnmatchcase(g.name, pat) for pat in config.include)]
         if not found:
-            names = ", ".join(g.name for g in layer_groups(session.model, config.granularity)[:12])
+            names = ", ".join(g.name for g in every[:12])
             raise ConfigError(f"--groups {','.join(config.include)} matches no {Granularity(config.granularity).value}: names are {names}, ...")
     if config.top_k is not None and not 1 <= config.top_k <= len(found):
         raise ConfigError(f"--top-k {config.top_k}: there are {len(found)} groups; pass a number from 1 to {len(found)}")
@@ -173,14 +173,15 @@ def rank(
     ``rank('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors').verdict``.
     """
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
-    found = _select_groups(session, config)
+    every = layer_groups(session.model, config.granularity)  # drift looks at all of them, the ranking at those --groups selects
+    found = _select_groups(every, config)
     ds = dataset if dataset is not None else session.load_data(data)
     recorder = drift_mod.Recorder(session.model)  # drift rides the evaluation pass
     try:
         preds = session.evaluate(ds, progress, on_batch=recorder.commit)
     finally:
         recorder.remove()
-    drift = recorder.result(layer_groups(session.model, config.granularity))
+    drift = recorder.result(every)
     wrong = torch.nonzero(~preds.correct).flatten()
     right = torch.nonzero(preds.correct).flatten()
     if wrong.numel() == 0:
