@@ -184,8 +184,8 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
     info = run("info", plain, "--arch", "resnet18_cifar", "--arch-arg", "width=4", "--json")
     assert info.exit_code == 0, info.stderr
-    notes = [*ASSUMED, "inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
-             "inferred in_channels=1 from the weights (conv1.weight); --arch-arg in_channels=N overrides it"]
+    notes = ["inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
+             "inferred in_channels=1 from the weights (conv1.weight); --arch-arg in_channels=N overrides it", *ASSUMED]
     d = json.loads(info.stdout)
     assert d["notes"] == notes and d["metadata"]["arch_kwargs"] == {"width": 4, "num_classes": 4, "in_channels": 1}
     assert info.stderr.splitlines() == [f"Note: {plain}: {n}" for n in notes]
@@ -195,7 +195,7 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     info = run("info", r18, "--arch", "resnet18", "--json")
     assert info.exit_code == 0, info.stderr
     rgb = [n.replace("1x32x32", "3x32x32") for n in ASSUMED]
-    assert json.loads(info.stdout)["notes"] == [*rgb, "inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it"]
+    assert json.loads(info.stdout)["notes"] == ["inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it", *rgb]
     given = run("info", r18, "--arch", "resnet18", "--arch-arg", "num_classes=7", "--input-size", "64", "--mean", "0.4", "--std", "0.2,0.3,0.25",
                 "--json")
     assert given.exit_code == 0, given.stderr

@@ -1,6 +1,7 @@
 """Activation drift against BatchNorm running statistics: exact sums, the localisation rule, the samples, and models without statistics."""
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -158,7 +159,7 @@ def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, gr
     bn = model.layer2[0].bn1
     with torch.no_grad():
         bn.running_mean.add_(bn.running_var.sqrt() * 1.5)
-    damaged = type(sample_session)(sample_session.ckpt, model, sample_session.preprocess, sample_session.device)
+    damaged = dataclasses.replace(sample_session, model=model)
     r = ranking.rank(damaged, DataChoice(limit=500), RankConfig(bootstrap=0, granularity=granularity))
     assert r.drift is not None and r.drift.suspect == expected and r.drift.suspect_layer == "layer2.0.bn1"
     assert r.drift.margin is not None and r.drift.margin > 100  # 0.5 * 1.5^2 = 1.1 against a profile under 1e-3

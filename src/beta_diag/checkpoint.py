@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from beta_diag import distributed, models
+from beta_diag import distributed, infer, models
 from beta_diag.errors import CheckpointError, OutputError
 
 FORMAT_VERSION = "1"
@@ -151,7 +150,7 @@ class Checkpoint:
         meta = self.metadata
         if arch_kwargs:
             meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **arch_kwargs})
-        channels = meta.input_shape[0] if meta.input_shape else first_conv_channels(self.state_dict) or 3
+        channels = meta.input_shape[0] if meta.input_shape else infer.first_conv_channels(self.state_dict) or 3
         if input_size is not None:
             if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in input_size):
                 raise CheckpointError(f"--input-size {input_size}: pass sides from 1 to {MAX_INPUT_SIDE} pixels, e.g. --input-size 28")
@@ -174,49 +173,13 @@ class Checkpoint:
         return kwargs
 
     def inferred(self) -> Checkpoint:
-        """The checkpoint with what its weights say about the architecture filled in, where nothing named it:
-        ``num_classes`` from the classifier's output size, and ``in_channels`` from the first convolution's
-        input (for builders that take it). Each inference is added to ``notes``. The model is built on the
-        meta device, so nothing is allocated; an architecture that cannot be built is left to ``build_model``."""
+        """The checkpoint with what its weights say filled in where nothing named it, and its input assumed
+        where nothing says (``infer.fill_in``); each inference and assumption is added to ``notes``."""
         if self.resolved:
             return self
-        meta, assumed = self.metadata, []
-        if meta.input_shape is None:
-            c = first_conv_channels(self.state_dict) or 3
-            meta = replace(meta, input_shape=(c, 32, 32))
-            assumed.append(f"assumed {c}x32x32 inputs (the metadata names no input shape): pass --input-size if the model expects another")
-        if meta.mean is None or meta.std is None:
-            c = meta.input_shape[0]
-            meta = replace(meta, mean=meta.mean or (0.5,) * c, std=meta.std or (0.5,) * c)
-            assumed.append("assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel "
-                           "(the metadata names none): pass --mean and --std")
-        if assumed:
-            return replace(self, metadata=meta, notes=self.notes + tuple(assumed)).inferred()
-        if not meta.arch or (":" in meta.arch and not self.arch_from_user):
-            return replace(self, resolved=True)
-        kwargs = self._arch_kwargs()
-        try:
-            with torch.device("meta"):
-                model = models.build(meta.arch, kwargs)
-            takes_channels = "in_channels" in inspect.signature(models.resolve(meta.arch)).parameters
-        except Exception:  # noqa: BLE001 - build_model reports it with the fix
-            return replace(self, resolved=True)
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        found: dict[str, tuple[int, str]] = {}
-        if layers and "num_classes" not in kwargs:
-            key = f"{layers[-1][0]}.weight"  # the classifier is the last linear or convolution registered
-            if key in self.state_dict and self.state_dict[key].dim() >= 1 and self.state_dict[key].shape[0] != layers[-1][1].weight.shape[0]:
-                found["num_classes"] = (int(self.state_dict[key].shape[0]), key)
-        first = layers[0][1] if layers else None
-        if isinstance(first, nn.Conv2d) and takes_channels and "in_channels" not in kwargs:
-            key = f"{layers[0][0]}.weight"
-            if key in self.state_dict and self.state_dict[key].dim() == 4 and self.state_dict[key].shape[1] != first.weight.shape[1]:
-                found["in_channels"] = (int(self.state_dict[key].shape[1]) * first.groups, key)
-        if not found:
-            return replace(self, resolved=True)
-        notes = tuple(f"inferred {k}={v} from the weights ({key}); --arch-arg {k}=N overrides it" for k, (v, key) in found.items())
-        return replace(self, metadata=replace(meta, arch_kwargs={**meta.arch_kwargs, **{k: v for k, (v, _) in found.items()}}),
-                       notes=self.notes + notes, resolved=True)
+        may_build = bool(self.metadata.arch) and (":" not in self.metadata.arch or self.arch_from_user)
+        meta, notes = infer.fill_in(self.metadata, self.state_dict, may_build)
+        return replace(self, metadata=meta, notes=self.notes + tuple(notes), resolved=True)
 
     def build_model(self) -> nn.Module:
         """Build the architecture named in the metadata and load the weights strictly (eval mode)."""
@@ -299,12 +262,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 MAX_INPUT_SIDE = 4096  # pixels: beyond this a single image's activations alone exhaust memory
-
-
-def first_conv_channels(state_dict: dict[str, torch.Tensor]) -> int | None:
-    """Input channels of the first 4-D weight (the first convolution, in the order the model saved it)."""
-    first = next((t for k, t in state_dict.items() if k.endswith("weight") and t.dim() == 4), None)
-    return int(first.shape[1]) if first is not None else None
 
 
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts commonly keep the weights

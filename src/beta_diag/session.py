@@ -16,7 +16,7 @@ from beta_diag import checkpoint
 from beta_diag import data as data_mod
 from beta_diag.checkpoint import Checkpoint
 from beta_diag.data import Dataset, Preprocess
-from beta_diag.errors import DataError
+from beta_diag.errors import CheckpointError, DataError
 from beta_diag.training import Predictions, evaluate, prepare, resolve_device
 
 
@@ -36,14 +36,7 @@ class Session:
     model: nn.Module  # eval mode, on ``device``
     preprocess: Preprocess
     device: torch.device
-
-    @property
-    def num_classes(self) -> int:
-        meta = self.ckpt.metadata
-        if meta.num_classes:
-            return meta.num_classes
-        last = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
-        return last[-1].out_features if last else 0
+    num_classes: int  # the width of the model's output on one input of ``preprocess.input_shape``
 
     def resolve_data(self, choice: DataChoice, default_split: str = "test") -> tuple[str, str]:
         """(spec, split): explicit choice first, then the checkpoint's recorded data, then its data set name."""
@@ -87,4 +80,23 @@ def open_session(
     ckpt = ckpt.with_overrides(arch, arch_kwargs).inferred()
     dev = resolve_device(device)
     model = prepare(ckpt.build_model(), dev).eval()
-    return Session(ckpt, model, preprocess_for(ckpt), dev)
+    pre = preprocess_for(ckpt)
+    return Session(ckpt, model, pre, dev, output_width(ckpt, model, pre.input_shape, dev))
+
+
+def output_width(ckpt: Checkpoint, model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:
+    """Run the model on one blank input: a model that cannot take ``shape`` is refused here, naming the
+    option, rather than midway through a pass; the output's width is the number of classes."""
+    shape_text = "x".join(map(str, shape))
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape, device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the input does not fit the model
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{ckpt.path}: the model does not accept {shape_text} inputs ({first}): pass --input-size with "
+                              "the side it was trained at (torchvision's ImageNet models: 224)") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CheckpointError(f"{ckpt.path}: the model returns {got} on one {shape_text} input, not (batch, classes) logits: "
+                              "make its forward return the logits")
+    return int(out.shape[1])
