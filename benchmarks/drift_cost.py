@@ -18,6 +18,7 @@ import torch
 from attribution_speed import interleaved_medians
 from rank_cost import CKPT
 
+from beta_diag import readers
 from beta_diag import data as data_mod
 from beta_diag.drift import Recorder
 from beta_diag.groups import layer_groups
@@ -34,7 +35,7 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     print(f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; torch threads {torch.get_num_threads()}")
     session = open_session(CKPT, "cpu")
-    spec = None if data_mod.fashion_mnist_missing("test") else "fashion-mnist"
+    spec = None if readers.fashion_mnist_missing("test") else "fashion-mnist"
     ds = session.load_data(DataChoice(spec, limit=1000 if args.quick else None))
     groups = layer_groups(session.model)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from beta_diag import readers
 from beta_diag import data as data_mod
 from beta_diag import ranking
 from beta_diag import session as session_mod
@@ -199,9 +200,9 @@ def main() -> int:
         return 0
     print("$ " + shlex.join([sys.executable, *sys.argv]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={args.quick}", flush=True)
-    missing = data_mod.fashion_mnist_missing("test")
+    missing = readers.fashion_mnist_missing("test")
     if missing:
-        print(f"SKIPPED: Fashion-MNIST test files {', '.join(missing)}(.gz) not found in {data_mod.FASHION_MNIST_ROOT}; "
+        print(f"SKIPPED: Fashion-MNIST test files {', '.join(missing)}(.gz) not found in {readers.FASHION_MNIST_ROOT}; "
               "install Debian's dataset-fashion-mnist to run this benchmark")
         return 0
     start = time.perf_counter()

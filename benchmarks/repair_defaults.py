@@ -32,6 +32,7 @@ from pathlib import Path
 
 from planted_faults import SGD, calibrate
 
+from beta_diag import readers
 from beta_diag import data
 from beta_diag.groups import layer_groups
 from beta_diag.repair import AutoLayers, RepairConfig, Verdict, repair
@@ -68,8 +69,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     print("command: python benchmarks/repair_defaults.py" + (" --quick" if args.quick else f" --seeds {args.seeds}"), flush=True)
-    if data.fashion_mnist_missing("train"):
-        print(f"SKIPPED: the Fashion-MNIST training images are not in {data.FASHION_MNIST_ROOT}; install Debian's dataset-fashion-mnist")
+    if readers.fashion_mnist_missing("train"):
+        print(f"SKIPPED: the Fashion-MNIST training images are not in {readers.FASHION_MNIST_ROOT}; install Debian's dataset-fashion-mnist")
         return 0
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]

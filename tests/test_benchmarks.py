@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from beta_diag import readers
 from beta_diag import data
 
 REPO = Path(__file__).resolve().parents[1]
-FMNIST_TRAIN = not data.fashion_mnist_missing("train")
+FMNIST_TRAIN = not readers.fashion_mnist_missing("train")
 
 
 def run_script(name: str, *args: str) -> str:

@@ -91,8 +91,15 @@ def test_key_mismatch_lists_sorted_keys_and_counts(tmp_path: Path) -> None:
 def test_shape_mismatch_names_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     checkpoint.save(path, small_model().state_dict(), META)
-    with pytest.raises(CheckpointError, match=r"weight shape\(s\) differ .* --arch-arg width=16"):
-        checkpoint.load(path).with_overrides(arch_kwargs={"width": 4}).build_model()
+    with pytest.raises(CheckpointError, match=r"weight shape\(s\) differ .*: pass --arch-arg width=2 \(every weight's shape fits it\)$"):
+        checkpoint.load(path).with_overrides(arch_kwargs={"width": 4}).build_model()  # the value is found, not guessed
+    with pytest.raises(CheckpointError, match=r"weight shape\(s\) differ .*: pass --arch-arg num_classes=3 "):
+        checkpoint.load(path).with_overrides(arch_kwargs={"num_classes": 5}).build_model()
+    torchvision = pytest.importorskip("torchvision")
+    r18 = tmp_path / "narrow.pt"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=4, width_mult=0.5).state_dict(), r18)
+    with pytest.raises(CheckpointError, match=r"differ .*: pass the architecture arguments the checkpoint was trained with \(--arch-arg KEY=VALUE\)$"):
+        checkpoint.load(r18).with_overrides(arch="mobilenet_v3_small").inferred().build_model()  # width_mult 0.5: no integer argument fits
 
 
 def test_nan_weights_are_named_by_group(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from beta_diag import data
 from beta_diag.errors import DataError
+from beta_diag.readers import DataSpec
 from tests.conftest import make_images, write_bundle
 
 
@@ -87,6 +88,10 @@ def test_imagefolder(tmp_path: Path) -> None:
     ds = data.load(f"imagefolder:{tmp_path}", "train", image_size=(8, 8))
     assert ds.images.shape == (6, 3, 8, 8) and ds.class_names == ("cat", "dog")
     assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ds.notes == (f"imagefolder:{tmp_path} (train): 6 of 6 images resized to 8x8 when read (bilinear)",)
+    Image.fromarray(np.full((8, 8), 9, dtype=np.uint8)).save(tmp_path / "dog" / "grey.png")
+    assert data.load(f"imagefolder:{tmp_path}", "train", image_size=(8, 8)).notes[1:] == (
+        f"imagefolder:{tmp_path} (train): 1 of 7 images converted to RGB when read",)
     (tmp_path / "dog" / "3.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"3.png: cannot decode image .*: remove or replace the file"):
         data.load(f"imagefolder:{tmp_path}", "train")
@@ -113,6 +118,18 @@ def test_bundle_and_limit(tmp_path: Path) -> None:
 def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(DataError, match=message):
         data.load(spec)
+
+
+def test_a_spec_is_parsed_once_into_one_type(tmp_path: Path) -> None:
+    assert DataSpec.parse("fashion-mnist") == DataSpec("fashion-mnist") and str(DataSpec("fashion-mnist")) == "fashion-mnist"
+    folder = DataSpec.parse("imagefolder:pics")
+    assert (folder.kind, folder.path, str(folder)) == ("imagefolder", Path("pics"), "imagefolder:pics")
+    assert folder.resolved(tmp_path) == DataSpec("imagefolder", tmp_path.resolve() / "pics")
+    bundle = DataSpec.parse("d/x.safetensors")
+    assert (bundle.kind, str(bundle), bundle.name, bundle.reader.one_split) == ("bundle", "d/x.safetensors", "d/x.safetensors", True)
+    assert DataSpec.parse("cifar10:/c").name == "cifar10" and not DataSpec.parse("cifar10:/c").reader.one_split
+    ds = data.load(str(write_bundle(tmp_path / "b.safetensors", 8)))
+    assert ds.source == DataSpec("bundle", tmp_path / "b.safetensors") and ds.subset(torch.arange(2)).source == ds.source
 
 
 def test_limit_zero_and_labels_outside_classes(tmp_path: Path) -> None:
@@ -147,14 +164,17 @@ def test_one_size_policy_whatever_the_parity() -> None:
     assert big.conversions((3, 224, 224)) == [] and big.conversions((3, 300, 300)) == ["300x300 images are resized to the model's 224x224 (bilinear)"]
 
 
+FOLDERS = DataSpec.parse("imagefolder:/d")
+
+
 def test_image_folders_are_matched_to_the_models_class_names() -> None:
     images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
-    folders = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "imagefolder:/d", "test")
+    folders = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "imagefolder:/d", "test", source=FOLDERS)
     matched = data.match_classes(folders, ("coat", "shirt", "boot"))
     assert matched.labels.tolist() == [2, 0, 0] and matched.class_names == ("coat", "shirt", "boot")
     assert matched.notes == ("imagefolder:/d (test): class folders matched to the model's class names by name",)
     assert data.match_classes(folders, ("boot", "coat")) is folders  # same order: nothing to do, nothing said
-    bundle = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "x.safetensors", "test")
+    bundle = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "x.safetensors", "test", source=DataSpec.parse("x.safetensors"))
     assert data.match_classes(bundle, ("coat", "boot")) is bundle  # bundles' labels are the model's own indices
     with pytest.raises(DataError, match=r"folder\(s\) sandal name no class of the model \(coat, boot\): name each folder after"):
-        data.match_classes(data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "sandal"), "imagefolder:/d", "test"), ("coat", "boot"))
+        data.match_classes(data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "sandal"), "imagefolder:/d", "test", source=FOLDERS), ("coat", "boot"))

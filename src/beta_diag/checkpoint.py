@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -191,8 +191,9 @@ class Checkpoint:
                 f"{self.path}: metadata names code to import ({meta.arch}); beta-diag never runs code a file names: "
                 f"if you trust it, pass --arch {meta.arch}"
             )
-        model = models.build(meta.arch, self._arch_kwargs())
-        load_weights(model, self.state_dict, str(self.path))
+        kwargs = self._arch_kwargs()
+        model = models.build(meta.arch, kwargs)
+        load_weights(model, self.state_dict, str(self.path), lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict))
         return model.eval()
 
 
@@ -210,8 +211,9 @@ def _describe_keys(kind: str, keys: list[str], n: int = 5) -> str:
     return f"{len(keys)} {kind} ({shown})"
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error listing missing/unexpected keys and shape mismatches."""
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, suggest: Callable[[], str | None] | None = None) -> None:
+    """Strict load with an error listing missing/unexpected keys and shape mismatches; ``suggest()`` names the
+    option value that would fit the shapes, when one does."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -224,7 +226,8 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if wrong:
         raise CheckpointError(
             f"{source}: {len(wrong)} weight shape(s) differ from the architecture (file vs model): {', '.join(sorted(wrong)[:3])}: "
-            "pass the architecture arguments the checkpoint was trained with (e.g. --arch-arg width=16)"
+            + ((f"pass {fix} (every weight's shape fits it)" if (fix := suggest and suggest()) else
+                "pass the architecture arguments the checkpoint was trained with (--arch-arg KEY=VALUE)"))
         )
     bad = {}
     for k, t in state_dict.items():

@@ -1,33 +1,20 @@
-"""Data specs -> in-memory datasets. Nothing here downloads.
-
-Specs: ``fashion-mnist`` (Debian's idx files in /usr/share/datasets/fashion-mnist, or
-``fashion-mnist:DIR``), ``cifar10:DIR`` / ``cifar100:DIR`` (the python-batch format torchvision
-uses), ``imagefolder:DIR`` (``DIR/train`` and ``DIR/test`` when present), and a tensor bundle
-``FILE.safetensors`` holding ``images`` (uint8, (N, H, W) or (N, C, H, W)) and ``labels``.
-Images stay uint8 (N, C, H, W) on the CPU; ``Preprocess`` turns a batch into model input.
+"""Data specs -> in-memory datasets, matched to a model, and batched (``readers`` parses specs and decodes
+each format). Images stay uint8 (N, C, H, W) on the CPU; ``Preprocess`` turns a batch into model input.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
-import pickle
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from beta_diag.errors import DataError
+from beta_diag.readers import DataSpec
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
 SPLITS = ("train", "test")
 
 
@@ -41,12 +28,13 @@ class Dataset:
     spec: str
     split: str
     notes: tuple[str, ...] = ()  # what loading matched or converted (class names to the model's), in words
+    source: DataSpec | None = None  # the parsed spec it was read from (None: built in memory)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
     def subset(self, index: torch.Tensor) -> Dataset:
-        return Dataset(self.images[index], self.labels[index], self.class_names, self.spec, self.split, self.notes)
+        return replace(self, images=self.images[index], labels=self.labels[index])
 
 
 @dataclass(frozen=True)
@@ -107,165 +95,8 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
-# --- readers -------------------------------------------------------------------------------
-
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-
-def _fashion_mnist_file(root: Path, name: str) -> list[Path]:
-    """Where an idx file may lie: in ``root`` or torchvision's FashionMNIST/raw below it, plain or gzipped."""
-    return [p for d in (root, root / "FashionMNIST" / "raw") for p in (d / name, d / f"{name}.gz") if p.is_file()]
-
-
-def fashion_mnist_missing(split: str, root: Path | None = None) -> list[str]:
-    """The idx files of ``split`` that ``load('fashion-mnist', split)`` would not find (empty: all there)."""
-    return [name for name in FASHION_MNIST_FILES[split] if not _fashion_mnist_file(root or FASHION_MNIST_ROOT, name)]
-
-
-def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    from torchvision.datasets import FashionMNIST
-
-    root = root or FASHION_MNIST_ROOT
-    with tempfile.TemporaryDirectory(prefix="beta-diag-fmnist-") as tmp:
-        raw = Path(tmp) / "FashionMNIST" / "raw"
-        raw.mkdir(parents=True)
-        for which, files in FASHION_MNIST_FILES.items():
-            for name in files:
-                found = _fashion_mnist_file(root, name)
-                if which != split:
-                    (raw / name).touch()  # torchvision checks that both splits exist; only ours is read
-                elif not found:
-                    raise DataError(
-                        f"fashion-mnist: {name}(.gz) not found in {root}: install it with `apt-get install dataset-fashion-mnist` "
-                        "or pass fashion-mnist:DIR"
-                    )
-                elif found[0].suffix == ".gz":
-                    with gzip.open(found[0], "rb") as src, open(raw / name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                else:
-                    (raw / name).symlink_to(found[0].resolve())
-        try:
-            ds = FashionMNIST(tmp, train=split == "train", download=False)
-        except Exception as exc:
-            raise DataError(f"fashion-mnist: idx files in {root} are corrupt ({type(exc).__name__}): reinstall dataset-fashion-mnist") from None
-        return ds.data.unsqueeze(1).clone(), ds.targets.long().clone(), FASHION_MNIST_CLASSES
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays, lists and dicts only: a CIFAR batch cannot run code."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data batch")
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a CIFAR python batch ({exc}): re-extract cifar-*-python.tar.gz") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: not a CIFAR python batch: re-extract cifar-*-python.tar.gz")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _cifar(kind: str, root: Path, split: str, size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    folder, files, meta, key, names_key = {
-        "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, "batches.meta", "labels", "label_names"),
-        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_labels", "fine_label_names"),
-    }[kind]
-    base = root / folder if (root / folder).is_dir() else root
-    paths = [base / f for f in files[split]]
-    missing = [p.name for p in paths + [base / meta] if not p.is_file()]
-    if missing:
-        raise DataError(f"{kind}:{root}: missing {', '.join(missing)}: pass the folder holding {folder}/ (extracted from the python tarball)")
-    images, labels = [], []
-    for p in paths:
-        batch = _unpickle(p)
-        if "data" not in batch or key not in batch:
-            raise DataError(f"{p}: batch has no 'data'/'{key}': re-extract the {kind} tarball")
-        images.append(torch.as_tensor(batch["data"]).reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(batch[key]), dtype=torch.long))
-    names = tuple(str(n.decode() if isinstance(n, bytes) else n) for n in _unpickle(base / meta).get(names_key, []))
-    return torch.cat(images).to(torch.uint8), torch.cat(labels), names
-
-
-def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import pil_to_tensor
-
-    folder = root / split if (root / split).is_dir() else root
-    try:
-        ds = ImageFolder(str(folder))
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"imagefolder:{root}: {exc}: use one sub-folder per class") from None
-    size = size or (32, 32)
-    images = []
-    for path, _ in ds.samples:
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-                images.append(pil_to_tensor(img))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"{path}: cannot decode image ({type(exc).__name__}): remove or replace the file") from None
-    labels = torch.tensor([t for _, t in ds.samples], dtype=torch.long)
-    return torch.stack(images), labels, tuple(ds.classes)
-
-
-def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            if not {"images", "labels"} <= keys:
-                raise DataError(f"{path}: a data bundle needs tensors 'images' and 'labels', found {sorted(keys)}: re-create it")
-            images, labels, meta = f.get_tensor("images"), f.get_tensor("labels"), f.metadata() or {}
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable safetensors data bundle ({exc}): re-create it") from None
-    if images.dtype != torch.uint8 or images.dim() not in (3, 4):
-        raise DataError(f"{path}: 'images' must be uint8 (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
-        raise DataError(f"{path}: 'labels' must be integers of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
-    try:
-        names = tuple(json.loads(meta.get("class_names", "[]")))
-    except json.JSONDecodeError:
-        names = ()
-    return images, labels.long(), names
-
-
-Reader = Callable[[Path, str, "tuple[int, int] | None"], "tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]"]
-READERS: dict[str, Reader] = {
-    "cifar10": lambda root, split, size: _cifar("cifar10", root, split, size),
-    "cifar100": lambda root, split, size: _cifar("cifar100", root, split, size),
-    "imagefolder": _imagefolder,
-}
-
-
-def resolve_spec(spec: str, base_dir: Path | None = None) -> str:
-    """The spec with its file or folder made absolute (relative ones taken from ``base_dir``, else
-    the working directory): a checkpoint records data relative to its own folder, or absolute."""
-    base = (base_dir or Path.cwd()).resolve()
-    if spec.endswith(".safetensors"):
-        return str((base / spec).resolve())
-    kind, sep, arg = spec.partition(":")
-    return f"{kind}:{(base / arg).resolve()}" if sep and arg else spec
-
-
-def load(spec: str, split: str = "test", limit: int | None = None, seed: int = 0, image_size: tuple[int, int] | None = None) -> Dataset:
-    """Decode the data named by ``spec`` (see module docstring). ``limit`` keeps a seeded random subset.
+def load(spec: str | DataSpec, split: str = "test", limit: int | None = None, seed: int = 0, image_size: tuple[int, int] | None = None) -> Dataset:
+    """Decode the data named by ``spec`` (see ``readers``). ``limit`` keeps a seeded random subset.
 
     Example: ``load('fashion-mnist', 'test', limit=2000)``.
     """
@@ -273,31 +104,16 @@ def load(spec: str, split: str = "test", limit: int | None = None, seed: int = 0
         raise DataError(f"unknown split '{split}': use train or test")
     if limit is not None and limit < 1:
         raise DataError(f"--limit {limit}: pass a positive number of examples")
-    kind, _, arg = spec.partition(":")
-    if spec.endswith(".safetensors"):
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"data bundle {spec} not found: check the path")
-        images, labels, names = _bundle(path, split, image_size)
-    elif kind == "fashion-mnist":
-        images, labels, names = _fashion_mnist(Path(arg) if arg else None, split, image_size)
-    elif kind in READERS:
-        if not arg:
-            raise DataError(f"data spec '{spec}' needs a folder: pass {kind}:DIR")
-        if not Path(arg).is_dir():
-            raise DataError(f"{spec}: folder {arg} does not exist: check the path")
-        images, labels, names = READERS[kind](Path(arg), split, image_size)
-    else:
-        raise DataError(
-            f"unknown data spec '{spec}': use fashion-mnist, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR or FILE.safetensors"
-        )
+    source = DataSpec.parse(spec)
+    decoded = source.read(split, image_size)
+    images, labels, names = decoded.images, decoded.labels, decoded.class_names
     if labels.numel() == 0:
         raise DataError(f"{spec} ({split}) holds no examples: pass data with images in it")
     if labels.min() < 0:
         raise DataError(f"{spec} ({split}): negative labels: labels must be class indices 0..C-1")
     if not names:
         names = tuple(str(i) for i in range(int(labels.max()) + 1))
-    ds = Dataset(images.contiguous(), labels, names, spec, split)
+    ds = Dataset(images.contiguous(), labels, names, str(spec), split, decoded.notes, source)
     if limit is not None and limit < len(ds):
         ds = ds.subset(subset_index(len(ds), limit, seed))
     return ds
@@ -312,7 +128,7 @@ def subset_index(n: int, limit: int, seed: int, skip: int = 0) -> torch.Tensor:
 def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset:
     """An ImageFolder's labels follow its sorted folder names; when the model names its classes, relabel
     by name (folders may hold a subset of them), and refuse folders the model does not know."""
-    if not ds.spec.startswith("imagefolder:") or not model_classes or ds.class_names == tuple(model_classes):
+    if ds.source is None or not ds.source.reader.labels_by_folder or not model_classes or ds.class_names == tuple(model_classes):
         return ds
     unknown = [n for n in ds.class_names if n not in model_classes]
     if unknown:
@@ -322,7 +138,7 @@ def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset
                         "name each folder after one of the model's classes")
     index = torch.tensor([list(model_classes).index(n) for n in ds.class_names])
     note = f"{ds.spec} ({ds.split}): class folders matched to the model's class names by name"
-    return Dataset(ds.images, index[ds.labels], tuple(model_classes), ds.spec, ds.split, ds.notes + (note,))
+    return replace(ds, labels=index[ds.labels], class_names=tuple(model_classes), notes=ds.notes + (note,))
 
 
 def check_fits(ds: Dataset, num_classes: int, min_classes: int = 1) -> None:

@@ -107,3 +107,33 @@ def fill_in(metadata: Any, state_dict: dict[str, torch.Tensor], may_build: bool)
         notes.append("assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel "
                      "(the metadata names none): pass --mean and --std")
     return meta, notes
+
+
+def suggest_arch_arg(arch: str, kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> str | None:
+    """``--arch-arg KEY=N`` for an integer argument of the builder that makes every weight's shape fit the
+    file, tried from the first differing weight's size ratio (resnet18_cifar saved at width 16: ``width=16``);
+    None when no single integer argument does."""
+    model = _skeleton(arch, kwargs)
+    try:
+        params = inspect.signature(models.resolve(arch)).parameters
+    except (TypeError, ValueError):
+        return None
+    if model is None:
+        return None
+    differ = next(((k, v.shape) for k, v in model.state_dict().items() if k in state_dict and state_dict[k].shape != v.shape), None)
+    if differ is None:
+        return None
+    key, want = differ
+    have = state_dict[key].shape
+    for name, param in params.items():
+        current = kwargs.get(name, param.default)
+        if not isinstance(current, int) or isinstance(current, bool) or current <= 0 or len(have) != len(want):
+            continue
+        for f, m in zip(have, want):
+            if f == m or (f * current) % m:
+                continue
+            trial = _skeleton(arch, {**kwargs, name: f * current // m})
+            fits = trial is not None and all(k in state_dict and state_dict[k].shape == v.shape for k, v in trial.state_dict().items())
+            if fits:
+                return f"--arch-arg {name}={f * current // m}"
+    return None

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from beta_diag import checkpoint, data as data_mod, features, groups, ranking
+from beta_diag import checkpoint, features, groups, ranking
 from beta_diag.training import Progress
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
+from beta_diag.readers import DataSpec
 from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
@@ -207,8 +208,8 @@ def _focus(session: Session, ds: Dataset, focus: str, seed: int) -> Dataset:
 
 def _same_data(a: Dataset, b: Dataset) -> bool:
     """Same source: a bundle file is one split whatever --split says; other specs differ by split."""
-    if a.spec.endswith(".safetensors") and b.spec.endswith(".safetensors"):
-        return Path(a.spec).resolve() == Path(b.spec).resolve()
+    if a.source and b.source and a.source.reader.one_split and b.source.reader.one_split:
+        return a.source.resolved() == b.source.resolved()
     return a.spec == b.spec and a.split == b.split
 
 
@@ -330,7 +331,7 @@ def repair(
             repaired = model
     parent_dir = session.ckpt.path.parent
     data_for_out = {
-        split: {**rec, "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else data_mod.resolve_spec(rec["spec"], parent_dir)}
+        split: {**rec, "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else str(DataSpec.parse(rec["spec"]).resolved(parent_dir))}
         for split, rec in session.ckpt.metadata.data.items() if isinstance(rec, dict) and "spec" in rec
     }
     meta = replace(session.ckpt.metadata, data=data_for_out, repair={

@@ -17,6 +17,7 @@ from beta_diag import data as data_mod
 from beta_diag.checkpoint import Checkpoint
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import CheckpointError, DataError
+from beta_diag.readers import DataSpec
 from beta_diag.training import Predictions, evaluate, prepare, resolve_device
 
 
@@ -46,9 +47,9 @@ class Session:
         meta = self.ckpt.metadata
         recorded = meta.data.get(split)
         if isinstance(recorded, dict) and recorded.get("spec"):
-            return data_mod.resolve_spec(recorded["spec"], self.ckpt.path.parent), split
+            return str(DataSpec.parse(recorded["spec"]).resolved(self.ckpt.path.parent)), split
         if meta.dataset:
-            return data_mod.resolve_spec(meta.dataset, self.ckpt.path.parent), split
+            return str(DataSpec.parse(meta.dataset).resolved(self.ckpt.path.parent)), split
         raise DataError(f"{self.ckpt.path}: metadata names no data: pass --data, e.g. --data fashion-mnist")
 
     def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2) -> Dataset:

@@ -15,6 +15,7 @@ from torch import nn
 from beta_diag import data as data_mod, distributed
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import ConfigError
+from beta_diag.readers import DataSpec
 from beta_diag.checkpoint import Metadata
 from beta_diag.schedules import MomentumSchedule, MomentumScheduler, epoch_record, lr_scheduler
 
@@ -300,7 +301,8 @@ def train(
 
     from beta_diag import models
 
-    if test_data is None and data.endswith(".safetensors"):
+    train_spec = DataSpec.parse(data)
+    if test_data is None and train_spec.reader.one_split:
         raise ConfigError(f"{data} is a bundle, which holds one split: pass --test-data with held-out images")
     train_ds = data_mod.load(data, "train", limit=limit, seed=config.seed)
     test_spec = test_data or data
@@ -323,8 +325,8 @@ def train(
     meta = Metadata(
         arch=arch, arch_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"}, num_classes=num_classes,
         input_shape=preprocess.input_shape, mean=mean, std=std, class_names=train_ds.class_names,
-        dataset=data.partition(":")[0] if not data.endswith(".safetensors") else data,
-        data={"train": {"spec": data_mod.resolve_spec(data), "split": "train"}, "test": {"spec": data_mod.resolve_spec(test_spec), "split": "test"}},
+        dataset=train_spec.name,
+        data={"train": {"spec": str(train_spec.resolved()), "split": "train"}, "test": {"spec": str(DataSpec.parse(test_spec).resolved()), "split": "test"}},
         training={**config.to_dict(), "limit": limit, "test_limit": test_limit, "train_examples": len(train_ds), "test_examples": len(test_ds),
                   "torch": torch.__version__},
         history=tuple(without_timing(history)),  # type: ignore[arg-type]

@@ -1,0 +1,252 @@
+"""Data specs and their readers: the one place a ``--data`` string is parsed, and each format decoded.
+
+Specs: ``fashion-mnist`` (Debian's idx files in /usr/share/datasets/fashion-mnist, or
+``fashion-mnist:DIR``), ``cifar10:DIR`` / ``cifar100:DIR`` (the python-batch format torchvision
+uses), ``imagefolder:DIR`` (``DIR/train`` and ``DIR/test`` when present), and a tensor bundle
+``FILE.safetensors`` holding ``images`` (uint8, (N, H, W) or (N, C, H, W)) and ``labels``.
+A new format is one reader function and one ``READERS`` entry. Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from beta_diag.errors import DataError
+
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DEFAULT_SIZE = (32, 32)  # an ImageFolder's images, when no model names a size
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a reader returns: uint8 images (N, C, H, W), int64 labels (N,), class names, and notes on what
+    reading converted (in words, for stderr and --json)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _fashion_mnist_file(root: Path, name: str) -> list[Path]:
+    """Where an idx file may lie: in ``root`` or torchvision's FashionMNIST/raw below it, plain or gzipped."""
+    return [p for d in (root, root / "FashionMNIST" / "raw") for p in (d / name, d / f"{name}.gz") if p.is_file()]
+
+
+def fashion_mnist_missing(split: str, root: Path | None = None) -> list[str]:
+    """The idx files of ``split`` that ``load('fashion-mnist', split)`` would not find (empty: all there)."""
+    return [name for name in FASHION_MNIST_FILES[split] if not _fashion_mnist_file(root or FASHION_MNIST_ROOT, name)]
+
+
+def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) -> Decoded:
+    from torchvision.datasets import FashionMNIST
+
+    root = root or FASHION_MNIST_ROOT
+    with tempfile.TemporaryDirectory(prefix="beta-diag-fmnist-") as tmp:
+        raw = Path(tmp) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for which, files in FASHION_MNIST_FILES.items():
+            for name in files:
+                found = _fashion_mnist_file(root, name)
+                if which != split:
+                    (raw / name).touch()  # torchvision checks that both splits exist; only ours is read
+                elif not found:
+                    raise DataError(
+                        f"fashion-mnist: {name}(.gz) not found in {root}: install it with `apt-get install dataset-fashion-mnist` "
+                        "or pass fashion-mnist:DIR"
+                    )
+                elif found[0].suffix == ".gz":
+                    with gzip.open(found[0], "rb") as src, open(raw / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                else:
+                    (raw / name).symlink_to(found[0].resolve())
+        try:
+            ds = FashionMNIST(tmp, train=split == "train", download=False)
+        except Exception as exc:
+            raise DataError(f"fashion-mnist: idx files in {root} are corrupt ({type(exc).__name__}): reinstall dataset-fashion-mnist") from None
+        return Decoded(ds.data.unsqueeze(1).clone(), ds.targets.long().clone(), FASHION_MNIST_CLASSES)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, lists and dicts only: a CIFAR batch cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data batch")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a CIFAR python batch ({exc}): re-extract cifar-*-python.tar.gz") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR python batch: re-extract cifar-*-python.tar.gz")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar(kind: str, root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+    folder, files, meta, key, names_key = {
+        "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, "batches.meta", "labels", "label_names"),
+        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_labels", "fine_label_names"),
+    }[kind]
+    base = root / folder if (root / folder).is_dir() else root
+    paths = [base / f for f in files[split]]
+    missing = [p.name for p in paths + [base / meta] if not p.is_file()]
+    if missing:
+        raise DataError(f"{kind}:{root}: missing {', '.join(missing)}: pass the folder holding {folder}/ (extracted from the python tarball)")
+    images, labels = [], []
+    for p in paths:
+        batch = _unpickle(p)
+        if "data" not in batch or key not in batch:
+            raise DataError(f"{p}: batch has no 'data'/'{key}': re-extract the {kind} tarball")
+        images.append(torch.as_tensor(batch["data"]).reshape(-1, 3, 32, 32))
+        labels.append(torch.as_tensor(list(batch[key]), dtype=torch.long))
+    names = tuple(str(n.decode() if isinstance(n, bytes) else n) for n in _unpickle(base / meta).get(names_key, []))
+    return Decoded(torch.cat(images).to(torch.uint8), torch.cat(labels), names)
+
+
+def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    folder = root / split if (root / split).is_dir() else root
+    try:
+        ds = ImageFolder(str(folder))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"imagefolder:{root}: {exc}: use one sub-folder per class") from None
+    size = size or DEFAULT_SIZE
+    images, resized, coloured = [], 0, 0
+    for path, _ in ds.samples:
+        try:
+            with Image.open(path) as img:
+                resized += img.size != (size[1], size[0])
+                coloured += img.mode != "RGB"
+                img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                images.append(pil_to_tensor(img))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{path}: cannot decode image ({type(exc).__name__}): remove or replace the file") from None
+    labels = torch.tensor([t for _, t in ds.samples], dtype=torch.long)
+    n, where = len(images), f"imagefolder:{root} ({split})"
+    notes = ([f"{where}: {resized} of {n} images resized to {size[0]}x{size[1]} when read (bilinear)"] if resized else []) + (
+        [f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else [])
+    return Decoded(torch.stack(images), labels, tuple(ds.classes), tuple(notes))
+
+
+def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if not {"images", "labels"} <= keys:
+                raise DataError(f"{path}: a data bundle needs tensors 'images' and 'labels', found {sorted(keys)}: re-create it")
+            images, labels, meta = f.get_tensor("images"), f.get_tensor("labels"), f.metadata() or {}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable safetensors data bundle ({exc}): re-create it") from None
+    if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+        raise DataError(f"{path}: 'images' must be uint8 (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        raise DataError(f"{path}: 'labels' must be integers of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+    try:
+        names = tuple(json.loads(meta.get("class_names", "[]")))
+    except json.JSONDecodeError:
+        names = ()
+    return Decoded(images, labels.long(), names)
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A data format: ``read(path, split, size)``; whether the spec must name a path; whether a file is
+    one split whatever --split says; whether labels follow sorted folder names (matched to the model's)."""
+
+    read: Callable[[Path | None, str, tuple[int, int] | None], Decoded]
+    needs_path: bool = True
+    one_split: bool = False
+    labels_by_folder: bool = False
+
+
+READERS: dict[str, Reader] = {
+    "fashion-mnist": Reader(_fashion_mnist, needs_path=False),
+    "cifar10": Reader(lambda root, split, size: _cifar("cifar10", root, split, size)),
+    "cifar100": Reader(lambda root, split, size: _cifar("cifar100", root, split, size)),
+    "imagefolder": Reader(_imagefolder, labels_by_folder=True),
+    "bundle": Reader(_bundle, one_split=True),  # named by its file: FILE.safetensors
+}
+SPECS_HELP = "fashion-mnist, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR or FILE.safetensors"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value: the reader's name and its file or folder (None: the reader's default place)."""
+
+    kind: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str | DataSpec) -> DataSpec:
+        if isinstance(text, DataSpec):
+            return text
+        if text.endswith(".safetensors"):
+            return cls("bundle", Path(text))
+        kind, _, arg = text.partition(":")
+        if kind not in READERS or kind == "bundle":
+            raise DataError(f"unknown data spec '{text}': use {SPECS_HELP}")
+        if READERS[kind].needs_path and not arg:
+            raise DataError(f"data spec '{text}' needs a folder: pass {kind}:DIR")
+        return cls(kind, Path(arg) if arg else None)
+
+    def __str__(self) -> str:
+        if self.kind == "bundle":
+            return str(self.path)
+        return f"{self.kind}:{self.path}" if self.path is not None else self.kind
+
+    @property
+    def reader(self) -> Reader:
+        return READERS[self.kind]
+
+    @property
+    def name(self) -> str:
+        """The data set's name as training records it: the format, or a bundle's file."""
+        return str(self) if self.kind == "bundle" else self.kind
+
+    def resolved(self, base_dir: Path | None = None) -> DataSpec:
+        """Its file or folder made absolute (a relative one taken from ``base_dir``, else the working
+        directory): a checkpoint records data relative to its own folder, or absolute."""
+        base = (base_dir or Path.cwd()).resolve()
+        return self if self.path is None else replace(self, path=(base / self.path).resolve())
+
+    def read(self, split: str, size: tuple[int, int] | None) -> Decoded:
+        if self.kind == "bundle" and not self.path.is_file():  # type: ignore[union-attr]
+            raise DataError(f"data bundle {self} not found: check the path")
+        if self.kind != "bundle" and self.path is not None and not self.path.is_dir():
+            raise DataError(f"{self}: folder {self.path} does not exist: check the path")
+        return self.reader.read(self.path, split, size)
