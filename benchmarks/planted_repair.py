@@ -7,7 +7,8 @@ Damages each layer group of the SGD sample with Gaussian noise to about a 10-poi
 on the bundled 5,000 unseen training images, SGD + beta momentum, cosine LR from 0.003 (`--lr`; 0.01 before 2026-11-24)): repairs the flagged
 groups (`--layers auto`), one group chosen at random (seeded), and the whole model
 (`--baseline full`). Verified on the bundled 3,000 test images, which none of them trains on.
-Reports per arm: accuracy recovered (share of the drop won back), fixed / broken / net, seconds.
+Reports per arm what it ships: accuracy recovered (share of the drop won back), fixed / broken / net, seconds,
+and how many repairs the validation gate refused (a refused repair ships the damaged model: recovered 0).
 --distill W: every arm repairs with `--distill W` (does keeping the damaged model's right answers slow the recovery?).
 --quick: one seed, one group (fc), one epoch, 1,000 verification images.
 """
@@ -26,14 +27,17 @@ from pathlib import Path
 from planted_faults import SGD, calibrate
 
 from beta_diag.groups import layer_groups
-from beta_diag.repair import Arm, AutoLayers, RepairConfig, repair
+from beta_diag.repair import AutoLayers, RepairConfig, repair
 from beta_diag.session import DataChoice, open_session
+from beta_diag.verdicts import Arm
 
 
 def arm_row(arm: Arm, base: float, damaged: float) -> dict:
-    v = arm.verify
-    return {"groups": list(arm.groups), "trainable": arm.trainable, "accuracy": v.accuracy_after, "recovered": (v.accuracy_after - damaged) / (base - damaged),
-            "fixed": v.fixed, "broken": v.broken, "net": v.net, "seconds": arm.seconds}
+    """What the arm ships: its kept epoch when the gate accepts it, else the damaged model unchanged (recovered 0)."""
+    v, ok = arm.verify, arm.gate.accepted
+    return {"groups": list(arm.groups), "trainable": arm.trainable, "accepted": ok, "best_epoch": arm.gate.best_epoch, "gate_p": arm.gate.p_value,
+            "accuracy": v.accuracy_after if ok else damaged, "recovered": (v.accuracy_after - damaged) / (base - damaged) if ok else 0.0,
+            "fixed": v.fixed if ok else 0, "broken": v.broken if ok else 0, "net": v.net if ok else 0, "seconds": arm.seconds}
 
 
 def main() -> None:
@@ -69,7 +73,7 @@ def main() -> None:
                               device="cpu", force=True)
                 after = base - drop
                 assert auto.baseline is not None
-                row = {"group": group, "seed": seed, "drop": drop, "flagged": list(auto.plan.groups), "random_group": pick,
+                row = {"group": group, "seed": seed, "drop": drop, "flagged": list(auto.plan["groups"]), "random_group": pick,
                        "auto": arm_row(auto.surgical, base, after), "random": arm_row(rand.surgical, base, after),
                        "full": arm_row(auto.baseline, base, after)}
                 rows.append(row)
@@ -77,14 +81,14 @@ def main() -> None:
                       + "; ".join(f"{a} ({', '.join(row[a]['groups'])}) recovers {100 * row[a]['recovered']:.0f}%, net {row[a]['net']:+d}, {row[a]['seconds']:.1f} s"
                                   for a in ("auto", "random", "full")), flush=True)
     print(f"\n{len(rows)} damaged models (noise), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points")
-    print(f"{'arm':7s} {'recovered':>10s} {'net':>14s} {'fixed':>7s} {'broken':>7s} {'params %':>9s} {'seconds':>8s}")
+    print(f"{'arm':7s} {'recovered':>10s} {'net':>14s} {'fixed':>7s} {'broken':>7s} {'params %':>9s} {'seconds':>8s} {'refused':>8s}")
     total = sum(p.numel() for p in session.model.parameters())
     for a in ("auto", "random", "full"):
         rec, net = [r[a]["recovered"] for r in rows], [r[a]["net"] for r in rows]
         sd = f" +- {statistics.stdev(net):.0f}" if len(net) > 1 else ""
         print(f"{a:7s} {100 * statistics.mean(rec):9.0f}% {statistics.mean(net):+8.1f}{sd:>6s} {statistics.mean(r[a]['fixed'] for r in rows):7.1f} "
               f"{statistics.mean(r[a]['broken'] for r in rows):7.1f} {100 * statistics.mean(r[a]['trainable'] for r in rows) / total:8.1f}% "
-              f"{statistics.mean(r[a]['seconds'] for r in rows):8.1f}")
+              f"{statistics.mean(r[a]['seconds'] for r in rows):8.1f} {sum(not r[a]['accepted'] for r in rows):5d}/{len(rows)}")
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"base_accuracy": base, "groups": names, "rows": rows}, indent=2))

@@ -35,8 +35,9 @@ from planted_faults import SGD, calibrate
 from beta_diag import readers
 from beta_diag import data
 from beta_diag.groups import layer_groups
-from beta_diag.repair import AutoLayers, RepairConfig, Verdict, repair
+from beta_diag.repair import AutoLayers, RepairConfig, repair
 from beta_diag.session import DataChoice, Session, open_session
+from beta_diag.verdicts import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "sample_checkpoints"))

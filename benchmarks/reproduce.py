@@ -129,11 +129,12 @@ def main() -> None:
         results["per_seed"].append({
             "seed": seed, "sgd_flagged": list(sgd_r.flagged), "adam_flagged": list(adam_r.flagged), "jaccard": pair.jaccard,
             "spearman": pair.spearman, "overlap": {str(k): x for k, x in pair.overlap.items()},
-            "repair": {"groups": list(r.plan.groups), "fraction": r.plan.fraction, "fixed": v.fixed, "broken": v.broken, "net": v.net,
+            "repair": {"groups": list(r.plan["groups"]), "fraction": r.plan["fraction"], "accepted": r.accepted, "fixed": v.fixed, "broken": v.broken, "net": v.net,
                        "seconds": r.surgical.seconds},
         })
         print(f"seed {seed}: SGD flags {', '.join(sgd_r.flagged)}; Adam flags {', '.join(adam_r.flagged)}; Jaccard {pair.jaccard:.2f}; "
-              f"repair {', '.join(r.plan.groups)} ({100 * r.plan.fraction:.1f}%): fixed {v.fixed}, broken {v.broken}, net {v.net:+d}", flush=True)
+              f"repair {', '.join(r.plan['groups'])} ({100 * r.plan['fraction']:.1f}%): fixed {v.fixed}, broken {v.broken}, net {v.net:+d}"
+              + ("" if r.accepted else " (not written: the gate kept the original)"), flush=True)
     print(f"\n{len(seeds)} seed(s), {images} training images, {epochs} epochs; test accuracy per epoch on the 3k test bundle")
     t1, t2 = (f"ep>={100 * t:.0f}%" for t in THRESHOLDS)
     print(f"{'method':9s} {t1:>16s} {t2:>16s} {'final (3k)':>16s} {'final (10k)':>16s}  regimes (under/critical/over)")

@@ -46,7 +46,8 @@ def sha(path: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Bundles of 8x8 grey images in 4 classes and a width-4 resnet18_cifar trained on them."""
+    """Bundles of 8x8 grey images in 4 classes, a width-4 resnet18_cifar trained on them, and the same model
+    with its classifier damaged (noise 3x its weights' spread: test accuracy about 84% -> 51%), which repair can fix."""
     root = tmp_path_factory.mktemp("tiny")
     train_file = write_bundle(root / "train.safetensors", 256, seed=1, label_noise=0.1)
     test_file = write_bundle(root / "test.safetensors", 128, seed=2, label_noise=0.15)
@@ -55,4 +56,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     ckpt = root / "tiny.safetensors"
     checkpoint.save(ckpt, result.model.state_dict(), result.metadata)
-    return {"root": root, "train": train_file, "test": test_file, "ckpt": ckpt}
+    state = {k: v.clone() for k, v in result.model.state_dict().items()}
+    state["fc.weight"] += 3 * state["fc.weight"].std() * torch.randn(state["fc.weight"].shape, generator=torch.Generator().manual_seed(0))
+    damaged = root / "damaged.safetensors"
+    checkpoint.save(damaged, state, result.metadata)
+    return {"root": root, "train": train_file, "test": test_file, "ckpt": ckpt, "damaged": damaged}

@@ -64,6 +64,17 @@ def test_planted_repair_quick(tmp_path: Path) -> None:
     for row in rows:
         assert row["full"]["trainable"] > row["auto"]["trainable"]
         assert row["auto"]["net"] == row["auto"]["fixed"] - row["auto"]["broken"]
+        assert row["auto"]["accepted"] is (row["auto"]["recovered"] != 0.0)  # a refused repair ships the damaged model
+
+
+def test_repair_gate_quick(tmp_path: Path) -> None:
+    out = tmp_path / "g.json"
+    stdout = run_script("repair_gate.py", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [r["sample"] for r in result["healthy"]] == ["sgd"] and [r["shift"] for r in result["shifts"]] == ["invert"]
+    assert "runs kept the original" in stdout and "auto at least the full fine-tune's held-out accuracy in" in stdout
+    for row in result["healthy"]:
+        assert row["net"] == (row["candidate_net"] if row["accepted"] else 0)
 
 
 @pytest.mark.skipif(not FMNIST_TRAIN, reason="reproduce.py trains on Fashion-MNIST from Debian's dataset-fashion-mnist")

@@ -130,7 +130,7 @@ def test_info_on_plain_state_dict_without_arch(tiny: dict[str, Path], tmp_path: 
 
 def test_plain_state_dict_on_compare_and_repair_with_arch(tiny: dict[str, Path], tmp_path: Path) -> None:
     plain = tmp_path / "plain.safetensors"
-    save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
+    save_file(checkpoint.load(tiny["damaged"]).state_dict, str(plain))  # damaged: the repair has something to fix
     arch = ["--arch", "resnet18_cifar", "--arch-arg", "width=4", "--arch-arg", "in_channels=1", "--arch-arg", "num_classes=4"]
     data = ["--data", str(tiny["test"])]
     refused = run("compare", plain, plain, *data)
@@ -139,7 +139,8 @@ def test_plain_state_dict_on_compare_and_repair_with_arch(tiny: dict[str, Path],
     assert compared.exit_code == 0, compared.stderr
     assert json.loads(compared.stdout)["verdict"].startswith("same ")
     out = tmp_path / "r.safetensors"
-    repaired = run("repair", plain, *arch, *data, "--train-data", str(tiny["train"]), "--layers", "fc", "--epochs", "1", "-o", out, "--json")
+    repaired = run("repair", plain, *arch, *data, "--train-data", str(tiny["train"]), "--layers", "fc", "--epochs", "2", "--lr", "0.02", "-o", out,
+                   "--json")
     assert repaired.exit_code == 0, repaired.stderr
     assert json.loads(repaired.stdout)["plan"]["groups"] == ["fc"] and out.is_file()
     assert checkpoint.load(out).metadata.arch == "resnet18_cifar"  # the repaired file names what it was built as

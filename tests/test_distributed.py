@@ -66,7 +66,8 @@ def test_repair_writes_once(tiny: dict[str, Path], tmp_path: Path) -> None:
     """layer4's BatchNorm trains per process on CPU; its statistics are process 0's at the end, so the
     reported after-accuracy is that of the saved file."""
     out = tmp_path / "r.safetensors"
-    two = run(["repair", tiny["ckpt"], "--layers", "layer4,fc", "-o", out, "--epochs", "1", "--device", "cpu", "--json"], tmp_path, processes=2)
+    two = run(["repair", tiny["damaged"], "--layers", "layer4,fc", "-o", out, "--epochs", "2", "--lr", "0.02", "--device", "cpu", "--json"],
+              tmp_path, processes=2)
     report = json.loads(two.stdout)
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
     assert report["sha256"] == checkpoint.file_sha256(out)

@@ -121,10 +121,13 @@ def test_rank_compare_repair_on_a_plain_state_dict(family: str, colour: dict, tm
     assert compared.exit_code == 0, compared.output
     out = tmp_path / "r.safetensors"
     repaired = runner.invoke(app, ["repair", str(a), *name, "--data", str(test_file), "--train-data", str(train_file),
-                                   "--epochs", "1", "--batch-size", "16", "-o", str(out), "--json"])
-    assert repaired.exit_code == 0, repaired.output
-    written = checkpoint.load(out).metadata  # what was used is recorded: the inferred classes, the input size
-    assert (written.arch, written.arch_kwargs["num_classes"], written.input_shape) == (arch, 4, (3, side, side))
+                                   "--epochs", "1", "--batch-size", "16", "--accept-p", "1", "-o", str(out), "--json"])
+    report = json.loads(repaired.stdout)  # an untrained model may gain nothing on 6 validation images: then the gate keeps it (exit 3)
+    assert repaired.exit_code == (0 if report["accepted"] else 3), repaired.output
+    assert out.is_file() is report["accepted"] and len(report["surgical"]["gate"]["curve"]) == 2
+    if report["accepted"]:
+        written = checkpoint.load(out).metadata  # what was used is recorded: the inferred classes, the input size
+        assert (written.arch, written.arch_kwargs["num_classes"], written.input_shape) == (arch, 4, (3, side, side))
 
 
 def test_a_vit_input_size_comes_from_its_weights() -> None:

@@ -7,11 +7,13 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from typer.testing import CliRunner
 
-from beta_diag import checkpoint, features, ranking, schedules
+from beta_diag import checkpoint, prefix, ranking, schedules, stats
 from beta_diag.cli import app
 from beta_diag.errors import ConfigError
 from beta_diag.drift import Drift
-from beta_diag.repair import AutoLayers, RepairConfig, auto_groups, repair, verdict
+from beta_diag.repair import AutoLayers, RepairConfig, auto_groups, plan, repair
+from beta_diag.verdicts import choose
+from beta_diag.verdicts import verdict
 from beta_diag.session import DataChoice, open_session
 from beta_diag.data import Dataset
 from beta_diag.training import Anchor, Predictions, TrainConfig, fit, seeded
@@ -43,12 +45,13 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
     seen: list[tuple[float, float]] = []
     handle = register_optimizer_step_pre_hook(lambda opt, a, k: seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])))
     try:
-        report = repair(tiny["ckpt"], ["layer4", "fc"], out, config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=cache), device="cpu")
+        report = repair(tiny["damaged"], ["layer4", "fc"], out, config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=cache), device="cpu")
     finally:
         handle.remove()
-    assert report.plan.cached_prefix == ("conv1..layer3" if cache else None)
+    assert report.plan["cached_prefix"] == ("conv1..layer3" if cache else None)
     assert seen and all(mu == pytest.approx(schedules.critical_momentum(lr)) for lr, mu in seen)
-    before, after = checkpoint.load(tiny["ckpt"]).state_dict, checkpoint.load(out).state_dict
+    assert report.accepted and report.surgical.gate.best_epoch >= 1
+    before, after = checkpoint.load(tiny["damaged"]).state_dict, checkpoint.load(out).state_dict
     for key in before:
         if key.startswith(("layer4.", "fc.")) and not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
             continue
@@ -59,15 +62,16 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
     assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
     # re-evaluating the written file reproduces the reported accuracy exactly
     session = open_session(out, "cpu")
-    ds = session.load_data(__import__("beta_diag.session", fromlist=["DataChoice"]).DataChoice())
+    ds = session.load_data(DataChoice())
     assert session.evaluate(ds).accuracy == report.surgical.verify.accuracy_after
     meta = checkpoint.load(out).metadata
-    assert meta.repair["parent_sha256"] == sha(tiny["ckpt"]) and meta.repair["groups"] == ["layer4", "fc"]
+    assert meta.repair["parent_sha256"] == sha(tiny["damaged"]) and meta.repair["groups"] == ["layer4", "fc"]
+    assert meta.repair["gate"]["accepted"] and meta.repair["val_data"]["examples"] == 51  # 20% of 256
 
 
 def test_cached_and_uncached_repairs_agree(tiny: dict[str, Path], tmp_path: Path) -> None:
-    a = repair(tiny["ckpt"], ["layer3", "layer4", "fc"], tmp_path / "a.safetensors", config=FAST, device="cpu")
-    b = repair(tiny["ckpt"], ["layer3", "layer4", "fc"], tmp_path / "b.safetensors",
+    a = repair(tiny["damaged"], ["layer3", "layer4", "fc"], tmp_path / "a.safetensors", config=FAST, device="cpu")
+    b = repair(tiny["damaged"], ["layer3", "layer4", "fc"], tmp_path / "b.safetensors",
                config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=False), device="cpu")
     wa, wb = checkpoint.load(tmp_path / "a.safetensors").state_dict, checkpoint.load(tmp_path / "b.safetensors").state_dict
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
@@ -79,10 +83,10 @@ def test_one_prefix_pass_gives_the_models_outputs(tiny: dict[str, Path]) -> None
     session = open_session(tiny["ckpt"], "cpu")
     ds = session.load_data(DataChoice(), default_split="train")
     chosen = {n for n, _ in session.model.named_parameters() if n.startswith(("layer4.", "fc."))}
-    split = features.split(session.model, chosen)
+    split = prefix.split(session.model, chosen)
     assert split is not None
-    cached = features.cache(split, ds, session.preprocess, session.device)
-    assert torch.equal(features.outputs(split, cached, session.device), session.evaluate(ds).logits)
+    cached = prefix.cache(split, ds, session.preprocess, session.device)
+    assert torch.equal(prefix.outputs(split, cached, session.device), session.evaluate(ds).logits)
 
 
 def test_interrupted_repair_leaves_no_file(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -103,16 +107,18 @@ def test_interrupted_repair_leaves_no_file(tiny: dict[str, Path], tmp_path: Path
 
 
 def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tmp_path: Path) -> None:
-    before = sha(tiny["ckpt"])
+    before = sha(tiny["damaged"])
     out, plot = tmp_path / "r.safetensors", tmp_path / "r.png"
-    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "auto", "-o", str(out), "--epochs", "2", "--json", "--plot", str(plot),
-                            "--baseline", "full"])
+    r = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", "auto", "-o", str(out), "--epochs", "2", "--json", "--plot", str(plot),
+                            "--baseline", "full", "--accept-p", "1"])  # any validation gain: auto picks small early groups here
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     v = report["surgical"]["verify"]
     assert v["net"] == v["fixed"] - v["broken"] and report["baseline"]["groups"] == ["all"]
-    assert report["sha256"] == sha(out) and sha(tiny["ckpt"]) == before
-    ranked = ranking.rank(tiny["ckpt"], config=ranking.RankConfig(bootstrap=0), device="cpu")  # auto: the drift suspect plus the flags
+    assert report["sha256"] == sha(out) and sha(tiny["damaged"]) == before
+    assert report["accepted"] and report["verdict"].startswith("repaired ") and len(report["surgical"]["gate"]["curve"]) == 3
+    assert v["p_value"] == stats.mcnemar_two_sided(v["fixed"], v["broken"]) and v["net_interval"][0] <= v["net"] <= v["net_interval"][1]
+    ranked = ranking.rank(tiny["damaged"], config=ranking.RankConfig(bootstrap=0), device="cpu")  # auto: the drift suspect plus the flags
     assert report["plan"]["groups"] == auto_groups(ranked, "both") and report["plan"]["config"]["auto_layers"] == "both"
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert runner.invoke(app, ["info", str(out)]).exit_code == 0
@@ -123,7 +129,7 @@ def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tm
 
 def test_every_group_is_allowed(tiny: dict[str, Path], tmp_path: Path) -> None:
     every = "conv1,bn1,layer1,layer2,layer3,layer4,fc"
-    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", every, "-o", str(tmp_path / "r.safetensors"), "--epochs", "1", "--json"])
+    r = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", every, "-o", str(tmp_path / "r.safetensors"), "--epochs", "2", "--lr", "0.02", "--json"])
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["plan"]["fraction"] == 1.0
 
@@ -158,7 +164,7 @@ def test_repair_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
     for name in ("a", "b"):
         out = tmp_path / name / "r.safetensors"
         out.parent.mkdir()
-        r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer3,fc", "-o", str(out), "--epochs", "1", "--json", "--device", "cpu"])
+        r = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", "layer3,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02", "--json", "--device", "cpu"])
         assert r.exit_code == 0, r.stderr
         stdouts.append(r.stdout.replace(str(out), "OUT"))
         files.append(out.read_bytes())
@@ -204,7 +210,7 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
     weights = {}
     for weight in (0.0, 1.0):
         out = tmp_path / f"d{weight}.safetensors"
-        repair(tiny["ckpt"], ["layer4", "fc"], out, config=RepairConfig(epochs=1, batch_size=64, lr=0.02, distill=weight), device="cpu")
+        repair(tiny["damaged"], ["layer4", "fc"], out, config=RepairConfig(epochs=1, batch_size=64, lr=0.02, distill=weight), device="cpu")
         weights[weight] = checkpoint.load(out).state_dict["fc.weight"]
         assert checkpoint.load(out).metadata.repair["config"]["distill"] == weight
     assert not torch.equal(weights[0.0], weights[1.0])
@@ -235,3 +241,69 @@ def test_auto_layers_policies(tiny: dict[str, Path]) -> None:
     assert auto_groups(inside, "both") == [flagged[-1], *flagged[:-1]]
     for nothing in (Drift(True), Drift(False, "no BatchNorm"), None):  # no suspect: every policy repairs the flags
         assert all(auto_groups(dataclasses.replace(r, drift=nothing), p) == flagged for p in AutoLayers)
+
+
+def test_a_healthy_model_is_kept_and_nothing_is_written(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The tiny model's remaining errors are label noise: no epoch beats it on validation, so the gate keeps it (exit 3)."""
+    out = tmp_path / "r.safetensors"
+    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02", "--json"])
+    assert r.exit_code == 3, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["accepted"], d["output"], d["sha256"]) == (False, None, None) and not out.exists()
+    gate = d["surgical"]["gate"]
+    assert [c["epoch"] for c in gate["curve"]] == [0, 1, 2] and gate["curve"][0]["val_net"] == 0 and gate["examples"] == 51
+    assert d["verdict"] == f"nothing to repair: the original is kept ({gate['reason']})" and not gate["accepted"]
+    assert d["plan"]["val_data"] == {"spec": str(tiny["train"]), "split": "train", "examples": 51, "from": "0.2 of the training data (seed 0)"}
+    text = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02"])
+    assert text.exit_code == 3 and "nothing to repair: the original is kept" in text.stdout and "(kept)" in text.stdout and not out.exists()
+
+
+def test_the_gate_keeps_the_best_epoch_and_corrects_for_choosing_it() -> None:
+    def point(epoch: int, fixed: int, broken: int, loss: float) -> dict:
+        return {"epoch": epoch, "val_loss": loss, "val_acc": 0.5, "val_fixed": fixed, "val_broken": broken, "val_net": fixed - broken, "examples": 100}
+
+    gate = choose([point(0, 0, 0, 1.0), point(1, 12, 2, 0.8), point(2, 12, 2, 0.7), point(3, 9, 4, 0.5)], accept_p=0.05)
+    assert gate.best_epoch == 2  # net +10 twice: the lower validation loss
+    assert gate.p_value == pytest.approx(3 * stats.mcnemar_one_sided(12, 2)) and gate.accepted  # 3 epochs to choose from
+    assert not choose([point(0, 0, 0, 1.0), point(1, 3, 3, 0.5)], 0.05).accepted  # net 0: the original (epoch 0) is kept
+    assert choose([point(0, 0, 0, 1.0), point(1, 3, 3, 0.5)], 0.05).best_epoch == 1  # lower loss, same net: kept, not accepted
+    assert choose([point(0, 0, 0, 1.0), point(1, 2, 5, 0.5)], 1.0).best_epoch == 0
+    assert not choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 0.05).accepted and choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 1.0).accepted
+
+
+def test_exact_mcnemar_and_net_interval_against_hand_counts() -> None:
+    assert stats.mcnemar_one_sided(10, 2) == pytest.approx((66 + 12 + 1) / 4096)  # P(X >= 10), X ~ Bin(12, 1/2)
+    assert stats.mcnemar_two_sided(10, 2) == pytest.approx(2 * 79 / 4096) and stats.mcnemar_two_sided(2, 10) == stats.mcnemar_two_sided(10, 2)
+    assert stats.mcnemar_two_sided(0, 0) == 1.0 and stats.mcnemar_one_sided(0, 0) == 1.0
+    lo, hi = stats.net_interval(10, 2)
+    # Clopper-Pearson: at the bounds the tails are exactly 2.5%
+    assert stats.binomial_tail(10, 12, (lo / 12 + 1) / 2) == pytest.approx(0.025, abs=1e-9)
+    assert 1 - stats.binomial_tail(11, 12, (hi / 12 + 1) / 2) == pytest.approx(0.025, abs=1e-9)
+    assert stats.net_interval(0, 0) == (0.0, 0.0) and stats.net_interval(5, 0)[1] == 5.0 and stats.net_interval(300, 250)[0] > 0
+
+
+def test_validation_data_are_split_off_or_given_and_never_the_other_sets(tiny: dict[str, Path], tmp_path: Path) -> None:
+    p = plan(tiny["damaged"], ["fc"], config=FAST, device="cpu")
+    assert (len(p.train), len(p.val)) == (205, 51) and not p.val_given
+    rows = {tuple(x.flatten().tolist()) for x in p.train.images}
+    assert len(rows & {tuple(x.flatten().tolist()) for x in p.val.images}) == 0  # disjoint (the synthetic images are distinct)
+    val_file = tmp_path / "val.safetensors"
+    val_file.write_bytes(tiny["test"].read_bytes())
+    with pytest.raises(ConfigError, match="is the verification data"):
+        plan(tiny["damaged"], ["fc"], config=FAST, device="cpu", val=DataChoice(str(val_file)), verify=DataChoice(str(val_file)))
+    with pytest.raises(ConfigError, match="is the training data"):
+        plan(tiny["damaged"], ["fc"], config=FAST, device="cpu", val=DataChoice(str(tiny["train"])))
+    own = plan(tiny["damaged"], ["fc"], config=FAST, device="cpu", val=DataChoice(str(val_file)))
+    assert (len(own.train), len(own.val), own.val_given, own.to_dict()["val_data"]["from"]) == (256, 128, True, "given (--val-data)")
+    for bad, option in ((0.0, "--val-fraction"), (0.9, "--val-fraction"), (-0.1, "--accept-p"), (2.0, "--accept-p")):
+        field = "val_fraction" if option == "--val-fraction" else "accept_p"
+        with pytest.raises(ConfigError, match=option):
+            plan(tiny["damaged"], ["fc"], config=dataclasses.replace(FAST, **{field: bad}), device="cpu")
+
+
+def test_the_cut_is_traced_once(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = []
+    original = torch.fx.symbolic_trace
+    monkeypatch.setattr(torch.fx, "symbolic_trace", lambda *a, **k: traced.append(1) or original(*a, **k))
+    report = repair(tiny["damaged"], ["layer4", "fc"], tmp_path / "r.safetensors", config=FAST, device="cpu")
+    assert report.plan["cached_prefix"] == "conv1..layer3" and len(traced) == 1

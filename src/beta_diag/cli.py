@@ -371,6 +371,9 @@ def repair(
     baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
     distill: Annotated[float, typer.Option("--distill", min=0.0, max=MAX_DISTILL, help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).")] = RepairConfig.distill,
+    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")] = RepairConfig.val_fraction,
+    accept_p: Annotated[float, typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain).")] = RepairConfig.accept_p,
     metric: MetricOpt = DEFAULT_METRIC,
     granularity: GranularityOpt = Granularity.group,
     top_k: TopKOpt = None,
@@ -398,23 +401,26 @@ def repair(
         checkpoint.check_output(plot, force, (ckpt,))
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
     config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache, distill,
-                          auto_layers)
+                          auto_layers, val_fraction, accept_p)
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
+    val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
     opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
-            planned = plan_fn(opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress)
+            planned = plan_fn(opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress, val_choice)
         else:
             result = repair_fn(opened, chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
-                               force, progress)
+                               force, progress, val_choice)
     say_notes(opened.path, opened.notes if dry_run else result.notes)
     if dry_run:
-        report.print_json(asdict(planned) | {"fraction": planned.fraction}, timings) if as_json else report.plan_table(planned)
+        report.print_json(planned.to_dict(), timings) if as_json else report.plan_table(planned.to_dict())
         return
     if plot is not None:
         plots.repair(result, plot, force)
     report.print_json(result.to_dict(), timings) if as_json else report.repair_summary(result)
+    if not result.accepted:
+        raise typer.Exit(3)  # nothing written: the original is kept (as rank's "nothing to rank")
 
 
 @app.command()

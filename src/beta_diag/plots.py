@@ -119,9 +119,10 @@ def comparison(c: Any, path: Path, force: bool = False) -> None:
 
 
 def repair(r: Any, path: Path, force: bool = False) -> None:
-    """Held-out errors per class before/after, and the training loss per epoch."""
+    """Held-out errors per class before/after, the training loss per epoch, and the validation net per
+    epoch (epoch 0: the original) with the epoch the gate kept."""
     plt = _pyplot()
-    fig, (ax_cls, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax_cls, ax_loss, ax_val) = plt.subplots(1, 3, figsize=(16, 4))
     classes = list(r.surgical.verify.per_class)
     xs = range(len(classes))
     ax_cls.bar([x - 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_before"] for c in classes], 0.4, label="before", color="#7f7f7f")
@@ -132,9 +133,17 @@ def repair(r: Any, path: Path, force: bool = False) -> None:
     for name, arm in (("surgical", r.surgical), ("full", r.baseline)):
         if arm is not None:
             ax_loss.plot([h["epoch"] for h in arm.history], [h["train_loss"] for h in arm.history], marker="o", label=name)
+            curve = arm.gate.curve
+            line = ax_val.plot([c["epoch"] for c in curve], [c["val_net"] for c in curve], marker="o", label=name)[0]
+            kept = curve[arm.gate.best_epoch]
+            ax_val.scatter([kept["epoch"]], [kept["val_net"]], s=160, facecolors="none", edgecolors=line.get_color())
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("training loss")
     ax_loss.legend()
+    ax_val.axhline(0, color="grey", linewidth=1)
+    ax_val.set_xlabel("epoch (0: the original)")
+    ax_val.set_title(f"validation net (circled: kept; {'accepted' if r.accepted else 'original kept'})")
+    ax_val.legend()
     _save(fig, path, force)
     plt.close(fig)
 

@@ -18,7 +18,7 @@ import torch
 from beta_diag import drift as drift_mod
 from beta_diag.attribution import per_example_norms, summed_gradient
 from beta_diag.drift import Drift
-from beta_diag.training import Progress
+from beta_diag.training import Predictions, Progress
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity, layer_groups
@@ -88,6 +88,7 @@ class Ranking:
     drift: Drift | None = None  # activation drift against the BatchNorms' running statistics (None in rankings saved before it)
     notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
     matrices: Matrices | None = field(default=None, compare=False, repr=False)
+    predictions: Predictions | None = field(default=None, compare=False, repr=False)  # the evaluation it ranked (not saved)
 
     def group(self, name: str) -> GroupScore:
         """The scores of the group called ``name``."""
@@ -118,6 +119,7 @@ class Ranking:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("matrices")
+        d.pop("predictions")
         d["config"] = self.config.to_dict()
         d["drift"] = None if self.drift is None else self.drift.to_dict()
         d["format"], d["flagged"], d["verdict"], d["errors"] = FORMAT, list(self.flagged), self.verdict, len(self.error_index)
@@ -227,5 +229,5 @@ def rank(
         str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
         tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
         tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
-        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))), m,
+        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))), m, preds,
     )

@@ -1,4 +1,5 @@
-"""Surgical repair: plan (groups, parameters, data) -> apply (fine-tune only those) -> verify -> record.
+"""Surgical repair: ``plan`` (groups, parameters, data, the cut) -> ``apply`` (fine-tune only those, keep
+the best epoch on validation, accept it only beyond chance) -> verify on held-out data -> record.
 
 Policy: only the chosen parameters have ``requires_grad``. Modules that own a chosen parameter
 train in train mode (a chosen BatchNorm normalises with batch statistics and re-estimates its
@@ -11,8 +12,9 @@ without normalisation diverged (BENCHMARKS.md).
 from __future__ import annotations
 
 import copy
+import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -20,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from beta_diag import checkpoint, features, groups, ranking
-from beta_diag.training import Progress
+from beta_diag import checkpoint, groups, prefix, ranking
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
-from beta_diag.readers import DataSpec
 from beta_diag.ranking import RankConfig, Ranking
+from beta_diag.readers import DataSpec
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
-from beta_diag.training import Anchor, OptimizerName, Predictions, TrainConfig, fit, without_timing
+from beta_diag.training import Anchor, OptimizerName, Predictions, Progress, TrainConfig, fit, without_timing
+from beta_diag.verdicts import Arm, Gate, RepairReport, choose, validation_record, verdict
 
 MAX_DISTILL = 100.0  # beyond this the pull swamps the loss and the steps diverge
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
@@ -83,6 +85,8 @@ class RepairConfig:
     cache_features: bool = True
     distill: float = 0.0
     auto_layers: AutoLayers = AutoLayers.both  # planted faults: 93% won back (flags 83%); shifts: 87% (flags 84%, suspect 57%)
+    val_fraction: float = 0.2  # of the training data, held out for the gate (unless validation data are given)
+    accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
 
     def train_config(self, device: str) -> TrainConfig:
         """The shared training loop's configuration: no warm-up, no augmentation (so features can be cached)."""
@@ -94,89 +98,16 @@ class RepairConfig:
     def to_dict(self) -> dict[str, Any]:
         shared = {k: v for k, v in self.train_config("auto").to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
         return {**shared, "focus": self.focus, "baseline": self.baseline, "cache_features": self.cache_features,
-                "distill": self.distill, "distill_temperature": Anchor.temperature, "auto_layers": AutoLayers(self.auto_layers).value}
+                "distill": self.distill, "distill_temperature": Anchor.temperature, "auto_layers": AutoLayers(self.auto_layers).value,
+                "val_fraction": self.val_fraction, "accept_p": self.accept_p}
 
-
-@dataclass(frozen=True)
-class Plan:
-    groups: tuple[str, ...]
-    trainable: int
-    total: int
-    train_data: dict[str, Any]
-    verify_data: dict[str, Any]
-    config: dict[str, Any]
-    steps: int
-    cached_prefix: str | None  # the frozen prefix whose output is computed once, if any
-    estimated_seconds: float
-
-    @property
-    def fraction(self) -> float:
-        return self.trainable / self.total
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Before/after on one data set. fixed: wrong -> right; broken: right -> wrong; net = fixed - broken."""
-
-    examples: int
-    accuracy_before: float
-    accuracy_after: float
-    fixed: int
-    broken: int
-    per_class: dict[str, dict[str, int]]
-
-    @property
-    def net(self) -> int:
-        return self.fixed - self.broken
-
-
-def verdict(before: Predictions, after: Predictions, class_names: tuple[str, ...]) -> Verdict:
-    b, a = before.correct, after.correct
-    per_class = {}
-    for c in torch.unique(before.labels).tolist():
-        m = before.labels == c
-        per_class[class_names[c]] = {"fixed": int((~b & a & m).sum()), "broken": int((b & ~a & m).sum()), "errors_before": int((~b & m).sum()),
-                                     "errors_after": int((~a & m).sum())}
-    return Verdict(len(b), before.accuracy, after.accuracy, int((~b & a).sum()), int((b & ~a).sum()), per_class)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One fine-tune: what it trained and what it changed. ``seconds``: the fine-tune itself. A frozen
-    prefix's features are not in it: they come from the pass that evaluates the original on the
-    training data, which every arm's verdict needs anyway."""
-
-    groups: tuple[str, ...]
-    trainable: int
-    seconds: float
-    verify: Verdict
-    train: Verdict
-    history: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class RepairReport:
-    plan: Plan
-    surgical: Arm
-    baseline: Arm | None
-    output: str | None
-    sha256: str | None
-    parent_sha256: str
-    notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
-
-    @property
-    def compute_saving(self) -> float | None:
-        return 1 - self.surgical.seconds / self.baseline.seconds if self.baseline else None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["plan"]["fraction"] = self.plan.fraction
-        for arm in ("surgical", "baseline"):
-            if d[arm]:
-                d[arm]["verify"]["net"] = getattr(self, arm).verify.net
-                d[arm]["train"]["net"] = getattr(self, arm).train.net
-        d["compute_saving"] = self.compute_saving
-        return d
+    def check(self) -> None:
+        if not 0 <= self.distill <= MAX_DISTILL:
+            raise ConfigError(f"--distill {self.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
+        if not 0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"--val-fraction {self.val_fraction}: pass a share of the training data above 0 and at most 0.5, e.g. 0.2")
+        if not 0 <= self.accept_p <= 1:
+            raise ConfigError(f"--accept-p {self.accept_p}: pass a p-value from 0 to 1 (1 accepts any gain)")
 
 
 def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
@@ -191,19 +122,57 @@ def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
     return sorted({p for n in layers for p in known[n].param_names}, key=list(dict(model.named_parameters())).index)
 
 
-def _focus(session: Session, ds: Dataset, focus: str, seed: int) -> Dataset:
-    if focus == "all":
-        return ds
-    if focus != "errors":
-        raise ConfigError(f"--focus {focus}: use all or errors")
-    correct = session.evaluate(ds).correct
-    wrong, right = torch.nonzero(~correct).flatten(), torch.nonzero(correct).flatten()
-    if wrong.numel() == 0:
-        raise ConfigError(f"--focus errors: the model makes no errors on {ds.spec} ({ds.split}): use --focus all")
-    n_right = min(right.numel(), int(wrong.numel() * (1 - ERRORS_SHARE) / ERRORS_SHARE))
-    gen = torch.Generator().manual_seed(seed)
-    keep = torch.cat([wrong, right[torch.randperm(right.numel(), generator=gen)[:n_right]]]).sort().values
-    return ds.subset(keep)
+@dataclass(frozen=True)
+class Plan:
+    """What a repair will do and everything it needs: the hand-off from ``plan`` to ``apply``.
+
+    ``before`` and ``cached`` hold what planning already computed, keyed by "train", "val" and
+    "verify": the original's predictions (verify: from --layers auto's ranking) and the frozen
+    prefix's features (with --focus errors, which needs the original's training predictions)."""
+
+    session: Session
+    groups: tuple[str, ...]
+    params: tuple[str, ...]
+    train: Dataset
+    val: Dataset
+    verify: Dataset
+    val_given: bool  # --val-data, rather than a share of the training data
+    cut: prefix.Split | None  # traced once, here
+    config: RepairConfig
+    steps: int
+    estimated_seconds: float
+    before: dict[str, Predictions] = field(default_factory=dict, compare=False, repr=False)
+    cached: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {n: p.numel() for n, p in self.session.model.named_parameters()}
+
+    @property
+    def trainable(self) -> int:
+        sizes = self.sizes
+        return sum(sizes[p] for p in self.params)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.config
+        val_from = "given (--val-data)" if self.val_given else f"{c.val_fraction:g} of the training data (seed {c.seed})"
+        return {
+            "groups": list(self.groups), "trainable": self.trainable, "total": self.total,
+            "train_data": {"spec": self.train.spec, "split": self.train.split, "examples": len(self.train), "focus": c.focus},
+            "val_data": {"spec": self.val.spec, "split": self.val.split, "examples": len(self.val), "from": val_from},
+            "verify_data": {"spec": self.verify.spec, "split": self.verify.split, "examples": len(self.verify)},
+            "config": {**c.to_dict(), "lr_schedule": "cosine", "batchnorm": "chosen groups train, frozen groups eval"},
+            "steps": self.steps, "cached_prefix": self.cut.prefix_name if self.cut else None,
+            "estimated_seconds": self.estimated_seconds, "fraction": self.fraction,
+        }
 
 
 def _same_data(a: Dataset, b: Dataset) -> bool:
@@ -213,137 +182,205 @@ def _same_data(a: Dataset, b: Dataset) -> bool:
     return a.spec == b.spec and a.split == b.split
 
 
-def _fine_tune(
-    session: Session, params: list[str], train_ds: Dataset, config: RepairConfig, anchor: Anchor | None, cached: Dataset | None,
-    progress: Progress | None,
-) -> tuple[nn.Module, features.Split | None, list[dict], float]:
-    """Copy the model, train only ``params`` (their modules in train mode, the rest eval); return it, its
-    cut (when it trained on ``cached``, the frozen prefix's features of ``train_ds``), history and seconds."""
-    model = copy.deepcopy(session.model)
-    chosen = set(params)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in chosen)
-    start = time.perf_counter()
-    split = features.split(model, chosen) if cached is not None else None
-    tc = config.train_config(str(session.device))
-    if split is not None:
-        history = fit(split.suffix, cached, None, lambda x: x, tc, progress=progress, anchor=anchor)
-    else:
-        history = fit(model, train_ds, None, session.preprocess, tc, progress=progress, anchor=anchor)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model.eval(), split, history, time.perf_counter() - start
+def _take(p: Predictions, index: torch.Tensor) -> Predictions:
+    return Predictions(p.logits[index], p.labels[index])
 
 
-def _predict(session: Session, model: nn.Module, cut: features.Split | None, feats: Dataset | None, ds: Dataset) -> Predictions:
+def _predict(session: Session, model: nn.Module, cut: prefix.Split | None, feats: Dataset | None, ds: Dataset) -> Predictions:
     """``model``'s outputs on ``ds``: the suffix of its ``cut`` on the prefix features ``feats`` when both are given, else the whole model."""
     if cut is None or feats is None:
         return replace(session, model=model).evaluate(ds)
-    return Predictions(features.outputs(cut, feats, session.device), ds.labels.clone())
+    return Predictions(prefix.outputs(cut, feats, session.device), ds.labels.clone())
 
 
-def plan_and_data(
-    session: Session, layers: list[str] | str, train: DataChoice, verify: DataChoice, config: RepairConfig, rank_config: RankConfig,
-    saved_ranking: Ranking | None, progress: Progress | None,
-) -> tuple[Plan, list[str], Dataset, Dataset]:
-    if not 0 <= config.distill <= MAX_DISTILL:
-        raise ConfigError(f"--distill {config.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
-    verify_ds = session.load_data(verify)
-    if layers == "auto":
-        result = saved_ranking or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
-        names = auto_groups(result, config.auto_layers)
-    else:
-        names = list(layers)
-    params = resolve_layers(session.model, names)
-    train_ds = _focus(session, session.load_data(train, default_split="train"), config.focus, config.seed)
-    if _same_data(train_ds, verify_ds):
-        raise ConfigError(f"refusing to train on the verification data ({verify_ds.spec}, {verify_ds.split}): pass --train-data or --split")
-    sizes = dict((n, p.numel()) for n, p in session.model.named_parameters())
-    split = features.split(session.model, set(params)) if config.cache_features else None
-    steps = config.epochs * -(-len(train_ds) // config.batch_size)
-    plan = Plan(
-        tuple(names), sum(sizes[p] for p in params), sum(sizes.values()),
-        {"spec": train_ds.spec, "split": train_ds.split, "examples": len(train_ds), "focus": config.focus},
-        {"spec": verify_ds.spec, "split": verify_ds.split, "examples": len(verify_ds)},
-        {**config.to_dict(), "lr_schedule": "cosine", "batchnorm": "chosen groups train, frozen groups eval"}, steps, split.prefix_name if split else None,
-        features.estimate_seconds(session, train_ds, steps, config.batch_size),
-    )
-    return plan, params, train_ds, verify_ds
-
-
-def _prepare(
-    session: Session, layers: list[str] | str, train: DataChoice, verify: DataChoice, config: RepairConfig, rank_config: RankConfig,
-    saved_ranking: str | Path | None, progress: Progress | None,
-) -> tuple[Plan, list[str], Dataset, Dataset]:
-    saved = None
-    if saved_ranking is not None:
-        saved = ranking.load(saved_ranking)
-        if saved.sha256 != session.ckpt.sha256:
-            raise ConfigError(f"{saved_ranking} ranks another checkpoint ({saved.checkpoint}, sha256 differs): rerun beta-diag rank on {session.ckpt.path}")
-        verify = DataChoice(verify.spec or saved.data, verify.split or saved.split, saved.limit, saved.config.seed)
-    return plan_and_data(session, layers, train, verify, config, rank_config, saved, progress)
+def _saved_ranking(session: Session, saved: str | Path | None, verify: DataChoice) -> tuple[Ranking | None, DataChoice]:
+    if saved is None:
+        return None, verify
+    r = ranking.load(saved)
+    if r.sha256 != session.ckpt.sha256:
+        raise ConfigError(f"{saved} ranks another checkpoint ({r.checkpoint}, sha256 differs): rerun beta-diag rank on {session.ckpt.path}")
+    return r, DataChoice(verify.spec or r.data, verify.split or r.split, r.limit, r.config.seed)
 
 
 def plan(
     ckpt: str | Path | Session, layers: list[str] | str = "auto", train: DataChoice = DataChoice(), verify: DataChoice = DataChoice(),
     config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(), saved_ranking: str | Path | None = None,
-    device: str = "auto", progress: Progress | None = None,
+    device: str = "auto", progress: Progress | None = None, val: DataChoice | None = None,
 ) -> Plan:
-    """What ``repair`` would do (groups, parameters, data, schedule), without training or writing."""
+    """What ``apply`` will do (groups, parameters, training/validation/verification data, the cut), without training."""
+    config.check()
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
-    return _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)[0]
+    saved, verify = _saved_ranking(session, saved_ranking, verify)
+    verify_ds = session.load_data(verify)
+    before: dict[str, Predictions] = {}
+    if layers == "auto":
+        result = saved or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
+        names = auto_groups(result, config.auto_layers)
+        if result.predictions is not None:
+            before["verify"] = result.predictions
+    else:
+        names = list(layers)
+    params = resolve_layers(session.model, names)
+    pool = session.load_data(train, default_split="train")
+    if _same_data(pool, verify_ds):
+        raise ConfigError(f"refusing to train on the verification data ({verify_ds.spec}, {verify_ds.split}): pass --train-data or --split")
+    if val is not None:
+        val_ds = session.load_data(val, default_split="train")
+        for other, what in ((verify_ds, "verification"), (pool, "training")):
+            if _same_data(val_ds, other):
+                raise ConfigError(f"--val-data {val_ds.spec} ({val_ds.split}) is the {what} data: pass data held out from both")
+        train_idx = torch.arange(len(pool))
+    else:
+        n_val = max(1, round(config.val_fraction * len(pool)))
+        if len(pool) - n_val < 2:
+            raise ConfigError(f"{len(pool)} training examples leave too few to train on after validation: pass more --train-data")
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))
+        val_ds, train_idx = pool.subset(perm[:n_val].sort().values), perm[n_val:].sort().values
+    train_ds = pool.subset(train_idx)
+    cut = prefix.split(session.model, set(params)) if config.cache_features else None
+    cached: dict[str, Dataset] = {}
+    if config.focus == "errors":
+        if cut is not None:
+            cached["train"] = prefix.cache(cut, train_ds, session.preprocess, session.device)
+        before["train"] = _predict(session, session.model, cut, cached.get("train"), train_ds)
+        keep = _focus(before["train"], config.seed, f"{train_ds.spec} ({train_ds.split})")
+        train_ds, before["train"] = train_ds.subset(keep), _take(before["train"], keep)
+        if cut is not None:
+            cached["train"] = cached["train"].subset(keep)
+    elif config.focus != "all":
+        raise ConfigError(f"--focus {config.focus}: use all or errors")
+    steps = config.epochs * -(-len(train_ds) // config.batch_size)
+    return Plan(session, tuple(names), tuple(params), train_ds, val_ds, verify_ds, val is not None, cut, config, steps,
+                prefix.estimate_seconds(session, train_ds, steps, config.batch_size), before, cached)
+
+
+def _focus(before: Predictions, seed: int, where: str) -> torch.Tensor:
+    """--focus errors: the training errors plus three times as many correct examples (seeded), as sorted indices."""
+    correct = before.correct
+    wrong, right = torch.nonzero(~correct).flatten(), torch.nonzero(correct).flatten()
+    if wrong.numel() == 0:
+        raise ConfigError(f"--focus errors: the model makes no errors on {where}: use --focus all")
+    n_right = min(right.numel(), int(wrong.numel() * (1 - ERRORS_SHARE) / ERRORS_SHARE))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([wrong, right[torch.randperm(right.numel(), generator=gen)[:n_right]]]).sort().values
+
+
+def _fine_tune(
+    p: Plan, params: tuple[str, ...], feats: dict[str, Dataset], before: dict[str, Predictions], anchor: Anchor | None,
+    shortcut: bool, progress: Progress | None,
+) -> tuple[nn.Module, prefix.Split | None, list[dict], Gate, float]:
+    """Copy the model and train only ``params`` (their modules in train mode, the rest eval), through the
+    plan's cut on cached features when there are any; after each epoch score it on validation and keep
+    the best state (the original's counts as epoch 0). Returns the model holding the kept state, its cut,
+    the history, the gate and the seconds."""
+    session, config = p.session, p.config
+    model = copy.deepcopy(session.model)
+    chosen = set(params)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    start = time.perf_counter()
+    cut = p.cut.on(model) if p.cut is not None and "train" in feats else None
+    val_cut = cut if shortcut else None
+    curve = [{"epoch": 0, **validation_record(before["val"], before["val"])}]
+    best = {"state": None, "key": (0, curve[0]["val_loss"])}
+
+    def on_epoch(_: nn.Module) -> dict[str, Any]:
+        began = time.perf_counter()
+        point = {"epoch": len(curve), **validation_record(before["val"], _predict(session, model, val_cut, feats.get("val"), p.val))}
+        curve.append(point)
+        if (-point["val_net"], point["val_loss"]) < (-best["key"][0], best["key"][1]):
+            best["state"], best["key"] = {k: v.detach().clone() for k, v in model.state_dict().items()}, (point["val_net"], point["val_loss"])
+        return {**{k: v for k, v in point.items() if k not in ("examples", "epoch")}, "val_seconds": time.perf_counter() - began}
+
+    tc = config.train_config(str(session.device))
+    if cut is not None:
+        history = fit(cut.suffix, feats["train"], None, lambda x: x, tc, progress=progress, anchor=anchor, on_epoch=on_epoch)
+    else:
+        history = fit(model, p.train, None, session.preprocess, tc, progress=progress, anchor=anchor, on_epoch=on_epoch)
+    losses = [h["train_loss"] for h in history]
+    if not all(math.isfinite(v) for v in losses):
+        raise ConfigError(f"the repair diverged: training loss {losses[-1]} after {len(losses)} epoch(s): nothing written; lower --lr or --distill")
+    gate = choose(curve, config.accept_p)
+    model.load_state_dict(best["state"] if best["state"] is not None else session.model.state_dict())
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model.eval(), cut, history, gate, time.perf_counter() - start
+
+
+def apply(p: Plan, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> RepairReport:
+    """Fine-tune the plan's parameters, keep the best epoch on validation, verify on held-out data, and write
+    the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing is written)."""
+    session, config = p.session, p.config
+    out = _output_path(session, output)
+    checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
+    # With a frozen prefix, one pass of it over each data set gives the original's outputs there and the
+    # features the surgical arm trains on. On CPU, where outputs through the cut are bit-identical to the
+    # whole model's (tested), validation and verification go through it too; elsewhere the whole model
+    # evaluates them, so that the reported accuracy is what the written file gives.
+    shortcut = p.cut is not None and session.device.type == "cpu"
+    sets = {"train": p.train, "val": p.val, "verify": p.verify}
+    feats = dict(p.cached)
+    for k, ds in sets.items():
+        if p.cut is not None and k not in feats and (k == "train" or (shortcut and k not in p.before)):
+            feats[k] = prefix.cache(p.cut, ds, session.preprocess, session.device)
+    before = {k: p.before[k] if k in p.before else _predict(session, session.model, p.cut if shortcut or k == "train" else None, feats.get(k), ds)
+              for k, ds in sets.items()}
+    anchor = Anchor(before["train"].logits, before["train"].correct.float() * config.distill) if config.distill else None
+    arms, repaired = [], session.model
+    every = tuple(n for n, _ in session.model.named_parameters())
+    for params in [p.params] + ([every] if config.baseline == "full" else []):
+        surgical = params is p.params
+        mine = feats if surgical else {}
+        model, cut, history, gate, seconds = _fine_tune(p, params, mine, before, anchor, shortcut, progress)
+        after = {k: _predict(session, model, cut if shortcut or k == "train" else None, mine.get(k), sets[k]) for k in ("verify", "train")}
+        arms.append(Arm(p.groups if surgical else ("all",), p.trainable if surgical else p.total, seconds,
+                        verdict(before["verify"], after["verify"], p.verify.class_names), verdict(before["train"], after["train"], p.train.class_names),
+                        tuple(history), gate))
+        repaired = model if surgical else repaired
+    notes = session.ckpt.notes + tuple(dict.fromkeys(
+        n for d in sets.values() for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:])))))
+    plan_dict = p.to_dict()
+    if not arms[0].gate.accepted:
+        return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, None, None, session.ckpt.sha256, notes)
+    state = repaired.state_dict()
+    diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if diverged:
+        raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
+    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, arms[0]), force=force, inputs=(session.ckpt.path,))
+    return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
+
+
+def _output_path(session: Session, output: str | Path | None) -> Path:
+    path = session.ckpt.path
+    return Path(output) if output else path.with_name(f"{path.name.removesuffix('.safetensors')}.repaired.safetensors")
+
+
+def _metadata(session: Session, out: Path, plan_dict: dict[str, Any], arm: Arm) -> checkpoint.Metadata:
+    """The parent's metadata with its data re-pointed from the output's folder, and the repair recorded."""
+    parent_dir = session.ckpt.path.parent
+    data_for_out = {
+        split: {**rec, "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else str(DataSpec.parse(rec["spec"]).resolved(parent_dir))}
+        for split, rec in session.ckpt.metadata.data.items() if isinstance(rec, dict) and "spec" in rec
+    }
+    return replace(session.ckpt.metadata, data=data_for_out, repair={
+        "parent_sha256": session.ckpt.sha256, "parent": session.ckpt.path.name, "groups": list(plan_dict["groups"]),
+        "trainable_fraction": plan_dict["fraction"], "config": plan_dict["config"], "train_data": plan_dict["train_data"],
+        "val_data": plan_dict["val_data"], "verify_data": plan_dict["verify_data"], "verify": arm.verify.to_dict(),
+        "gate": arm.gate.to_dict(), "history": without_timing(arm.history),
+    })
 
 
 def repair(
     ckpt: str | Path | Session, layers: list[str] | str = "auto", output: str | Path | None = None, train: DataChoice = DataChoice(),
     verify: DataChoice = DataChoice(), config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(),
     saved_ranking: str | Path | None = None, device: str = "auto", force: bool = False, progress: Progress | None = None,
+    val: DataChoice | None = None,
 ) -> RepairReport:
-    """Fine-tune only the named (or flagged) layer groups, verify on held-out data, write the result.
+    """``apply(plan(...))``: fine-tune only the named (or flagged) layer groups, keep the best epoch on
+    validation, verify on held-out data, and write the result if it beats the original beyond chance.
 
-    Example: ``repair('sgd.safetensors', 'auto').surgical.verify.net``.
+    Example: ``r = repair('sgd.safetensors', 'auto'); r.accepted, r.surgical.verify.net``.
     """
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
-    out = Path(output) if output else session.ckpt.path.with_name(f"{session.ckpt.path.name.removesuffix('.safetensors')}.repaired.safetensors")
-    checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
-    plan, params, train_ds, verify_ds = _prepare(session, layers, train, verify, config, rank_config, saved_ranking, progress)
-    cut = features.split(session.model, set(params)) if config.cache_features else None
-    # With a frozen prefix, one pass of it over the training data gives the original's outputs there and
-    # the features the surgical arm trains on. On CPU, where outputs through the cut are bit-identical to
-    # the whole model's (tested), the verification data and the arm's outputs after go through it too;
-    # elsewhere the whole model evaluates, so that the reported accuracy is what the written file gives.
-    shortcut = cut if cut is not None and session.device.type == "cpu" else None
-    sets = {"verify": verify_ds, "train": train_ds}
-    feats = {k: features.cache(cut, ds, session.preprocess, session.device) for k, ds in sets.items() if cut and (shortcut or k == "train")}
-    before_v, before_t = (_predict(session, session.model, shortcut, feats.get(k), ds) for k, ds in sets.items())
-    anchor = Anchor(before_t.logits, before_t.correct.float() * config.distill) if config.distill else None
-    arms = []
-    for arm_params in ([params] + ([[n for n, _ in session.model.named_parameters()]] if config.baseline == "full" else [])):
-        surgical = arm_params is params
-        mine = feats if surgical else {}
-        model, arm_cut, history, seconds = _fine_tune(session, arm_params, train_ds, config, anchor, mine.get("train"), progress)
-        after_v, after_t = (_predict(session, model, arm_cut if shortcut else None, mine.get(k), ds) for k, ds in sets.items())
-        arms.append(Arm(
-            plan.groups if surgical else ("all",), plan.trainable if surgical else plan.total,
-            seconds, verdict(before_v, after_v, verify_ds.class_names), verdict(before_t, after_t, train_ds.class_names), tuple(history),
-        ))
-        if arm_params is params:
-            repaired = model
-    parent_dir = session.ckpt.path.parent
-    data_for_out = {
-        split: {**rec, "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else str(DataSpec.parse(rec["spec"]).resolved(parent_dir))}
-        for split, rec in session.ckpt.metadata.data.items() if isinstance(rec, dict) and "spec" in rec
-    }
-    meta = replace(session.ckpt.metadata, data=data_for_out, repair={
-        "parent_sha256": session.ckpt.sha256, "parent": session.ckpt.path.name, "groups": list(plan.groups), "trainable_fraction": plan.fraction,
-        "config": plan.config, "train_data": plan.train_data, "verify_data": plan.verify_data,
-        "verify": {**asdict(arms[0].verify), "net": arms[0].verify.net}, "history": without_timing(arms[0].history),
-    })
-    state = repaired.state_dict()
-    diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if diverged:
-        raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
-    sha = checkpoint.save(out, state, meta, force=force, inputs=(session.ckpt.path,))
-    notes = session.ckpt.notes + tuple(dict.fromkeys(
-        n for d in (train_ds, verify_ds) for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:])))))
-    return RepairReport(plan, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
+    checkpoint.check_output(_output_path(session, output), force, (session.ckpt.path,), checkpoint_file=True)  # before any work
+    return apply(plan(session, layers, train, verify, config, rank_config, saved_ranking, device, progress, val), output, force, progress)

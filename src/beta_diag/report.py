@@ -212,30 +212,37 @@ def comparison_ci(pair: Any, k: int) -> str:
     return f"{lo:.2f}-{hi:.2f}"
 
 
-def plan_table(plan: Any) -> None:
+def plan_table(plan: dict[str, Any]) -> None:
+    """``Plan.to_dict()`` as a table."""
     out = stdout()
     table = Table("field", "value", title="repair plan (dry run: nothing trained or written)", title_justify="left")
-    table.add_row("groups", ", ".join(plan.groups))
-    table.add_row("trainable parameters", f"{plan.trainable:,} of {plan.total:,} ({100 * plan.fraction:.1f}%)")
-    table.add_row("training data", f"{plan.train_data['spec']} ({plan.train_data['split']}, {plan.train_data['examples']} examples, focus {plan.train_data['focus']})")
-    table.add_row("verification data", f"{plan.verify_data['spec']} ({plan.verify_data['split']}, {plan.verify_data['examples']} examples)")
-    c = plan.config
-    table.add_row("schedule", f"{c['epochs']} epochs, {plan.steps} steps, {c['optimizer']} with {c['momentum']} momentum, cosine LR from {c['lr']}")
-    table.add_row("frozen prefix cached", plan.cached_prefix or "no")
-    table.add_row("estimated time", f"at most {plan.estimated_seconds:.0f} s")
+    table.add_row("groups", ", ".join(plan["groups"]))
+    table.add_row("trainable parameters", f"{plan['trainable']:,} of {plan['total']:,} ({100 * plan['fraction']:.1f}%)")
+    t, v, w = plan["train_data"], plan["val_data"], plan["verify_data"]
+    table.add_row("training data", f"{t['spec']} ({t['split']}, {t['examples']} examples, focus {t['focus']})")
+    table.add_row("validation data", f"{v['spec']} ({v['split']}, {v['examples']} examples: {v['from']})")
+    table.add_row("verification data", f"{w['spec']} ({w['split']}, {w['examples']} examples)")
+    c = plan["config"]
+    table.add_row("schedule", f"{c['epochs']} epochs, {plan['steps']} steps, {c['optimizer']} with {c['momentum']} momentum, cosine LR from {c['lr']}")
+    table.add_row("gate", f"keep the best epoch on validation; write it only if its gain has p <= {c['accept_p']:g}")
+    table.add_row("frozen prefix cached", plan["cached_prefix"] or "no")
+    table.add_row("estimated time", f"at most {plan['estimated_seconds']:.0f} s")
     out.print(table)
 
 
 def repair_summary(r: Any) -> None:
     out = stdout()
-    table = Table("arm", "groups", "trained", "seconds", "held-out accuracy", "fixed", "broken", "net", "train-data net",
-                  title=f"verified on {r.plan.verify_data['spec']} ({r.plan.verify_data['split']}, never trained on)", title_justify="left")
+    table = Table("arm", "groups", "trained", "seconds", "held-out accuracy", "fixed", "broken", "net (95%)", "p", "train-data net",
+                  title=f"verified on {r.plan['verify_data']['spec']} ({r.plan['verify_data']['split']}, never trained on)"
+                  + ("" if r.accepted else ": the kept epoch, not written"), title_justify="left")
     for name, arm in (("surgical", r.surgical), ("full fine-tune", r.baseline)):
         if arm is None:
             continue
         v = arm.verify
-        table.add_row(name, ", ".join(arm.groups), f"{100 * arm.trainable / r.plan.total:.1f}%", f"{arm.seconds:.1f}",
-                      f"{100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%", str(v.fixed), str(v.broken), f"{v.net:+d}", f"{arm.train.net:+d}")
+        lo, hi = v.net_interval
+        table.add_row(name, ", ".join(arm.groups), f"{100 * arm.trainable / r.plan['total']:.1f}%", f"{arm.seconds:.1f}",
+                      f"{100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%", str(v.fixed), str(v.broken),
+                      f"{v.net:+d} ({lo:+.0f} to {hi:+.0f})", f"{v.p_value:.2g}", f"{arm.train.net:+d}")
     out.print(table)
     per = Table("class", "errors before", "errors after", "fixed", "broken", title="held-out, per class (surgical)", title_justify="left")
     for cls, row in r.surgical.verify.per_class.items():
@@ -244,5 +251,12 @@ def repair_summary(r: Any) -> None:
     if r.compute_saving is not None:
         out.print(f"training time saved by the surgical repair: {100 * r.compute_saving:.0f}% of the full fine-tune's "
                   "(a frozen prefix runs once, in the evaluation both need)")
-    v = r.surgical.verify
-    out.print(f"[bold]repaired {', '.join(r.surgical.groups)}: fixed {v.fixed}, broke {v.broken}, net {v.net:+d} on held-out data; wrote {r.output}[/]")
+    g = r.surgical.gate
+    curve = Table("epoch", "val loss", "val accuracy", "fixed", "broken", "net", title=f"validation ({g.examples} examples, never verified on)",
+                  title_justify="left")
+    for point in g.curve:
+        mark = " (kept)" if point["epoch"] == g.best_epoch else ""
+        curve.add_row(f"{point['epoch']}{mark}", f"{point['val_loss']:.4f}", f"{100 * point['val_acc']:.2f}%", str(point["val_fixed"]),
+                      str(point["val_broken"]), f"{point['val_net']:+d}")
+    out.print(curve)
+    out.print(f"[bold]{r.verdict}[/]")

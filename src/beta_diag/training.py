@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from beta_diag.checkpoint import Metadata
 from beta_diag.schedules import MomentumSchedule, MomentumScheduler, epoch_record, lr_scheduler
 
 Progress = Callable[[str, int, int], None]  # (task description, completed, total)
-TIMING_KEYS = frozenset({"seconds", "estimated_seconds", "compute_saving"})  # wall-clock: measured, never a result
+TIMING_KEYS = frozenset({"seconds", "estimated_seconds", "compute_saving", "val_seconds"})  # wall-clock: measured, never a result
 
 
 def without_timing(value: object) -> object:
@@ -187,9 +188,10 @@ def set_train_mode(model: nn.Module) -> None:
 
 def fit(
     model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig,
-    progress: Progress | None = None, anchor: Anchor | None = None,
+    progress: Progress | None = None, anchor: Anchor | None = None, on_epoch: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> list[dict]:
-    """Train the parameters that have ``requires_grad``; return the per-epoch history.
+    """Train the parameters that have ``requires_grad``; return the per-epoch history. ``on_epoch(model)``
+    runs after each epoch (eval mode, e.g. repair's validation) and adds its figures to the epoch's record.
 
     The loss is cross-entropy, plus ``anchor.loss`` when an anchor is given (repair's distillation).
     Modules owning a trainable parameter train in train mode; frozen ones stay in eval mode.
@@ -262,6 +264,8 @@ def fit(
             record["anchor_loss"] = pull_sum / seen  # the mean pull towards the reference, as optimised
         if test_ds is not None:
             record["test_acc"] = evaluate(model, test_ds, preprocess, device).accuracy
+        if on_epoch is not None:
+            record.update(on_epoch(model.eval()))
         record["seconds"] = time.perf_counter() - start
         history.append(record)
     model.eval()

@@ -9,6 +9,7 @@ trains the model. Backward never enters the prefix.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -30,6 +31,12 @@ class Split:
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     prefix_name: str  # e.g. "conv1..layer3"
+
+    def on(self, model: nn.Module) -> Split:
+        """The same cut over a copy of the model it was traced on, without tracing again: the copy's
+        modules run the traced graphs (training the suffix trains the copy)."""
+        return Split(fx.GraphModule(model, copy.deepcopy(self.prefix.graph)), fx.GraphModule(model, copy.deepcopy(self.suffix.graph)),
+                     self.prefix_name)
 
 
 def _touches(node: fx.Node, model: nn.Module, chosen: set[str]) -> bool:

@@ -1,0 +1,157 @@
+"""What a repair changed: before/after verdicts with exact tests, the validation gate, and the report.
+
+A verdict compares the original and a repaired model on the same examples: ``fixed`` (wrong ->
+right), ``broken`` (right -> wrong), their net, the exact McNemar p-value and a 95% interval of
+the net (``stats``). The gate keeps the best epoch on validation data (the original, epoch 0, is
+a candidate) and accepts it only if its validation gain beats chance (``accept_p``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from beta_diag import stats
+from beta_diag.training import Predictions
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Before/after on one data set. fixed: wrong -> right; broken: right -> wrong; net = fixed - broken."""
+
+    examples: int
+    accuracy_before: float
+    accuracy_after: float
+    fixed: int
+    broken: int
+    per_class: dict[str, dict[str, int]]
+
+    @property
+    def net(self) -> int:
+        return self.fixed - self.broken
+
+    @property
+    def p_value(self) -> float:
+        """Exact two-sided McNemar: how often chance alone moves the net this far from zero."""
+        return stats.mcnemar_two_sided(self.fixed, self.broken)
+
+    @property
+    def net_interval(self) -> tuple[float, float]:
+        return stats.net_interval(self.fixed, self.broken)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "net": self.net, "p_value": self.p_value, "net_interval": list(self.net_interval)}
+
+
+def verdict(before: Predictions, after: Predictions, class_names: tuple[str, ...]) -> Verdict:
+    b, a = before.correct, after.correct
+    per_class = {}
+    for c in torch.unique(before.labels).tolist():
+        m = before.labels == c
+        per_class[class_names[c]] = {"fixed": int((~b & a & m).sum()), "broken": int((b & ~a & m).sum()), "errors_before": int((~b & m).sum()),
+                                     "errors_after": int((~a & m).sum())}
+    return Verdict(len(b), before.accuracy, after.accuracy, int((~b & a).sum()), int((b & ~a).sum()), per_class)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The validation gate of one fine-tune: the curve (epoch 0 is the original), the epoch kept, and
+    whether it beat the original by more than chance. ``p_value``: the one-sided exact McNemar test of
+    the kept epoch's validation fixed vs broken, times the number of epochs it was chosen from
+    (Bonferroni: the best of several is picked on the same data)."""
+
+    examples: int
+    curve: tuple[dict[str, Any], ...]  # per epoch: val_loss, val_acc, val_fixed, val_broken, val_net
+    best_epoch: int
+    p_value: float
+    accept_p: float
+
+    @property
+    def kept(self) -> dict[str, Any]:
+        return self.curve[self.best_epoch]
+
+    @property
+    def accepted(self) -> bool:
+        return self.best_epoch > 0 and self.kept["val_net"] > 0 and self.p_value <= self.accept_p
+
+    @property
+    def reason(self) -> str:
+        k = self.kept
+        if self.best_epoch == 0:
+            return f"no epoch beat the original on validation ({self.examples} examples)"
+        figures = f"epoch {self.best_epoch}: fixed {k['val_fixed']}, broke {k['val_broken']}, net {k['val_net']:+d} on validation, p = {self.p_value:.3g}"
+        return f"{figures} {'<=' if self.accepted else '>'} {self.accept_p:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "curve": list(self.curve), "accepted": self.accepted, "reason": self.reason}
+
+
+def choose(curve: list[dict[str, Any]], accept_p: float) -> Gate:
+    """Keep the epoch with the best validation net (ties: lower validation loss, then earlier); epoch 0,
+    the original, has net 0, so an epoch is kept only if it fixes more than it breaks."""
+    best = min(range(len(curve)), key=lambda e: (-curve[e]["val_net"], curve[e]["val_loss"], e))
+    kept = curve[best]
+    p = min(1.0, stats.mcnemar_one_sided(kept["val_fixed"], kept["val_broken"]) * (len(curve) - 1)) if best else 1.0
+    return Gate(int(kept["examples"]), tuple({k: v for k, v in c.items() if k != "examples"} for c in curve), best, p, accept_p)
+
+
+def validation_record(before: Predictions, after: Predictions) -> dict[str, Any]:
+    """One point of the validation curve: loss and accuracy of ``after``, fixed/broken against ``before``."""
+    b, a = before.correct, after.correct
+    fixed, broken = int((~b & a).sum()), int((b & ~a).sum())
+    loss = float(torch.nn.functional.cross_entropy(after.logits.float(), after.labels))
+    return {"val_loss": loss, "val_acc": after.accuracy, "val_fixed": fixed, "val_broken": broken, "val_net": fixed - broken, "examples": len(b)}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tune: what it trained, the epoch its gate kept, and what that changed. ``seconds``: the
+    fine-tune with its validation. A frozen prefix's features are not in it: they come from the pass
+    that evaluates the original on the training data, which every arm's verdict needs anyway."""
+
+    groups: tuple[str, ...]
+    trainable: int
+    seconds: float
+    verify: Verdict
+    train: Verdict
+    history: tuple[dict[str, Any], ...]
+    gate: Gate
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"groups": list(self.groups), "trainable": self.trainable, "seconds": self.seconds, "verify": self.verify.to_dict(),
+                "train": self.train.to_dict(), "history": list(self.history), "gate": self.gate.to_dict()}
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    plan: dict[str, Any]  # Plan.to_dict(): what was chosen, on which data
+    surgical: Arm
+    baseline: Arm | None
+    output: str | None  # None: the gate kept the original, and nothing was written
+    sha256: str | None
+    parent_sha256: str
+    notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
+
+    @property
+    def accepted(self) -> bool:
+        return self.surgical.gate.accepted
+
+    @property
+    def compute_saving(self) -> float | None:
+        return 1 - self.surgical.seconds / self.baseline.seconds if self.baseline else None
+
+    @property
+    def verdict(self) -> str:
+        if not self.accepted:
+            return f"nothing to repair: the original is kept ({self.surgical.gate.reason})"
+        v = self.surgical.verify
+        lo, hi = v.net_interval
+        return (f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch}): fixed {v.fixed}, broke {v.broken}, "
+                f"net {v.net:+d} (95% {lo:+.0f} to {hi:+.0f}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan, "surgical": self.surgical.to_dict(), "baseline": self.baseline.to_dict() if self.baseline else None,
+                "accepted": self.accepted, "verdict": self.verdict, "output": self.output, "sha256": self.sha256,
+                "parent_sha256": self.parent_sha256, "notes": list(self.notes), "compute_saving": self.compute_saving}
