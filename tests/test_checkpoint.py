@@ -41,7 +41,7 @@ def test_save_refuses_existing_output_unless_forced(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     checkpoint.save(path, small_model().state_dict(), META)
     before = path.read_bytes()
-    with pytest.raises(OutputError, match="already exists: choose another -o path or pass --force"):
+    with pytest.raises(OutputError, match="already exists: choose another output path or pass --force"):
         checkpoint.save(path, small_model().state_dict(), META)
     assert path.read_bytes() == before
     checkpoint.save(path, small_model().state_dict(), META, force=True)

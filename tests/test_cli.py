@@ -99,7 +99,7 @@ def bad_cases(tiny: dict[str, Path], tmp: Path) -> list[tuple[list, str]]:
         (no_test + ["--data", tmp / "nowhere.safetensors", "--test-data", tiny["test"], "-o", tmp / "o1.safetensors"], "data bundle"),
         (no_test + ["-o", tmp / "o5.safetensors"], "is a bundle, which holds one split: pass --test-data"),
         (train + ["--test-data", eleven, "-o", tmp / "o2.safetensors"], "has label 11 but the model has 4 classes"),
-        (train + ["-o", exists], "already exists: choose another -o path or pass --force"),
+        (train + ["-o", exists], "already exists: choose another output path or pass --force"),
         (train + ["--limit", "0", "-o", tmp / "o3.safetensors"], "--limit 0: pass a positive number of examples"),
         (train + ["--device", "cuda", "-o", tmp / "o4.safetensors"], "no CUDA device is available") if not torch.cuda.is_available() else
         (["info", tmp / "missing2.safetensors"], "no such file"),

@@ -7,14 +7,13 @@ Writes are atomic: a temporary name beside the target, then ``os.replace``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import pickle
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from beta_diag import distributed, infer, models
+from beta_diag.outputs import atomic_path, check_output
 from beta_diag.errors import CheckpointError, OutputError
 
 FORMAT_VERSION = "1"
@@ -355,45 +355,6 @@ def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoi
         raise CheckpointError(f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors")
     tensors, stripped = _unwrap(tensors)
     return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file), notes=tuple(notes + stripped))
-
-
-def check_output(out: Path, force: bool, inputs: tuple[Path, ...] = (), checkpoint_file: bool = False) -> None:
-    """Refuse an output that is an input, exists (without ``force``) or sits in a missing folder;
-    with ``checkpoint_file``, also one not named ``*.safetensors`` (checked before any work is done)."""
-    if checkpoint_file and out.suffix.lower() != ".safetensors":
-        raise OutputError(f"{out}: outputs are written as safetensors: give -o a name ending in .safetensors")
-    for src in inputs:
-        if src.exists() and out.exists() and out.resolve() == src.resolve():
-            raise OutputError(f"{out}: output would overwrite an input: choose another -o path")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists: choose another -o path or pass --force")
-    if out.exists() and out.is_dir():
-        raise OutputError(f"{out}: is a folder: pass a file path to -o")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out.parent}: folder does not exist: create it or choose another -o path")
-    if not os.access(out.parent, os.W_OK):
-        raise OutputError(f"{out.parent}: folder is not writable: choose another -o path")
-
-
-@contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; rename it onto ``out`` only if the block succeeds.
-
-    Under torchrun only process 0 writes: the others get os.devnull, so nothing is written twice.
-    """
-    if not distributed.is_main():
-        yield Path(os.devnull)
-        return
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def canonical(blob: bytes) -> memoryview:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from beta_diag import checkpoint, distributed, groups, models, plots, report, schedules
+from beta_diag import checkpoint, distributed, groups, models, outputs, plots, report, schedules
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
@@ -77,6 +78,17 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def data_files(*specs: str | None) -> tuple[Path, ...]:
+    """The files data specs name (bundles), which no output may replace; a malformed spec is left to the command to refuse."""
+    from beta_diag.readers import DataSpec
+
+    found: list[Path] = []
+    for spec in specs:
+        with contextlib.suppress(BetaDiagError):
+            found += DataSpec.parse(spec).files() if spec else []
+    return tuple(found)
 
 
 def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
@@ -153,7 +165,7 @@ def train(
     """Train a model with a momentum schedule and save it with its per-epoch history."""
     from beta_diag.training import train as train_model
 
-    checkpoint.check_output(output, force, checkpoint_file=True)
+    outputs.check_output(output, force, data_files(data, test_data), checkpoint_file=True)
     config = TrainConfig(
         epochs=epochs, lr=lr if lr is not None else (0.05 if optimizer is OptimizerName.sgd else 0.001), batch_size=batch_size,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup, augment=augment, seed=seed, device=device,
@@ -288,9 +300,10 @@ def rank(
     from beta_diag.ranking import rank as rank_fn
     from beta_diag.session import open_session
 
+    outputs.distinct(out=out, plot=plot)
     for path in (out, plot):
         if path is not None:
-            checkpoint.check_output(path, force, (ckpt,))
+            outputs.check_output(path, force, (ckpt, *data_files(data)))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob)
     session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
     with report.progress(quiet or as_json) as progress:
@@ -299,7 +312,7 @@ def rank(
     if plot is not None:
         plots.ranking(result, plot, force)
     if out is not None:
-        with checkpoint.atomic_path(out) as tmp:
+        with outputs.atomic_path(out) as tmp:
             tmp.write_text(report.dumps(result.to_dict()) + "\n")
     report.print_json(result.to_dict()) if as_json else report.rank_table(result)
 
@@ -337,7 +350,7 @@ def compare(
     from beta_diag.compare import compare as compare_fn
 
     if plot is not None:
-        checkpoint.check_output(plot, force, tuple(inputs))
+        outputs.check_output(plot, force, (*inputs, *data_files(data)))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
     opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key) for p in inputs]
     with report.progress(quiet or as_json) as progress:
@@ -397,8 +410,12 @@ def repair(
     from beta_diag.repair import plan as plan_fn
     from beta_diag.repair import repair as repair_fn
 
-    if plot is not None and not dry_run:
-        checkpoint.check_output(plot, force, (ckpt,))
+    repair_inputs = (ckpt, *data_files(data, train_data, val_data), *([ranking_file] if ranking_file else []))
+    if not dry_run:
+        outputs.distinct(output=output, plot=plot)
+        for path in (output, plot):
+            if path is not None:
+                outputs.check_output(path, force, repair_inputs, checkpoint_file=path is output)
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
     config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache, distill,
                           auto_layers, val_fraction, accept_p)

@@ -185,7 +185,8 @@ def save_bundle(path: Path, ds: Dataset) -> None:
     """Write a dataset as a tensor bundle (used for the bundled sample data)."""
     from safetensors.torch import save
 
-    from beta_diag.checkpoint import atomic_path, canonical
+    from beta_diag.checkpoint import canonical
+    from beta_diag.outputs import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_bytes(canonical(save(

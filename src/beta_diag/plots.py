@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from beta_diag import distributed
-from beta_diag.checkpoint import atomic_path, check_output
+from beta_diag.outputs import atomic_path, check_output
 from beta_diag.errors import ConfigError
 from beta_diag.schedules import BAND, critical_momentum
 

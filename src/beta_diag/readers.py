@@ -238,6 +238,10 @@ class DataSpec:
         """The data set's name as training records it: the format, or a bundle's file."""
         return str(self) if self.kind == "bundle" else self.kind
 
+    def files(self) -> tuple[Path, ...]:
+        """The files the spec names itself (a bundle), which no output may replace."""
+        return (self.path,) if self.kind == "bundle" and self.path is not None else ()
+
     def resolved(self, base_dir: Path | None = None) -> DataSpec:
         """Its file or folder made absolute (a relative one taken from ``base_dir``, else the working
         directory): a checkpoint records data relative to its own folder, or absolute."""

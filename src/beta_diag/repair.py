@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from beta_diag import checkpoint, groups, prefix, ranking
+from beta_diag import checkpoint, groups, outputs, prefix, ranking
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import RankConfig, Ranking
@@ -312,7 +312,8 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing is written)."""
     session, config = p.session, p.config
     out = _output_path(session, output)
-    checkpoint.check_output(out, force, (session.ckpt.path,), checkpoint_file=True)
+    inputs = (session.ckpt.path, *(f for ds in (p.train, p.val, p.verify) if ds.source for f in ds.source.files()))
+    outputs.check_output(out, force, inputs, checkpoint_file=True)
     # With a frozen prefix, one pass of it over each data set gives the original's outputs there and the
     # features the surgical arm trains on. On CPU, where outputs through the cut are bit-identical to the
     # whole model's (tested), validation and verification go through it too; elsewhere the whole model
@@ -346,7 +347,7 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if diverged:
         raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
-    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, arms[0]), force=force, inputs=(session.ckpt.path,))
+    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, arms[0]), force=force, inputs=inputs)
     return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
 
 
@@ -382,5 +383,7 @@ def repair(
     Example: ``r = repair('sgd.safetensors', 'auto'); r.accepted, r.surgical.verify.net``.
     """
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
-    checkpoint.check_output(_output_path(session, output), force, (session.ckpt.path,), checkpoint_file=True)  # before any work
+    given = (session.ckpt.path, *([Path(saved_ranking)] if saved_ranking else []),
+             *(f for c in (train, verify, val) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()))
+    outputs.check_output(_output_path(session, output), force, given, checkpoint_file=True)  # before any work
     return apply(plan(session, layers, train, verify, config, rank_config, saved_ranking, device, progress, val), output, force, progress)
