@@ -24,6 +24,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from beta_diag import distributed, infer, models
+from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES, MAX_HISTORY, MAX_INPUT_SIDE, MAX_NAME
 from beta_diag.outputs import atomic_path, check_output
 from beta_diag.errors import CheckpointError, OutputError
 
@@ -86,6 +87,8 @@ class Metadata:
                     value = json.loads(value)
                 except json.JSONDecodeError:
                     raise CheckpointError(f"{source}: metadata '{key}' is not valid JSON: re-save the checkpoint") from None
+                except RecursionError:
+                    raise CheckpointError(f"{source}: metadata '{key}' is nested too deeply to be metadata: re-save the checkpoint") from None
             values[key] = value
         return cls.from_dict(values, source)
 
@@ -98,13 +101,19 @@ class Metadata:
         v = values
         check("arch", isinstance(v.get("arch"), str), "a string")
         check("arch_kwargs", isinstance(v.get("arch_kwargs"), dict), "a JSON object")
-        check("num_classes", isinstance(v.get("num_classes"), int) and v.get("num_classes", 0) > 0, "a positive integer")
-        check("input_shape", _int_list(v.get("input_shape"), 3), "a list of 3 integers [C, H, W]")
-        check("mean", _num_list(v.get("mean")), "a list of numbers")
-        check("std", _num_list(v.get("std")) and all(s > 0 for s in v.get("std") or [1]), "a list of positive numbers")
-        check("class_names", isinstance(v.get("class_names"), list), "a list of strings")
+        check("num_classes", isinstance(v.get("num_classes"), int) and 0 < v.get("num_classes", 0) <= MAX_CLASSES,
+              f"a positive integer up to {MAX_CLASSES:,}")
+        shape = v.get("input_shape")
+        check("input_shape", _int_list(shape, 3) and shape[0] <= MAX_CHANNELS and max(shape[1:]) <= MAX_INPUT_SIDE,
+              f"a list of 3 positive integers [C, H, W], C up to {MAX_CHANNELS} and sides up to {MAX_INPUT_SIDE}")
+        check("mean", _num_list(v.get("mean")), "a list of finite numbers")
+        check("std", _num_list(v.get("std")) and all(s > 0 for s in v.get("std") or [1]), "a list of finite positive numbers")
+        names = v.get("class_names")
+        check("class_names", isinstance(names, list) and len(names) <= MAX_CLASSES and all(isinstance(n, str) and len(n) <= MAX_NAME for n in names),
+              f"a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters")
         check("data", isinstance(v.get("data"), dict), "a JSON object")
-        check("history", isinstance(v.get("history"), list), "a list")
+        check("history", isinstance(v.get("history"), list) and len(v.get("history") or []) <= MAX_HISTORY
+              and all(isinstance(h, dict) for h in v.get("history") or []), f"a list of up to {MAX_HISTORY:,} JSON objects")
         return cls(
             arch=v.get("arch"),
             arch_kwargs=v.get("arch_kwargs") or {},
@@ -126,7 +135,8 @@ def _int_list(value: Any, n: int) -> bool:
 
 
 def _num_list(value: Any) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(x, (int, float)) for x in value)
+    return isinstance(value, list) and 0 < len(value) <= MAX_CHANNELS and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
 
 
 @dataclass(frozen=True)
@@ -192,8 +202,12 @@ class Checkpoint:
                 f"if you trust it, pass --arch {meta.arch}"
             )
         kwargs = self._arch_kwargs()
+        suggest = lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict)  # noqa: E731
+        skeleton = infer.skeleton(meta.arch, kwargs, on_cpu=False)
+        if skeleton is not None:  # shapes first, on the meta device: metadata naming a huge model allocates nothing
+            check_weights(skeleton.state_dict(), self.state_dict, str(self.path), suggest)
         model = models.build(meta.arch, kwargs)
-        load_weights(model, self.state_dict, str(self.path), lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict))
+        load_weights(model, self.state_dict, str(self.path), suggest)
         return model.eval()
 
 
@@ -212,9 +226,16 @@ def _describe_keys(kind: str, keys: list[str], n: int = 5) -> str:
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, suggest: Callable[[], str | None] | None = None) -> None:
-    """Strict load with an error listing missing/unexpected keys and shape mismatches; ``suggest()`` names the
-    option value that would fit the shapes, when one does."""
-    expected = model.state_dict()
+    """Strict load after ``check_weights``."""
+    check_weights(model.state_dict(), state_dict, source, suggest)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def check_weights(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
+                  suggest: Callable[[], str | None] | None = None) -> None:
+    """Refuse weights that do not fit ``expected`` (a model's state dict, possibly on the meta device): missing or
+    unexpected keys, other shapes (``suggest()`` names the option value that fits, when one does), integer
+    tensors where the model holds floats (a relabelled dtype), and NaN/Inf values."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -229,6 +250,11 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
             + ((f"pass {fix} (every weight's shape fits it)" if (fix := suggest and suggest()) else
                 "pass the architecture arguments the checkpoint was trained with (--arch-arg KEY=VALUE)"))
         )
+    relabelled = [f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k, v in expected.items()
+                  if v.is_floating_point() and not state_dict[k].is_floating_point()]
+    if relabelled:
+        raise CheckpointError(f"{source}: {len(relabelled)} tensor(s) hold integers where the model holds floats: "
+                              f"{', '.join(relabelled[:3])}: the checkpoint is corrupt; retrain or restore it")
     bad = {}
     for k, t in state_dict.items():
         if t.is_floating_point():
@@ -239,7 +265,6 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if bad:
         listed = ", ".join(f"{g}: {n}" for g, n in sorted(bad.items()))
         raise CheckpointError(f"{source}: weights hold NaN/Inf values ({listed}): the checkpoint is corrupt; retrain or restore it")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -264,7 +289,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, raw_meta
 
 
-MAX_INPUT_SIDE = 4096  # pixels: beyond this a single image's activations alone exhaust memory
 
 
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts commonly keep the weights
@@ -337,8 +361,10 @@ def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoi
         if (path / "config.json").is_file():
             try:
                 config = json.loads((path / "config.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{path / 'config.json'}: not valid JSON: fix or remove it") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                raise CheckpointError(f"{path / 'config.json'}: not valid JSON (or nested too deeply): fix or remove it") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{path / 'config.json'}: must hold a JSON object of metadata keys: fix or remove it")
     suffix = file.suffix.lower()
     if state_key is not None and suffix not in (".pt", ".pth", ".bin"):
         raise CheckpointError(f"{file}: --state-key is for .pt/.pth files, whose dicts may hold the weights under a key: drop it")

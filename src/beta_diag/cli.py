@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -71,6 +72,9 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
+        except BrokenPipeError:  # the reader of stdout left (| head): what it read is all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(0) from None
         except Exception as exc:  # a bug: say so, keep the traceback for --verbose
             if verbose:
                 traceback.print_exc()
@@ -78,6 +82,9 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+MAX_PLANNED_STEPS = 10_000_000  # schedule: a plan beyond this (a 200-epoch ImageNet run is 1 million) takes minutes to print
 
 
 def data_files(*specs: str | None) -> tuple[Path, ...]:
@@ -152,7 +159,7 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 5e-4,
     warmup: Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")] = 0.0,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")] = False,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1)] = 0,
     device: DeviceOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a seeded subset of N images.")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
@@ -230,6 +237,10 @@ def schedule(
     verbose: VerboseOpt = False,
 ) -> None:
     """LR, momentum, critical momentum, damping ratio and regime per epoch: of a checkpoint, or planned."""
+    if not (math.isfinite(lr) and math.isfinite(warmup)):
+        raise ConfigError(f"--lr {lr}, --warmup {warmup}: pass finite numbers")
+    if epochs * steps_per_epoch > MAX_PLANNED_STEPS:
+        raise ConfigError(f"--epochs {epochs} x --steps-per-epoch {steps_per_epoch}: plan at most {MAX_PLANNED_STEPS:,} steps")
     if ckpt is not None:
         if momentum:
             raise ConfigError("--momentum plans a schedule without a checkpoint: drop it, or drop the checkpoint")
@@ -256,12 +267,14 @@ MetricOpt = Annotated[Metric, typer.Option("--metric", help="Score that ranks th
 GranularityOpt = Annotated[Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")]
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
 BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --limit, the correct-example sample and the bootstrap.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of --limit, the correct-example sample and the bootstrap.")]
 GroupsOpt = Annotated[Optional[str], typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
 
 
 def rank_config(metric: Metric, granularity: Granularity, top_k: int | None, bootstrap: int, seed: int, by_class: bool, groups_glob: str | None) -> RankConfig:
-    include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob else ()
+    include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
+    if groups_glob is not None and not include:
+        raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
     return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include)
 
 
@@ -450,6 +463,9 @@ def archs(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
 
 def main() -> None:
     """The console script. Under torchrun, processes other than 0 print nothing on stdout."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that cannot encode a character gets '?', not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     clean = False

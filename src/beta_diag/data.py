@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from beta_diag.errors import DataError
+from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES
 from beta_diag.readers import DataSpec
 
 SPLITS = ("train", "test")
@@ -109,8 +110,12 @@ def load(spec: str | DataSpec, split: str = "test", limit: int | None = None, se
     images, labels, names = decoded.images, decoded.labels, decoded.class_names
     if labels.numel() == 0:
         raise DataError(f"{spec} ({split}) holds no examples: pass data with images in it")
-    if labels.min() < 0:
-        raise DataError(f"{spec} ({split}): negative labels: labels must be class indices 0..C-1")
+    if labels.min() < 0 or labels.max() >= MAX_CLASSES:
+        raise DataError(f"{spec} ({split}): label {int(labels.min() if labels.min() < 0 else labels.max())}: "
+                        f"labels must be class indices 0..C-1, C up to {MAX_CLASSES:,}")
+    if images.shape[-1] == 0 or images.shape[-2] == 0 or images.shape[1] == 0 or images.shape[1] > MAX_CHANNELS:
+        raise DataError(f"{spec} ({split}): images of shape {tuple(images.shape[1:])}: pass images with 1 to {MAX_CHANNELS} channels "
+                        "and at least one pixel per side")
     if not names:
         names = tuple(str(i) for i in range(int(labels.max()) + 1))
     ds = Dataset(images.contiguous(), labels, names, str(spec), split, decoded.notes, source)

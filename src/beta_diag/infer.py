@@ -30,13 +30,15 @@ def first_conv_channels(state_dict: dict[str, torch.Tensor]) -> int | None:
     return int(first.shape[1]) if first is not None else None
 
 
-def _skeleton(arch: str, kwargs: dict[str, Any]) -> nn.Module | None:
-    """The architecture's modules and parameter shapes, without their memory where it can be had so."""
+def skeleton(arch: str, kwargs: dict[str, Any], on_cpu: bool = True) -> nn.Module | None:
+    """The architecture's modules and parameter shapes, on the meta device (no memory); when its constructor
+    computes with tensors (RegNet), built for real if ``on_cpu``, else None."""
     try:
         with torch.device("meta"):
             return models.build(arch, kwargs)
     except Exception:  # noqa: BLE001 - some constructors compute with tensors; try for real below
-        pass
+        if not on_cpu:
+            return None
     try:
         return models.build(arch, kwargs)
     except Exception:  # noqa: BLE001 - build_model reports it with the fix
@@ -83,13 +85,13 @@ def fill_in(metadata: Any, state_dict: dict[str, torch.Tensor], may_build: bool)
         kwargs = dict(meta.arch_kwargs)
         if meta.num_classes is not None:
             kwargs.setdefault("num_classes", meta.num_classes)
-        model = _skeleton(meta.arch, kwargs)
+        model = skeleton(meta.arch, kwargs)
         found = _from_weights(model, meta.arch, kwargs, state_dict) if model is not None else {}
         if found:
             notes += [f"inferred {k}={v} from the weights ({key}); --arch-arg {k}=N overrides it" for k, (v, key) in found.items()]
             meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **{k: v for k, (v, _) in found.items()}})
             if "image_size" in found:
-                model = _skeleton(meta.arch, {**kwargs, "image_size": found["image_size"][0]})
+                model = skeleton(meta.arch, {**kwargs, "image_size": found["image_size"][0]})
         side = getattr(model, "image_size", None) if meta.input_shape is None else None
         if isinstance(side, int) and side > 0:
             c = first_conv_channels(state_dict) or 3
@@ -113,7 +115,7 @@ def suggest_arch_arg(arch: str, kwargs: dict[str, Any], state_dict: dict[str, to
     """``--arch-arg KEY=N`` for an integer argument of the builder that makes every weight's shape fit the
     file, tried from the first differing weight's size ratio (resnet18_cifar saved at width 16: ``width=16``);
     None when no single integer argument does."""
-    model = _skeleton(arch, kwargs)
+    model = skeleton(arch, kwargs, on_cpu=False)
     try:
         params = inspect.signature(models.resolve(arch)).parameters
     except (TypeError, ValueError):
@@ -132,7 +134,7 @@ def suggest_arch_arg(arch: str, kwargs: dict[str, Any], state_dict: dict[str, to
         for f, m in zip(have, want):
             if f == m or (f * current) % m:
                 continue
-            trial = _skeleton(arch, {**kwargs, name: f * current // m})
+            trial = skeleton(arch, {**kwargs, name: f * current // m}, on_cpu=False)
             fits = trial is not None and all(k in state_dict and state_dict[k].shape == v.shape for k, v in trial.state_dict().items())
             if fits:
                 return f"--arch-arg {name}={f * current // m}"

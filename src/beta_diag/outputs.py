@@ -88,7 +88,10 @@ def atomic_path(out: Path) -> Iterator[Path]:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # the disk is full, or the folder went away
+            raise OutputError(f"{out}: cannot write ({exc.strerror or exc}): free some space or choose another output path") from None
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -72,7 +72,8 @@ def ranking(r: Any, path: Path, force: bool = False) -> None:
     errs = [[max(0.0, g.score - g.score_lo) for g in r.groups], [max(0.0, g.score_hi - g.score) for g in r.groups]]
     ax.bar(range(len(names)), [g.score for g in r.groups], color=colours, yerr=errs, capsize=3)
     for i, g in enumerate(r.groups):
-        ax.annotate(f"P={g.p_flagged:.2f}", (i, g.score_hi), ha="center", va="bottom", fontsize=7)
+        if r.config.bootstrap:  # no replicates: no P(flagged) to show
+            ax.annotate(f"P={g.p_flagged:.2f}", (i, g.score_hi), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_ylabel(r.config.metric.value)
     ax.set_title(r.flag_finding, fontsize=9)

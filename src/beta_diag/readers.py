@@ -12,9 +12,12 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import pickle
 import shutil
+import stat
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from beta_diag.errors import DataError
+from beta_diag.limits import MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_NAME
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -123,38 +127,73 @@ def _cifar(kind: str, root: Path, split: str, size: tuple[int, int] | None) -> D
         batch = _unpickle(p)
         if "data" not in batch or key not in batch:
             raise DataError(f"{p}: batch has no 'data'/'{key}': re-extract the {kind} tarball")
-        images.append(torch.as_tensor(batch["data"]).reshape(-1, 3, 32, 32))
+        rows = torch.as_tensor(batch["data"])
+        if rows.dim() != 2 or rows.shape[1] != 3 * 32 * 32 or rows.dtype != torch.uint8 or len(batch[key]) != rows.shape[0]:
+            raise DataError(f"{p}: 'data' must be uint8 rows of 3,072 pixels, one per label; got {rows.dtype} {tuple(rows.shape)} for "
+                            f"{len(batch[key])} labels: re-extract the {kind} tarball")
+        images.append(rows.reshape(-1, 3, 32, 32))
         labels.append(torch.as_tensor(list(batch[key]), dtype=torch.long))
     names = tuple(str(n.decode() if isinstance(n, bytes) else n) for n in _unpickle(base / meta).get(names_key, []))
     return Decoded(torch.cat(images).to(torch.uint8), torch.cat(labels), names)
 
 
+PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
+    """(class names, [(image file, class index)]) of one-folder-per-class images, in sorted order, as
+    torchvision's ImageFolder finds them, but never following a link out of the tree or into a loop,
+    skipping everything that is not a regular file (a named pipe would block), and refusing /proc."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    top = folder.resolve()
+    if any(top == p or p in top.parents for p in PSEUDO_FILESYSTEMS):
+        raise DataError(f"imagefolder:{root}: {top} is a pseudo-filesystem, not images: pass a folder of image files")
+    classes = sorted(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
+    if not classes:
+        raise DataError(f"imagefolder:{root}: no class sub-folders in {top}: use one sub-folder per class")
+    samples: list[tuple[Path, int]] = []
+    for index, name in enumerate(classes):
+        found = []
+        for here, dirs, files in os.walk(top / name, followlinks=False):
+            dirs.sort()
+            for f in sorted(files):
+                path = Path(here) / f
+                real = path.resolve()
+                if f.lower().endswith(IMG_EXTENSIONS) and top in real.parents and real.is_file() and stat.S_ISREG(os.stat(real).st_mode):
+                    found.append(path)
+        if not found:
+            raise DataError(f"imagefolder:{root}: class folder '{name}' holds no image files: remove it or add images")
+        samples += [(path, index) for path in found]
+    return tuple(classes), samples
+
+
 def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
     from PIL import Image
-    from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
 
     folder = root / split if (root / split).is_dir() else root
-    try:
-        ds = ImageFolder(str(folder))
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"imagefolder:{root}: {exc}: use one sub-folder per class") from None
+    classes, samples = _image_files(root, folder)
     size = size or DEFAULT_SIZE
     images, resized, coloured = [], 0, 0
-    for path, _ in ds.samples:
+    for path, _ in samples:
         try:
-            with Image.open(path) as img:
-                resized += img.size != (size[1], size[0])
-                coloured += img.mode != "RGB"
-                img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-                images.append(pil_to_tensor(img))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    if img.width * img.height > MAX_IMAGE_PIXELS:
+                        raise DataError(f"{path}: {img.width}x{img.height} pixels, beyond {MAX_IMAGE_PIXELS:,}: downscale or remove the image")
+                    resized += img.size != (size[1], size[0])
+                    coloured += img.mode != "RGB"
+                    img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+                    images.append(pil_to_tensor(img))
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DataError(f"{path}: cannot decode image ({type(exc).__name__}): remove or replace the file") from None
-    labels = torch.tensor([t for _, t in ds.samples], dtype=torch.long)
+    labels = torch.tensor([t for _, t in samples], dtype=torch.long)
     n, where = len(images), f"imagefolder:{root} ({split})"
     notes = ([f"{where}: {resized} of {n} images resized to {size[0]}x{size[1]} when read (bilinear)"] if resized else []) + (
         [f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else [])
-    return Decoded(torch.stack(images), labels, tuple(ds.classes), tuple(notes))
+    return Decoded(torch.stack(images), labels, classes, tuple(notes))
 
 
 def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
@@ -177,10 +216,12 @@ def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
     if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
         raise DataError(f"{path}: 'labels' must be integers of shape ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
     try:
-        names = tuple(json.loads(meta.get("class_names", "[]")))
-    except json.JSONDecodeError:
-        names = ()
-    return Decoded(images, labels.long(), names)
+        names = json.loads(meta.get("class_names", "[]"))
+    except (json.JSONDecodeError, RecursionError):
+        names = []
+    if not isinstance(names, list) or len(names) > MAX_CLASSES or not all(isinstance(n, str) and len(n) <= MAX_NAME for n in names):
+        raise DataError(f"{path}: 'class_names' must be a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters: re-create it")
+    return Decoded(images, labels.long(), tuple(names))
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,7 @@ def rank_table(ranking: Any) -> None:
         f"{len(ranking.error_index)} errors, {ranking.correct_sampled} correct examples for contrast"
     )
     drift = ranking.drift if ranking.drift is not None and ranking.drift.available else None
+    boot = ranking.config.bootstrap > 0  # without replicates there is no P(flagged) or interval to show
     table = Table(
         "rank", "group", "params", metric, "norm", "contrast", "flagged", "P(flagged)", "rank 90% CI", *(["drift"] if drift else []),
         title=f"ranked by {metric} ({ranking.config.granularity.value}s, {ranking.config.bootstrap} bootstrap replicates)"
@@ -155,7 +156,8 @@ def rank_table(ranking: Any) -> None:
         extra = [drift_cell(drift, g.name)] if drift else []
         table.add_row(
             str(g.rank), g.name, f"{100 * g.param_share:.2f}%", f"{g.score:.4g}", f"{g.scores['norm']:.4g}", f"{g.scores['contrast']:.3g}",
-            "yes" if g.flagged else "", f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}", *extra, style=style,
+            "yes" if g.flagged else "", *((f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}") if boot else ("not computed",) * 2),
+            *extra, style=style,
         )
     out.print(table)
     if ranking.by_class:

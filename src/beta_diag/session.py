@@ -82,7 +82,12 @@ def open_session(
     dev = resolve_device(device)
     model = prepare(ckpt.build_model(), dev).eval()
     pre = preprocess_for(ckpt)
-    return Session(ckpt, model, pre, dev, output_width(ckpt, model, pre.input_shape, dev))
+    width = output_width(ckpt, model, pre.input_shape, dev)
+    names = ckpt.metadata.class_names
+    if names and len(names) != width:
+        raise CheckpointError(f"{ckpt.path}: metadata names {len(names)} classes but the model has {width} outputs: "
+                              "fix or remove 'class_names'")
+    return Session(ckpt, model, pre, dev, width)
 
 
 def output_width(ckpt: Checkpoint, model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:

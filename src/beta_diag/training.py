@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -58,6 +59,16 @@ class TrainConfig:
         d = asdict(self)
         d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
         return d
+
+    def check(self) -> None:
+        """Refuse values no training can use: a non-finite or non-positive LR, non-finite decay or warm-up."""
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch size must be positive: check --epochs and --batch-size")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: pass a finite positive learning rate, e.g. --lr 0.05")
+        for option, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup_epochs)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{option} {value}: pass a finite number, 0 or more")
 
 
 @dataclass(frozen=True)
@@ -200,8 +211,7 @@ def fit(
     gradient is that of the global batch's mean loss. BatchNorm statistics are per process on
     CPU and synchronised (SyncBatchNorm) on CUDA.
     """
-    if config.epochs < 1 or config.lr <= 0 or config.batch_size < 1:
-        raise ConfigError("epochs, lr and batch size must be positive: check --epochs, --lr, --batch-size")
+    config.check()
     device = resolve_device(config.device)
     model = prepare(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -305,6 +315,7 @@ def train(
 
     from beta_diag import models
 
+    config.check()  # before any data is read
     train_spec = DataSpec.parse(data)
     if test_data is None and train_spec.reader.one_split:
         raise ConfigError(f"{data} is a bundle, which holds one split: pass --test-data with held-out images")
@@ -326,6 +337,9 @@ def train(
         model = models.build(arch, kwargs)
     preprocess = Preprocess((int(channels), int(height), int(width)), mean, std)
     history = fit(model, train_ds, test_ds, preprocess, config, progress=progress)
+    diverged = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if diverged:
+        raise ConfigError(f"training diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr")
     meta = Metadata(
         arch=arch, arch_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"}, num_classes=num_classes,
         input_shape=preprocess.input_shape, mean=mean, std=std, class_names=train_ds.class_names,
