@@ -60,3 +60,13 @@ def test_interrupted_command_writes_nothing(
     if sig == signal.SIGINT:
         assert stderr.strip() == "Error: interrupted; no output was written" and stdout == ""
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+
+
+def test_ctrl_c_while_starting_exits_130_without_a_traceback() -> None:
+    """The package imports nothing heavy; the entry point imports the command line (and torch, several
+    seconds) inside a handler, so a signal 1 s in lands during the imports and still exits 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "beta_diag", "archs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().startswith("Error: interrupted"), err

@@ -1,14 +1,36 @@
-"""beta-diag: find the layer groups that carry a classifier's errors, and repair just those."""
+"""beta-diag: find the layer groups that carry a classifier's errors, and repair just those.
 
-from beta_diag.checkpoint import Checkpoint, Metadata
-from beta_diag.checkpoint import load as load_checkpoint
-from beta_diag.checkpoint import save as save_checkpoint
-from beta_diag.errors import BetaDiagError
-from beta_diag.schedules import critical_momentum, damping_ratio, regime
-from beta_diag.training import TrainConfig, train
+Importing the package is light: each public name loads its module (and torch) when first used,
+so the command line can answer ``--help`` and be interrupted while it starts without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "BetaDiagError", "Checkpoint", "Metadata", "TrainConfig", "critical_momentum", "damping_ratio",
-    "load_checkpoint", "regime", "save_checkpoint", "train",
-]
+
+_EXPORTS = {
+    "BetaDiagError": "beta_diag.errors",
+    "Checkpoint": "beta_diag.checkpoint",
+    "Metadata": "beta_diag.checkpoint",
+    "load_checkpoint": ("beta_diag.checkpoint", "load"),
+    "save_checkpoint": ("beta_diag.checkpoint", "save"),
+    "critical_momentum": "beta_diag.schedules",
+    "damping_ratio": "beta_diag.schedules",
+    "regime": "beta_diag.schedules",
+    "TrainConfig": "beta_diag.training",
+    "train": "beta_diag.training",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'beta_diag' has no attribute '{name}'")
+    where = _EXPORTS[name]
+    module, attr = where if isinstance(where, tuple) else (where, name)
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value

@@ -1,3 +1,3 @@
-from beta_diag.cli import main
+from beta_diag.entry import main
 
 main()
