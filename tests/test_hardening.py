@@ -169,6 +169,12 @@ def test_non_finite_and_relabelled_values_are_refused(tiny: dict[str, Path], tmp
 
 # --- 4 and 5. every failure names its fix; the smaller items -------------------------------------
 
+def test_wrong_channel_counts_name_the_fix(tiny: dict[str, Path], tmp_path: Path) -> None:
+    two = tmp_path / "two_channels.safetensors"
+    save_file({"images": torch.zeros(8, 2, 8, 8, dtype=torch.uint8), "labels": torch.arange(8) % 4}, str(two))
+    refused(["rank", tiny["ckpt"], "--data", two], "images have 2 channels but the model takes 1: pass data with 1 channels", [two])
+
+
 def test_smaller_items(tiny: dict[str, Path]) -> None:
     refused(["rank", tiny["ckpt"], "--groups", ","], "--groups ',' names no pattern", [])
     assert runner.invoke(app, ["rank", str(tiny["ckpt"]), "--seed", "-1"]).exit_code == 2

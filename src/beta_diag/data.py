@@ -50,12 +50,11 @@ class Preprocess:
         x = images.float().div_(255.0)  # (B, C, H, W)
         c, h, w = self.input_shape
         if x.shape[1] != c:
+            self.check_channels(x.shape[1])
             if x.shape[1] == 1:
                 x = x.expand(-1, c, -1, -1)
-            elif c == 1:  # ITU-R 601 luma, as PIL's convert("L")
+            else:  # colour to grey: ITU-R 601 luma, as PIL's convert("L")
                 x = (x[:, :3] * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            else:
-                raise DataError(f"images have {x.shape[1]} channels but the model takes {c}: pass data with {c} channels")
         dh, dw = h - x.shape[2], w - x.shape[3]
         if fits_by_padding(x.shape[2:], (h, w)):
             x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))  # centred; an odd extra pixel goes right and down
@@ -65,6 +64,12 @@ class Preprocess:
         std = x.new_tensor(self.std).view(1, -1, 1, 1)
         return (x - mean) / std
 
+
+    def check_channels(self, channels: int) -> None:
+        """Grey images are repeated to the model's channels, RGB(A) converted to grey for a grey model; anything else is refused."""
+        c = self.input_shape[0]
+        if channels != c and channels != 1 and not (c == 1 and channels in (3, 4)):
+            raise DataError(f"images have {channels} channels but the model takes {c}: pass data with {c} channels")
 
     def conversions(self, image_shape: tuple[int, ...]) -> list[str]:
         """What ``__call__`` does to images of ``image_shape`` (C, H, W) beyond scaling and normalising, in words."""

@@ -55,6 +55,7 @@ class Session:
     def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2) -> Dataset:
         spec, split = self.resolve_data(choice, default_split)
         ds = data_mod.load(spec, split, limit=choice.limit, seed=choice.seed, image_size=self.preprocess.input_shape[1:])
+        self.preprocess.check_channels(int(ds.images.shape[1]))  # before any pass over the data
         ds = data_mod.match_classes(ds, self.ckpt.metadata.class_names)
         data_mod.check_fits(ds, self.num_classes, min_classes=min_classes)
         return ds
