@@ -143,8 +143,12 @@ def test_directory_walks_stay_in_the_tree_and_skip_what_is_not_a_file(tiny: dict
     (root / "c1" / "elsewhere.png").symlink_to(tmp_path / "outside.png")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "outside.png")
     os.mkfifo(root / "c1" / "pipe.png")  # would block a reader: skipped
+    (root / "c1" / "a.png").symlink_to(root / "c1" / "b.png")  # a loop of file links: skipped
+    (root / "c1" / "b.png").symlink_to(root / "c1" / "a.png")
     ds = data.load(f"imagefolder:{root}", "test", image_size=(8, 8))
     assert len(ds) == 6 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (root / "c2").symlink_to(tmp_path)  # a class folder that is a link: refused, not silently dropped (labels would shift)
+    refused(["rank", tiny["ckpt"], "--data", f"imagefolder:{root}"], "class folder(s) c2 are links", [])
 
 
 # --- 3. non-finite values ------------------------------------------------------------------------

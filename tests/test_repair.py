@@ -266,7 +266,9 @@ def test_the_gate_keeps_the_best_epoch_and_corrects_for_choosing_it() -> None:
     assert gate.best_epoch == 2  # net +10 twice: the lower validation loss
     assert gate.p_value == pytest.approx(3 * stats.mcnemar_one_sided(12, 2)) and gate.accepted  # 3 epochs to choose from
     assert not choose([point(0, 0, 0, 1.0), point(1, 3, 3, 0.5)], 0.05).accepted  # net 0: the original (epoch 0) is kept
-    assert choose([point(0, 0, 0, 1.0), point(1, 3, 3, 0.5)], 0.05).best_epoch == 1  # lower loss, same net: kept, not accepted
+    assert choose([point(0, 0, 0, 1.0), point(1, 3, 3, 0.5)], 1.0).best_epoch == 0  # a lower loss alone never displaces the original
+    assert choose([point(0, 0, 0, 1.0), point(1, 4, 1, float("nan")), point(2, 4, 1, 0.9)], 1.0).best_epoch == 2  # NaN loss last
+    assert not choose([point(0, 0, 0, 1.0), point(1, 900, 0, 0.5)], 0.0).accepted  # --accept-p 0: never, even at p ~ 0
     assert choose([point(0, 0, 0, 1.0), point(1, 2, 5, 0.5)], 1.0).best_epoch == 0
     assert not choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 0.05).accepted and choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 1.0).accepted
 

@@ -413,10 +413,6 @@ def save(
         check_output(out, force, inputs, checkpoint_file=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     blob = canonical(save_bytes(tensors, metadata=metadata.to_strings()))
-    with atomic_path(out) as tmp:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(blob)
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot write ({exc.strerror}): choose another -o path") from None
+    with atomic_path(out, force) as tmp, open(tmp, "wb") as f:  # atomic_path names the output on a write error
+        f.write(blob)
     return hashlib.sha256(blob).hexdigest()

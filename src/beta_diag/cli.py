@@ -21,7 +21,7 @@ from beta_diag import checkpoint, distributed, groups, models, outputs, plots, r
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
-from beta_diag.repair import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig
+from beta_diag.repair import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig, default_output
 from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.training import OptimizerName, TrainConfig
@@ -322,10 +322,12 @@ def rank(
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
     say_notes(session.ckpt.path, result.notes)
+    inputs = (ckpt, *data_files(data, result.data))  # the data the checkpoint's metadata named too
     if plot is not None:
-        plots.ranking(result, plot, force)
+        plots.ranking(result, plot, force, inputs)
     if out is not None:
-        with outputs.atomic_path(out) as tmp:
+        outputs.check_output(out, force, inputs)
+        with outputs.atomic_path(out, force) as tmp:
             tmp.write_text(report.dumps(result.to_dict()) + "\n")
     report.print_json(result.to_dict()) if as_json else report.rank_table(result)
 
@@ -372,7 +374,7 @@ def compare(
         if isinstance(opened_ckpt, checkpoint.Checkpoint):  # a saved ranking's notes were said when it was made
             say_notes(opened_ckpt.path, ranked.notes)
     if plot is not None:
-        plots.comparison(result, plot, force)
+        plots.comparison(result, plot, force, (*inputs, *data_files(data, *(r.data for r in result.rankings))))
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
 
 
@@ -425,7 +427,7 @@ def repair(
 
     repair_inputs = (ckpt, *data_files(data, train_data, val_data), *([ranking_file] if ranking_file else []))
     if not dry_run:
-        outputs.distinct(output=output, plot=plot)
+        outputs.distinct(output=output or default_output(ckpt), plot=plot)
         for path in (output, plot):
             if path is not None:
                 outputs.check_output(path, force, repair_inputs, checkpoint_file=path is output)
@@ -447,7 +449,7 @@ def repair(
         report.print_json(planned.to_dict(), timings) if as_json else report.plan_table(planned.to_dict())
         return
     if plot is not None:
-        plots.repair(result, plot, force)
+        plots.repair(result, plot, force, (*repair_inputs, *data_files(*(result.plan[k]["spec"] for k in ("train_data", "val_data", "verify_data")))))
     report.print_json(result.to_dict(), timings) if as_json else report.repair_summary(result)
     if not result.accepted:
         raise typer.Exit(3)  # nothing written: the original is kept (as rank's "nothing to rank")
@@ -473,7 +475,7 @@ def main() -> None:
         app()
         clean = True
     except SystemExit as done:  # typer ends every command with SystemExit
-        clean = done.code in (0, None)
+        clean = done.code in (0, 3, None)  # 3: nothing to rank or repair, a clean end
         raise
     finally:
         distributed.leave(clean)

@@ -76,9 +76,10 @@ def distinct(**outs: Path | None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; flush it to disk and rename it onto ``out`` only if the block
-    succeeds and ``out`` is still absent or a regular file.
+def atomic_path(out: Path, force: bool = True) -> Iterator[Path]:
+    """Yield a new temporary file beside ``out`` (created exclusively: a planted link there is refused);
+    flush it to disk and rename it onto ``out`` only if the block succeeds and ``out`` is still absent, or
+    (with ``force``) a regular file. Errors while writing (a full disk) name the output.
 
     Under torchrun only process 0 writes: the others get os.devnull, so nothing is written twice.
     """
@@ -88,17 +89,23 @@ def atomic_path(out: Path) -> Iterator[Path]:
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        raise OutputError(f"{tmp}: a temporary file of this process already exists: remove it and run again") from None
+    try:
         try:
             yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it
+            _refuse_special(out)  # it may have changed while we worked
+            if not force and os.path.lexists(out):
+                raise OutputError(f"{out}: appeared while this command ran: choose another output path or pass --force")
+            os.replace(tmp, out)
         except OSError as exc:  # the disk is full, or the folder went away
             raise OutputError(f"{out}: cannot write ({exc.strerror or exc}): free some space or choose another output path") from None
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would create it
-        _refuse_special(out)  # it may have changed while we worked
-        os.replace(tmp, out)
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()

@@ -27,7 +27,7 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
     if distributed.is_main():  # under torchrun, process 0 alone writes (see checkpoint.save)
         check_output(path, force, inputs)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, force) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
@@ -59,7 +59,7 @@ def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, i
     plt.close(fig)
 
 
-def ranking(r: Any, path: Path, force: bool = False) -> None:
+def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Scores per group in rank order with bootstrap 5-95% bars and P(flagged), flagged groups in red;
     beside it, when available, the drift profile along depth (each BatchNorm's KL, mean and variance parts)."""
     plt = _pyplot()
@@ -80,7 +80,7 @@ def ranking(r: Any, path: Path, force: bool = False) -> None:
     if layers:
         _drift_profile(axes[0][1], r.drift)
     fig.suptitle(r.verdict, fontsize=8)
-    _save(fig, path, force)
+    _save(fig, path, force, inputs)
     plt.close(fig)
 
 
@@ -101,7 +101,7 @@ def _drift_profile(ax: Any, drift: Any) -> None:
     ax.legend(fontsize=7)
 
 
-def comparison(c: Any, path: Path, force: bool = False) -> None:
+def comparison(c: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Rank bump chart: each group's rank in each input, flagged ranks marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(c.rankings), 4))
@@ -115,11 +115,11 @@ def comparison(c: Any, path: Path, force: bool = False) -> None:
     ax.set_ylabel("rank (1 = most implicated)")
     ax.invert_yaxis()
     ax.set_title(c.verdict, fontsize=8)
-    _save(fig, path, force)
+    _save(fig, path, force, inputs)
     plt.close(fig)
 
 
-def repair(r: Any, path: Path, force: bool = False) -> None:
+def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Held-out errors per class before/after, the training loss per epoch, and the validation net per
     epoch (epoch 0: the original) with the epoch the gate kept."""
     plt = _pyplot()
@@ -145,7 +145,7 @@ def repair(r: Any, path: Path, force: bool = False) -> None:
     ax_val.set_xlabel("epoch (0: the original)")
     ax_val.set_title(f"validation net (circled: kept; {'accepted' if r.accepted else 'original kept'})")
     ax_val.legend()
-    _save(fig, path, force)
+    _save(fig, path, force, inputs)
     plt.close(fig)
 
 

@@ -149,7 +149,15 @@ def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[
     top = folder.resolve()
     if any(top == p or p in top.parents for p in PSEUDO_FILESYSTEMS):
         raise DataError(f"imagefolder:{root}: {top} is a pseudo-filesystem, not images: pass a folder of image files")
-    classes = sorted(e.name for e in os.scandir(top) if e.is_dir(follow_symlinks=False))
+    try:
+        entries = list(os.scandir(top))
+    except OSError as exc:
+        raise DataError(f"imagefolder:{root}: cannot list {top} ({exc.strerror}): check the folder and its permissions") from None
+    linked = sorted(e.name for e in entries if e.is_symlink())
+    if linked:
+        raise DataError(f"imagefolder:{root}: class folder(s) {', '.join(linked[:5])} are links: links are never followed; "
+                        "copy or move the images into the folder")
+    classes = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
     if not classes:
         raise DataError(f"imagefolder:{root}: no class sub-folders in {top}: use one sub-folder per class")
     samples: list[tuple[Path, int]] = []
@@ -159,9 +167,13 @@ def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[
             dirs.sort()
             for f in sorted(files):
                 path = Path(here) / f
-                real = path.resolve()
-                if f.lower().endswith(IMG_EXTENSIONS) and top in real.parents and real.is_file() and stat.S_ISREG(os.stat(real).st_mode):
-                    found.append(path)
+                real = Path(os.path.realpath(path))  # a link loop resolves to itself and fails the stat below
+                try:
+                    regular = stat.S_ISREG(os.stat(real).st_mode)
+                except OSError:
+                    continue
+                if f.lower().endswith(IMG_EXTENSIONS) and top in real.parents and regular:
+                    found.append(real)
         if not found:
             raise DataError(f"imagefolder:{root}: class folder '{name}' holds no image files: remove it or add images")
         samples += [(path, index) for path in found]

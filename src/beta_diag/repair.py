@@ -30,7 +30,7 @@ from beta_diag.readers import DataSpec
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
 from beta_diag.training import Anchor, OptimizerName, Predictions, Progress, TrainConfig, fit, without_timing
-from beta_diag.verdicts import Arm, Gate, RepairReport, choose, validation_record, verdict
+from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
 
 MAX_DISTILL = 100.0  # beyond this the pull swamps the loss and the steps diverge
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
@@ -102,6 +102,7 @@ class RepairConfig:
                 "val_fraction": self.val_fraction, "accept_p": self.accept_p}
 
     def check(self) -> None:
+        self.train_config("cpu").check()
         if not 0 <= self.distill <= MAX_DISTILL:
             raise ConfigError(f"--distill {self.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
         if not 0 < self.val_fraction <= 0.5:
@@ -177,8 +178,8 @@ class Plan:
 
 def _same_data(a: Dataset, b: Dataset) -> bool:
     """Same source: a bundle file is one split whatever --split says; other specs differ by split."""
-    if a.source and b.source and a.source.reader.one_split and b.source.reader.one_split:
-        return a.source.resolved() == b.source.resolved()
+    if a.source and b.source:
+        return a.source.resolved() == b.source.resolved() and (a.source.reader.one_split or a.split == b.split)
     return a.spec == b.spec and a.split == b.split
 
 
@@ -229,14 +230,14 @@ def plan(
         for other, what in ((verify_ds, "verification"), (pool, "training")):
             if _same_data(val_ds, other):
                 raise ConfigError(f"--val-data {val_ds.spec} ({val_ds.split}) is the {what} data: pass data held out from both")
-        train_idx = torch.arange(len(pool))
+        train_idx = None
     else:
         n_val = max(1, round(config.val_fraction * len(pool)))
         if len(pool) - n_val < 2:
             raise ConfigError(f"{len(pool)} training examples leave too few to train on after validation: pass more --train-data")
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))
         val_ds, train_idx = pool.subset(perm[:n_val].sort().values), perm[n_val:].sort().values
-    train_ds = pool.subset(train_idx)
+    train_ds = pool if train_idx is None else pool.subset(train_idx)
     cut = prefix.split(session.model, set(params)) if config.cache_features else None
     cached: dict[str, Dataset] = {}
     if config.focus == "errors":
@@ -282,14 +283,14 @@ def _fine_tune(
     cut = p.cut.on(model) if p.cut is not None and "train" in feats else None
     val_cut = cut if shortcut else None
     curve = [{"epoch": 0, **validation_record(before["val"], before["val"])}]
-    best = {"state": None, "key": (0, curve[0]["val_loss"])}
+    kept: dict[str, Any] = {"state": None}
 
     def on_epoch(_: nn.Module) -> dict[str, Any]:
         began = time.perf_counter()
         point = {"epoch": len(curve), **validation_record(before["val"], _predict(session, model, val_cut, feats.get("val"), p.val))}
         curve.append(point)
-        if (-point["val_net"], point["val_loss"]) < (-best["key"][0], best["key"][1]):
-            best["state"], best["key"] = {k: v.detach().clone() for k, v in model.state_dict().items()}, (point["val_net"], point["val_loss"])
+        if best_epoch(curve) == point["epoch"]:  # the gate's own rule: the snapshot is the epoch it will keep
+            kept["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return {**{k: v for k, v in point.items() if k not in ("examples", "epoch")}, "val_seconds": time.perf_counter() - began}
 
     tc = config.train_config(str(session.device))
@@ -301,7 +302,7 @@ def _fine_tune(
     if not all(math.isfinite(v) for v in losses):
         raise ConfigError(f"the repair diverged: training loss {losses[-1]} after {len(losses)} epoch(s): nothing written; lower --lr or --distill")
     gate = choose(curve, config.accept_p)
-    model.load_state_dict(best["state"] if best["state"] is not None else session.model.state_dict())
+    model.load_state_dict(kept["state"] if gate.best_epoch else session.model.state_dict())
     for param in model.parameters():
         param.requires_grad_(True)
     return model.eval(), cut, history, gate, time.perf_counter() - start
@@ -333,7 +334,8 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
         surgical = params is p.params
         mine = feats if surgical else {}
         model, cut, history, gate, seconds = _fine_tune(p, params, mine, before, anchor, shortcut, progress)
-        after = {k: _predict(session, model, cut if shortcut or k == "train" else None, mine.get(k), sets[k]) for k in ("verify", "train")}
+        after = {k: before[k] if gate.best_epoch == 0 else _predict(session, model, cut if shortcut or k == "train" else None, mine.get(k), sets[k])
+                 for k in ("verify", "train")}  # the original kept: its predictions are known
         arms.append(Arm(p.groups if surgical else ("all",), p.trainable if surgical else p.total, seconds,
                         verdict(before["verify"], after["verify"], p.verify.class_names), verdict(before["train"], after["train"], p.train.class_names),
                         tuple(history), gate))
@@ -351,9 +353,14 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
 
 
+def default_output(checkpoint_path: str | Path) -> Path:
+    """``NAME.repaired.safetensors`` beside the checkpoint."""
+    path = Path(checkpoint_path)
+    return path.with_name(f"{path.name.removesuffix('.safetensors')}.repaired.safetensors")
+
+
 def _output_path(session: Session, output: str | Path | None) -> Path:
-    path = session.ckpt.path
-    return Path(output) if output else path.with_name(f"{path.name.removesuffix('.safetensors')}.repaired.safetensors")
+    return Path(output) if output else default_output(session.ckpt.path)
 
 
 def _metadata(session: Session, out: Path, plan_dict: dict[str, Any], arm: Arm) -> checkpoint.Metadata:

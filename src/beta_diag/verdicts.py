@@ -8,6 +8,8 @@ a candidate) and accepts it only if its validation gain beats chance (``accept_p
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +39,7 @@ class Verdict:
         """Exact two-sided McNemar: how often chance alone moves the net this far from zero."""
         return stats.mcnemar_two_sided(self.fixed, self.broken)
 
-    @property
+    @functools.cached_property
     def net_interval(self) -> tuple[float, float]:
         return stats.net_interval(self.fixed, self.broken)
 
@@ -74,7 +76,7 @@ class Gate:
 
     @property
     def accepted(self) -> bool:
-        return self.best_epoch > 0 and self.kept["val_net"] > 0 and self.p_value <= self.accept_p
+        return self.best_epoch > 0 and self.accept_p > 0 and self.p_value <= self.accept_p  # --accept-p 0: never
 
     @property
     def reason(self) -> str:
@@ -88,10 +90,17 @@ class Gate:
         return {**asdict(self), "curve": list(self.curve), "accepted": self.accepted, "reason": self.reason}
 
 
+def best_epoch(curve: list[dict[str, Any]]) -> int:
+    """The epoch with the best validation net among those that fix more than they break (ties: lower
+    validation loss, a non-finite one last, then earlier); 0, the original, when none does."""
+    better = [e for e in range(1, len(curve)) if curve[e]["val_net"] > 0]
+    loss = lambda e: curve[e]["val_loss"] if math.isfinite(curve[e]["val_loss"]) else math.inf  # noqa: E731
+    return min(better, key=lambda e: (-curve[e]["val_net"], loss(e), e)) if better else 0
+
+
 def choose(curve: list[dict[str, Any]], accept_p: float) -> Gate:
-    """Keep the epoch with the best validation net (ties: lower validation loss, then earlier); epoch 0,
-    the original, has net 0, so an epoch is kept only if it fixes more than it breaks."""
-    best = min(range(len(curve)), key=lambda e: (-curve[e]["val_net"], curve[e]["val_loss"], e))
+    """The gate over a validation curve whose epoch 0 is the original: keep ``best_epoch``, and test it."""
+    best = best_epoch(curve)
     kept = curve[best]
     p = min(1.0, stats.mcnemar_one_sided(kept["val_fixed"], kept["val_broken"]) * (len(curve) - 1)) if best else 1.0
     return Gate(int(kept["examples"]), tuple({k: v for k, v in c.items() if k != "examples"} for c in curve), best, p, accept_p)
@@ -149,7 +158,7 @@ class RepairReport:
         v = self.surgical.verify
         lo, hi = v.net_interval
         return (f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch}): fixed {v.fixed}, broke {v.broken}, "
-                f"net {v.net:+d} (95% {lo:+.0f} to {hi:+.0f}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}")
+                f"net {v.net:+d} (95% {math.floor(lo):+d} to {math.ceil(hi):+d}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan, "surgical": self.surgical.to_dict(), "baseline": self.baseline.to_dict() if self.baseline else None,
