@@ -167,7 +167,7 @@ def test_non_finite_and_relabelled_values_are_refused(tiny: dict[str, Path], tmp
         refused(["train", "--data", tiny["train"], "--test-data", tiny["test"], "--arch-arg", "width=2", "--epochs", "1", "--lr", lr, "-o", out],
                 f"--lr {lr}: pass a finite positive learning rate", [])
     refused(["schedule", "--lr", "inf"], "pass finite numbers", [])
-    refused(["schedule", "--epochs", "100000", "--steps-per-epoch", "1000"], "plan at most 10,000,000 steps", [])
+    refused(["schedule", "--epochs", "100000", "--steps-per-epoch", "1000"], "plan at most 1,000,000 steps", [])
     assert not out.exists()
 
 
