@@ -37,7 +37,7 @@ from beta_diag import models
 from beta_diag.attribution import per_example_norms
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.session import open_session
-from beta_diag.training import evaluate
+from beta_diag.runtime import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"

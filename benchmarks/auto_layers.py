@@ -26,7 +26,7 @@ from planted_repair import arm_row
 
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import RankConfig, rank
-from beta_diag.repair import AutoLayers, RepairConfig, auto_groups, repair
+from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, repair
 from beta_diag.session import DataChoice, open_session
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/compare_cost.py [--quick]
 
-Times beta_diag.ranking.rank on the SGD sample, then beta_diag.compare.compare on the SGD and
+Times beta_diag.ranking.rank on the SGD sample, then beta_diag.comparison.compare on the SGD and
 Adam samples with the same options, both on the bundled 3,000 test images (--quick: 1,000).
 Repeats each twice and keeps the faster, since these machines are noisy.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from beta_diag.compare import compare
+from beta_diag.comparison import compare
 from beta_diag.ranking import RankConfig, rank
 from beta_diag.session import DataChoice
 

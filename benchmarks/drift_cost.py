@@ -4,7 +4,7 @@
 
 Times, interleaved (so background load hits them alike; medians of --repeats), with the SGD sample
 on Fashion-MNIST's 10,000 test images (the bundled 3,000 without Debian's dataset-fashion-mnist):
-(a) the evaluation pass rank makes (training.evaluate); (b) the same pass with drift.Recorder's hooks
+(a) the evaluation pass rank makes (runtime.evaluate); (b) the same pass with drift.Recorder's hooks
 committing every batch, plus the profile and the suspect (Recorder.result); (c) a whole default
 ``rank`` (which includes (b)). Goal: (b - a) / c <= 0.05, drift adds at most 5% to rank's time.
 --quick: 1,000 images, 2 repeats.
@@ -24,7 +24,7 @@ from beta_diag.drift import Recorder
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import RankConfig, rank
 from beta_diag.session import DataChoice, open_session
-from beta_diag.training import evaluate
+from beta_diag.runtime import evaluate
 
 
 def main() -> None:

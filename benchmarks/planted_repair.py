@@ -27,7 +27,7 @@ from pathlib import Path
 from planted_faults import SGD, calibrate
 
 from beta_diag.groups import layer_groups
-from beta_diag.repair import AutoLayers, RepairConfig, repair
+from beta_diag.repairing import AutoLayers, RepairConfig, repair
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import Arm
 

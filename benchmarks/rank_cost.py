@@ -4,7 +4,7 @@
 
 (i) Times ``beta_diag.ranking.rank(session, DataChoice('fashion-mnist', 'test'), RankConfig())`` with the
 sample checkpoint on the 10,000 test images, against a baseline measured in the same run, before and
-after rank (their mean is used): one inference pass over all images (training.evaluate) plus one plain
+after rank (their mean is used): one inference pass over all images (runtime.evaluate) plus one plain
 batched forward + loss.sum().backward() over the errors (batches of 64). Goal: rank / baseline <= 1.3.
 The time inside rank is split by wrapping (at run time, not in the source) data.load, evaluate,
 summed_gradient, per_example_norms and bootstrap. Also printed: this design's lower bound, evaluate
@@ -42,7 +42,7 @@ from beta_diag import ranking
 from beta_diag import session as session_mod
 from beta_diag.ranking import RankConfig, rank
 from beta_diag.session import DataChoice, Session, open_session
-from beta_diag.training import evaluate
+from beta_diag.runtime import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"

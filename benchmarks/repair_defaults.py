@@ -35,7 +35,7 @@ from planted_faults import SGD, calibrate
 from beta_diag import readers
 from beta_diag import data
 from beta_diag.groups import layer_groups
-from beta_diag.repair import AutoLayers, RepairConfig, repair
+from beta_diag.repairing import AutoLayers, RepairConfig, repair
 from beta_diag.session import DataChoice, Session, open_session
 from beta_diag.verdicts import Verdict
 

@@ -31,7 +31,7 @@ from shifts import SHIFTS
 
 from beta_diag import data
 from beta_diag.groups import layer_groups
-from beta_diag.repair import RepairConfig, repair
+from beta_diag.repairing import RepairConfig, repair
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import RepairReport
 

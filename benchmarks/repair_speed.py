@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from beta_diag.groups import layer_groups
-from beta_diag.repair import RepairConfig, RepairReport, repair
+from beta_diag.repairing import RepairConfig, RepairReport, repair
 from beta_diag.session import DataChoice, open_session
 
 SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"

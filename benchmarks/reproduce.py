@@ -23,9 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from beta_diag import checkpoint, data
-from beta_diag.compare import compare
+from beta_diag.comparison import compare
 from beta_diag.ranking import RankConfig
-from beta_diag.repair import RepairConfig, repair
+from beta_diag.repairing import RepairConfig, repair
 from beta_diag.schedules import MomentumSchedule, regime_fractions
 from beta_diag.session import DataChoice, open_session
 from beta_diag.training import OptimizerName, TrainConfig, train

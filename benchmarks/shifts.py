@@ -37,7 +37,7 @@ from beta_diag import data
 from beta_diag.data import Dataset
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import RankConfig, rank
-from beta_diag.repair import AutoLayers, RepairConfig, auto_groups, repair
+from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, repair
 from beta_diag.session import DataChoice, open_session
 
 

@@ -224,10 +224,28 @@ def test_archs_lists_names() -> None:
     assert names[:2] == ["resnet18_cifar", "resnet20_cifar"] and "resnet18" in names
 
 
-@pytest.mark.parametrize("module_args", [["-m", "beta_diag", "--help"]])
-def test_python_dash_m(module_args: list[str]) -> None:
+def test_python_dash_m() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, *module_args], capture_output=True, text=True, check=True)
-    assert "beta-diag" in out.stdout or "Usage" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "beta_diag", "--help"], capture_output=True, text=True, check=True)
+    assert "Usage: python -m beta_diag [OPTIONS] COMMAND [ARGS]..." in out.stdout
+
+
+def test_cli_defaults_are_the_librarys() -> None:
+    """One policy: every training and repair option defaults to the library's own default, and a Python
+    TrainConfig for Adam gets Adam's learning rate, as the command line does."""
+    import inspect
+
+    from beta_diag import cli
+    from beta_diag.repairing import RepairConfig
+    from beta_diag.training import DEFAULT_LR, OptimizerName, TrainConfig
+
+    train_params = inspect.signature(cli.train).parameters
+    for option, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("weight_decay", "weight_decay"), ("warmup", "warmup_epochs"),
+                          ("augment", "augment"), ("seed", "seed"), ("optimizer", "optimizer"), ("momentum", "momentum")):
+        assert train_params[option].default == getattr(TrainConfig, field), option
+    assert train_params["lr"].default is None and TrainConfig(optimizer=OptimizerName.adam).lr == DEFAULT_LR[OptimizerName.adam] == 0.001
+    repair_params = inspect.signature(cli.repair).parameters
+    for option in ("epochs", "lr", "batch_size", "optimizer", "momentum", "distill", "auto_layers", "val_fraction", "accept_p", "focus", "baseline"):
+        assert repair_params[option].default == getattr(RepairConfig, option), option

@@ -2,10 +2,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from beta_diag import compare as cmp
+from beta_diag import comparison as cmp
 from beta_diag import ranking
 from beta_diag.cli import app
 from beta_diag.errors import ConfigError
@@ -17,7 +18,7 @@ runner = CliRunner()
 
 def made_up(scores: list[float], flagged: set[str], config: RankConfig = RankConfig(), boot: tuple = ((), ())) -> Ranking:
     names = tuple(f"g{i + 1}" for i in range(len(scores)))
-    rks = ranking.ranks(__import__("numpy").array(scores))
+    rks = ranking.ranks(np.array(scores))
     groups = tuple(sorted(
         (GroupScore(n, 1, 0.25, {}, s, int(r), n in flagged, 1.0, r, r, s, s) for n, s, r in zip(names, scores, rks)), key=lambda g: g.rank,
     ))

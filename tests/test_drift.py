@@ -18,7 +18,8 @@ from beta_diag.drift import LayerDrift, Recorder, localise
 from beta_diag.groups import Granularity, layer_groups
 from beta_diag.ranking import RankConfig
 from beta_diag.session import DataChoice, open_session
-from beta_diag.training import Predictions, TrainConfig, evaluate, train
+from beta_diag.runtime import Predictions, evaluate
+from beta_diag.training import TrainConfig, train
 from tests.conftest import SAMPLES, make_images
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"

@@ -60,6 +60,26 @@ def test_readme_command_runs(command: str, workdir: Path, monkeypatch: pytest.Mo
     assert {p.name: sha(p) for p in SAMPLES.glob("*.safetensors")} == before  # inputs untouched
 
 
+PYTHON = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_python_api_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python block, as written, from the README's folder: every command as a function."""
+    assert len(PYTHON) == 1
+    monkeypatch.chdir(workdir)
+    before = {p.name: sha(p) for p in SAMPLES.glob("*.safetensors")}
+    scope: dict = {}
+    exec(compile(PYTHON[0], "README.md", "exec"), scope)  # noqa: S102 - our own README
+    assert scope["report"].accepted is False and not (workdir / "python_repaired.safetensors").exists()
+    assert (workdir / "python_rank.json").is_file() and (workdir / "python_trained.safetensors").is_file()
+    assert {p.name: sha(p) for p in SAMPLES.glob("*.safetensors")} == before
+
+
+def test_readme_layout_lists_every_module() -> None:
+    listed = set(re.findall(r"`([a-z_]+\.py)`", README.split("## Layout")[1].split("\n## ")[0]))
+    assert listed == {p.name for p in (REPO / "src" / "beta_diag").glob("*.py")} - {"__init__.py"}
+
+
 def test_readme_lists_torchrun_launches() -> None:
     assert any("--standalone" in c for c in LAUNCHES) and any("$HEAD_NODE" in c for c in LAUNCHES)
 

@@ -11,12 +11,13 @@ from beta_diag import checkpoint, prefix, ranking, schedules, stats
 from beta_diag.cli import app
 from beta_diag.errors import ConfigError
 from beta_diag.drift import Drift
-from beta_diag.repair import AutoLayers, RepairConfig, auto_groups, plan, repair
+from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, plan, repair
 from beta_diag.verdicts import choose
 from beta_diag.verdicts import verdict
 from beta_diag.session import DataChoice, open_session
 from beta_diag.data import Dataset
-from beta_diag.training import Anchor, Predictions, TrainConfig, fit, seeded
+from beta_diag.runtime import Predictions
+from beta_diag.training import Anchor, TrainConfig, fit, seeded
 from tests.conftest import make_images, sha
 
 runner = CliRunner()

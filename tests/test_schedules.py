@@ -6,7 +6,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from beta_diag import data, schedules
 from beta_diag.schedules import MomentumSchedule, Regime, critical_momentum, damping_ratio, regime
-from beta_diag.training import OptimizerName, Preprocess, TrainConfig, fit
+from beta_diag.data import Preprocess
+from beta_diag.training import OptimizerName, TrainConfig, fit
 from beta_diag import models
 from tests.conftest import make_images
 

@@ -12,16 +12,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BetaDiagError": "beta_diag.errors",
-    "Checkpoint": "beta_diag.checkpoint",
-    "Metadata": "beta_diag.checkpoint",
-    "load_checkpoint": ("beta_diag.checkpoint", "load"),
-    "save_checkpoint": ("beta_diag.checkpoint", "save"),
-    "critical_momentum": "beta_diag.schedules",
-    "damping_ratio": "beta_diag.schedules",
-    "regime": "beta_diag.schedules",
-    "TrainConfig": "beta_diag.training",
-    "train": "beta_diag.training",
+    # the commands
+    "rank": "beta_diag.ranking", "compare": "beta_diag.comparison", "plan": "beta_diag.repairing", "apply": "beta_diag.repairing",
+    "repair": "beta_diag.repairing", "train": "beta_diag.training", "open_session": "beta_diag.session",
+    # their configurations and results
+    "RankConfig": "beta_diag.ranking", "Ranking": "beta_diag.ranking", "Comparison": "beta_diag.comparison",
+    "RepairConfig": "beta_diag.repairing", "Plan": "beta_diag.repairing", "RepairReport": "beta_diag.verdicts", "Verdict": "beta_diag.verdicts",
+    "TrainConfig": "beta_diag.training", "TrainResult": "beta_diag.training", "DataChoice": "beta_diag.session",
+    "Checkpoint": "beta_diag.checkpoint", "Metadata": "beta_diag.checkpoint",
+    "load_checkpoint": ("beta_diag.checkpoint", "load"), "save_checkpoint": ("beta_diag.checkpoint", "save"),
+    "load_ranking": ("beta_diag.ranking", "load"),
+    "critical_momentum": "beta_diag.schedules", "damping_ratio": "beta_diag.schedules", "regime": "beta_diag.schedules",
+    # the errors: every one names its fix
+    "BetaDiagError": "beta_diag.errors", "CheckpointError": "beta_diag.errors", "ModelError": "beta_diag.errors",
+    "DataError": "beta_diag.errors", "OutputError": "beta_diag.errors", "ConfigError": "beta_diag.errors",
+    "NoErrorsToDiagnose": "beta_diag.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from beta_diag import data as data_mod, distributed
 from beta_diag.data import Dataset, Preprocess
-from beta_diag.training import Progress
+from beta_diag.runtime import Progress
 
 Direction = dict[str, torch.Tensor]
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)

@@ -21,7 +21,7 @@ from beta_diag import checkpoint, distributed, groups, models, outputs, plots, r
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
-from beta_diag.repair import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig, default_output
+from beta_diag.repairing import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig, default_output
 from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.training import OptimizerName, TrainConfig
@@ -151,15 +151,15 @@ def train(
     arch_arg: ArchArgOpt = None,
     data: Annotated[str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")] = "fashion-mnist",
     test_data: Annotated[Optional[str], typer.Option("--test-data", help="Test data spec (default: the test split of --data).")] = None,
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName.sgd,
-    momentum: Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule.")] = MomentumSchedule.beta,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = TrainConfig.optimizer,
+    momentum: Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule.")] = TrainConfig.momentum,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = TrainConfig.epochs,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.05 for sgd, 0.001 for adam/adamw).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 5e-4,
-    warmup: Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")] = 0.0,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")] = False,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1)] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = TrainConfig.batch_size,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = TrainConfig.weight_decay,
+    warmup: Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")] = TrainConfig.warmup_epochs,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")] = TrainConfig.augment,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1)] = TrainConfig.seed,
     device: DeviceOpt = "auto",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a seeded subset of N images.")] = None,
     test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
@@ -174,7 +174,7 @@ def train(
 
     outputs.check_output(output, force, data_files(data, test_data), checkpoint_file=True)
     config = TrainConfig(
-        epochs=epochs, lr=lr if lr is not None else (0.05 if optimizer is OptimizerName.sgd else 0.001), batch_size=batch_size,
+        epochs=epochs, lr=lr, batch_size=batch_size,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup, augment=augment, seed=seed, device=device,
     )
     with report.progress(quiet or as_json) as progress:
@@ -326,9 +326,7 @@ def rank(
     if plot is not None:
         plots.ranking(result, plot, force, inputs)
     if out is not None:
-        outputs.check_output(out, force, inputs)
-        with outputs.atomic_path(out, force) as tmp:
-            tmp.write_text(report.dumps(result.to_dict()) + "\n")
+        result.save(out, force, inputs)
     report.print_json(result.to_dict()) if as_json else report.rank_table(result)
 
 
@@ -362,7 +360,7 @@ def compare(
 
     --arch and --arch-arg apply to every checkpoint given (they must share an architecture to compare).
     """
-    from beta_diag.compare import compare as compare_fn
+    from beta_diag.comparison import compare as compare_fn
 
     if plot is not None:
         outputs.check_output(plot, force, (*inputs, *data_files(data)))
@@ -392,8 +390,8 @@ def repair(
     limit: LimitOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = RepairConfig.epochs,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = RepairConfig.lr,
-    momentum: Annotated[MomentumSchedule, typer.Option("--momentum")] = MomentumSchedule.beta,
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName.sgd,
+    momentum: Annotated[MomentumSchedule, typer.Option("--momentum")] = RepairConfig.momentum,
+    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = RepairConfig.optimizer,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = RepairConfig.batch_size,
     focus: Annotated[Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")] = Focus.all,
     baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
@@ -422,8 +420,8 @@ def repair(
     verbose: VerboseOpt = False,
 ) -> None:
     """Fine-tune only the flagged (or named) layers with beta-scheduled momentum; verify on held-out data."""
-    from beta_diag.repair import plan as plan_fn
-    from beta_diag.repair import repair as repair_fn
+    from beta_diag.repairing import plan as plan_fn
+    from beta_diag.repairing import repair as repair_fn
 
     repair_inputs = (ckpt, *data_files(data, train_data, val_data), *([ranking_file] if ranking_file else []))
     if not dry_run:

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from beta_diag import drift as drift_mod
+from beta_diag import drift as drift_mod, outputs
 from beta_diag.attribution import per_example_norms, summed_gradient
 from beta_diag.drift import Drift
-from beta_diag.training import Predictions, Progress
+from beta_diag.runtime import Predictions, Progress
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity, layer_groups
@@ -115,6 +115,15 @@ class Ranking:
         """What must match for two rankings to be comparable."""
         return {"data": self.data, "split": self.split,
                 "limit": self.limit, **{k: v for k, v in self.config.to_dict().items() if k not in ("by_class",)}}
+
+    def save(self, path: str | Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+        """Write the ranking as JSON (``rank --out``), under the output rule; ``load`` reads it back."""
+        from beta_diag.report import dumps
+
+        out = Path(path)
+        outputs.check_output(out, force, (Path(self.checkpoint), *inputs))
+        with outputs.atomic_path(out, force) as tmp:
+            tmp.write_text(dumps(self.to_dict()) + "\n")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

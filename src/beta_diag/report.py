@@ -19,7 +19,7 @@ from rich.table import Table
 from beta_diag import distributed
 from beta_diag.drift import times
 from beta_diag.schedules import regime_fractions
-from beta_diag.training import Progress as ProgressFn, without_timing
+from beta_diag.runtime import Progress as ProgressFn, without_timing
 
 REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
 

@@ -18,7 +18,7 @@ from beta_diag.checkpoint import Checkpoint
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import CheckpointError, DataError
 from beta_diag.readers import DataSpec
-from beta_diag.training import Predictions, evaluate, prepare, resolve_device
+from beta_diag.runtime import Predictions, evaluate, prepare, resolve_device
 
 
 @dataclass(frozen=True)

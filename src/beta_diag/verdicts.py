@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from beta_diag import stats
-from beta_diag.training import Predictions
+from beta_diag.runtime import Predictions
 
 
 @dataclass(frozen=True)

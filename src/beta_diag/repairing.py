@@ -29,7 +29,8 @@ from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.readers import DataSpec
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
-from beta_diag.training import Anchor, OptimizerName, Predictions, Progress, TrainConfig, fit, without_timing
+from beta_diag.runtime import Predictions, Progress, without_timing
+from beta_diag.training import Anchor, OptimizerName, TrainConfig, fit
 from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
 
 MAX_DISTILL = 100.0  # beyond this the pull swamps the loss and the steps diverge
