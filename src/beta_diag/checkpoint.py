@@ -191,6 +191,24 @@ class Checkpoint:
         meta, notes = infer.fill_in(self.metadata, self.state_dict, may_build)
         return replace(self, metadata=meta, notes=self.notes + tuple(notes), resolved=True)
 
+    def describe(self) -> dict[str, Any]:
+        """What ``info`` shows: metadata, notes, parameters per layer group (or tensors, with no architecture),
+        and the training history summarised."""
+        from beta_diag import groups, schedules
+
+        info: dict[str, Any] = {"path": str(self.path), "sha256": self.sha256, "metadata": self.metadata.to_dict(), "notes": list(self.notes)}
+        info["metadata"].pop("history")
+        if self.metadata.arch:
+            found = groups.layer_groups(self.build_model())
+            total = sum(g.numel for g in found)
+            info["parameters"] = total
+            info["groups"] = [{"name": g.name, "numel": g.numel, "share": g.numel / total} for g in found]
+        else:
+            info["tensors"] = len(self.state_dict)
+            info["parameters"] = sum(t.numel() for t in self.state_dict.values())
+        info["history_summary"] = schedules.history_summary(self.metadata.history)
+        return info
+
     def build_model(self) -> nn.Module:
         """Build the architecture named in the metadata and load the weights strictly (eval mode)."""
         meta = self.metadata

@@ -84,9 +84,6 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-MAX_PLANNED_STEPS = 1_000_000  # schedule: a 200-epoch ImageNet run; planning one takes about half a minute
-
-
 def data_files(*specs: str | None) -> tuple[Path, ...]:
     """The files data specs name (bundles), which no output may replace; a malformed spec is left to the command to refuse."""
     from beta_diag.readers import DataSpec
@@ -185,23 +182,6 @@ def train(
     report.print_json(summary, timings) if as_json else report.train_summary(summary)
 
 
-def describe(ckpt: checkpoint.Checkpoint) -> dict[str, Any]:
-    """The ``info`` figures: metadata, parameters per group, history summary."""
-    info: dict[str, Any] = {"path": str(ckpt.path), "sha256": ckpt.sha256, "metadata": ckpt.metadata.to_dict(), "notes": list(ckpt.notes)}
-    info["metadata"].pop("history")
-    if ckpt.metadata.arch:
-        model = ckpt.build_model()
-        found = groups.layer_groups(model)
-        total = sum(g.numel for g in found)
-        info["parameters"] = total
-        info["groups"] = [{"name": g.name, "numel": g.numel, "share": g.numel / total} for g in found]
-    else:
-        info["tensors"] = len(ckpt.state_dict)
-        info["parameters"] = sum(t.numel() for t in ckpt.state_dict.values())
-    info["history_summary"] = report.history_summary(ckpt.metadata.history)
-    return info
-
-
 @app.command()
 @handle_errors
 def info(
@@ -216,7 +196,7 @@ def info(
     verbose: VerboseOpt = False,
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
-    result = describe(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key))
+    result = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key).describe()
     say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
 
@@ -237,24 +217,12 @@ def schedule(
     verbose: VerboseOpt = False,
 ) -> None:
     """LR, momentum, critical momentum, damping ratio and regime per epoch: of a checkpoint, or planned."""
-    if not (math.isfinite(lr) and math.isfinite(warmup)):
-        raise ConfigError(f"--lr {lr}, --warmup {warmup}: pass finite numbers")
-    if epochs * steps_per_epoch > MAX_PLANNED_STEPS:
-        raise ConfigError(f"--epochs {epochs} x --steps-per-epoch {steps_per_epoch}: plan at most {MAX_PLANNED_STEPS:,} steps")
     if ckpt is not None:
         if momentum:
             raise ConfigError("--momentum plans a schedule without a checkpoint: drop it, or drop the checkpoint")
-        loaded = checkpoint.load(ckpt)
-        if not loaded.metadata.history:
-            raise ConfigError(f"{ckpt}: no training history in its metadata: plan one instead, e.g. beta-diag schedule --lr 0.05 --epochs 30")
-        runs = [{"name": str(ckpt), "epochs": list(loaded.metadata.history)}]
+        runs = [schedules.recorded_run(str(ckpt), checkpoint.load(ckpt).metadata.history)]
     else:
-        runs = [
-            {"name": m.value, "epochs": schedules.plan(m, lr, epochs, steps_per_epoch, warmup, optimizer.value)}
-            for m in (momentum or [MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid])
-        ]
-    for run in runs:
-        run["regimes"] = schedules.regime_fractions(run["epochs"])
+        runs = schedules.planned_runs(momentum or list(schedules.PLANNED), lr, epochs, steps_per_epoch, warmup, optimizer.value)
     if plot is not None:
         plots.schedule(runs, plot, force, inputs=(ckpt,) if ckpt else ())
     report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)

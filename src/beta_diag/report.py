@@ -18,7 +18,6 @@ from rich.table import Table
 
 from beta_diag import distributed
 from beta_diag.drift import times
-from beta_diag.schedules import regime_fractions
 from beta_diag.runtime import Progress as ProgressFn, without_timing
 
 REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
@@ -73,19 +72,6 @@ def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
 
     with bars:
         yield update
-
-
-def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
-    if not history:
-        return {}
-    accs = [h.get("test_acc") for h in history if h.get("test_acc") is not None]
-    return {
-        "epochs": len(history),
-        "final_test_acc": accs[-1] if accs else None,
-        "best_test_acc": max(accs) if accs else None,
-        "seconds": sum(h["seconds"] for h in history) if all("seconds" in h for h in history) else None,
-        "regimes": regime_fractions(history),
-    }
 
 
 def info_table(info: dict[str, Any]) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from enum import Enum
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from beta_diag.errors import ConfigError
 
 CLAMP = (0.5, 0.99)
 CONSTANT = 0.9
@@ -160,3 +163,40 @@ def regime_fractions(history: Iterable[dict]) -> dict[str, float]:
     regimes = [h["regime"] for h in history]
     n = max(1, len(regimes))
     return {r.value: regimes.count(r.value) / n for r in Regime}
+
+
+def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
+    """A training history in a few figures: epochs, final and best test accuracy, seconds, regime shares."""
+    if not history:
+        return {}
+    accs = [h.get("test_acc") for h in history if h.get("test_acc") is not None]
+    return {
+        "epochs": len(history),
+        "final_test_acc": accs[-1] if accs else None,
+        "best_test_acc": max(accs) if accs else None,
+        "seconds": sum(h["seconds"] for h in history) if all("seconds" in h for h in history) else None,
+        "regimes": regime_fractions(history),
+    }
+
+
+MAX_PLANNED_STEPS = 1_000_000  # a 200-epoch ImageNet run; planning one takes about half a minute
+PLANNED = (MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid)  # what `schedule` plans by default
+
+
+def planned_runs(momenta: Iterable[MomentumSchedule], lr: float, epochs: int, steps_per_epoch: int, warmup: float = 0.0,
+                 optimizer: str = "sgd") -> list[dict[str, Any]]:
+    """``schedule`` without a checkpoint: per momentum schedule, the planned epochs and their regime shares."""
+    if not (math.isfinite(lr) and math.isfinite(warmup)):
+        raise ConfigError(f"--lr {lr}, --warmup {warmup}: pass finite numbers")
+    if epochs * steps_per_epoch > MAX_PLANNED_STEPS:
+        raise ConfigError(f"--epochs {epochs} x --steps-per-epoch {steps_per_epoch}: plan at most {MAX_PLANNED_STEPS:,} steps")
+    runs = [{"name": MomentumSchedule(m).value, "epochs": plan(m, lr, epochs, steps_per_epoch, warmup, optimizer)} for m in momenta]
+    return [{**run, "regimes": regime_fractions(run["epochs"])} for run in runs]
+
+
+def recorded_run(name: str, history: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """``schedule CKPT``: the recorded epochs and their regime shares."""
+    epochs = list(history)
+    if not epochs:
+        raise ConfigError(f"{name}: no training history in its metadata: plan one instead, e.g. beta-diag schedule --lr 0.05 --epochs 30")
+    return {"name": name, "epochs": epochs, "regimes": regime_fractions(epochs)}
