@@ -28,7 +28,7 @@ _EXPORTS = {
     "DataError": "beta_diag.errors", "OutputError": "beta_diag.errors", "ConfigError": "beta_diag.errors",
     "NoErrorsToDiagnose": "beta_diag.errors",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the names above, in one place
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beta_diag import data as data_mod, distributed
+from beta_diag import data as data_mod
+from beta_diag import distributed
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.runtime import Progress
 

@@ -24,9 +24,9 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from beta_diag import distributed, infer, models
+from beta_diag.errors import CheckpointError
 from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES, MAX_HISTORY, MAX_INPUT_SIDE, MAX_NAME
 from beta_diag.outputs import atomic_path, check_output
-from beta_diag.errors import CheckpointError, OutputError
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -220,7 +220,7 @@ class Checkpoint:
                 f"if you trust it, pass --arch {meta.arch}"
             )
         kwargs = self._arch_kwargs()
-        suggest = lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict)  # noqa: E731
+        suggest = lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict)
         skeleton = infer.skeleton(meta.arch, kwargs, on_cpu=False)
         if skeleton is not None:  # shapes first, on the meta device: metadata naming a huge model allocates nothing
             check_weights(skeleton.state_dict(), self.state_dict, str(self.path), suggest)
@@ -265,8 +265,8 @@ def check_weights(expected: dict[str, torch.Tensor], state_dict: dict[str, torch
     if wrong:
         raise CheckpointError(
             f"{source}: {len(wrong)} weight shape(s) differ from the architecture (file vs model): {', '.join(sorted(wrong)[:3])}: "
-            + ((f"pass {fix} (every weight's shape fits it)" if (fix := suggest and suggest()) else
-                "pass the architecture arguments the checkpoint was trained with (--arch-arg KEY=VALUE)"))
+            + (f"pass {fix} (every weight's shape fits it)" if (fix := suggest and suggest()) else
+                "pass the architecture arguments the checkpoint was trained with (--arch-arg KEY=VALUE)")
         )
     relabelled = [f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k, v in expected.items()
                   if v.is_floating_point() and not state_dict[k].is_floating_point()]
@@ -300,9 +300,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is no dict: it has keys() only
                 tensors[key] = f.get_tensor(key)
-    except Exception as exc:  # safetensors raises its own error types for malformed files
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for malformed files
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc}): re-save or re-download it") from None
     return tensors, raw_meta
 
@@ -335,7 +335,7 @@ def _read_torch(path: Path, state_key: str | None = None) -> tuple[dict[str, tor
             f"{path}: refused: the file holds Python objects beyond plain tensors, and beta-diag only loads with "
             "weights_only=True; re-save it with torch.save(model.state_dict(), path) or as .safetensors"
         ) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file
         raise CheckpointError(f"{path}: not a readable PyTorch file ({type(exc).__name__}): re-save it with torch.save(model.state_dict(), path)") from None
     notes = []
     if state_key is not None:

@@ -5,25 +5,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from beta_diag import checkpoint, distributed, groups, models, outputs, plots, report, schedules
+from beta_diag import checkpoint, distributed, models, outputs, plots, report, schedules
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
 from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
 from beta_diag.repairing import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig, default_output
-from beta_diag.session import DataChoice
 from beta_diag.schedules import MomentumSchedule
+from beta_diag.session import DataChoice
 from beta_diag.training import OptimizerName, TrainConfig
 
 app = typer.Typer(
@@ -39,14 +37,14 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show the traceback of an error (for bug reports).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")]
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")]
-ArchArgOpt = Annotated[Optional[list[str]], typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")]
-InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr).")]
-MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")]
-StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
-StateKeyOpt = Annotated[Optional[str], typer.Option("--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net).")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")]
+ArchArgOpt = Annotated[list[str] | None, typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")]
+InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr).")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
+StateKeyOpt = Annotated[str | None, typer.Option("--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net).")]
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Also draw a PNG figure to this path.")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure to this path.")]
 
 
 def handle_errors(func: F) -> F:
@@ -75,7 +73,7 @@ def handle_errors(func: F) -> F:
         except BrokenPipeError:  # the reader of stdout left (| head): what it read is all it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(0) from None
-        except Exception as exc:  # a bug: say so, keep the traceback for --verbose
+        except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback for --verbose
             if verbose:
                 traceback.print_exc()
             print(f"{who}Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr)
@@ -147,19 +145,19 @@ def train(
     arch: Annotated[str, typer.Option("--arch", "--model", help="Architecture name or package.module:factory.")] = "resnet18_cifar",
     arch_arg: ArchArgOpt = None,
     data: Annotated[str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")] = "fashion-mnist",
-    test_data: Annotated[Optional[str], typer.Option("--test-data", help="Test data spec (default: the test split of --data).")] = None,
+    test_data: Annotated[str | None, typer.Option("--test-data", help="Test data spec (default: the test split of --data).")] = None,
     optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = TrainConfig.optimizer,
     momentum: Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule.")] = TrainConfig.momentum,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = TrainConfig.epochs,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 0.05 for sgd, 0.001 for adam/adamw).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 0.05 for sgd, 0.001 for adam/adamw).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = TrainConfig.batch_size,
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = TrainConfig.weight_decay,
     warmup: Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")] = TrainConfig.warmup_epochs,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")] = TrainConfig.augment,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1)] = TrainConfig.seed,
     device: DeviceOpt = "auto",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Train on a seeded subset of N images.")] = None,
-    test_limit: Annotated[Optional[int], typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Train on a seeded subset of N images.")] = None,
+    test_limit: Annotated[int | None, typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     timings: TimingsOpt = False,
@@ -204,8 +202,8 @@ def info(
 @app.command()
 @handle_errors
 def schedule(
-    ckpt: Annotated[Optional[Path], typer.Argument(help="Checkpoint whose training history to show (omit to plan a schedule).")] = None,
-    momentum: Annotated[Optional[list[MomentumSchedule]], typer.Option("--momentum", help="Schedule(s) to plan; repeatable.")] = None,
+    ckpt: Annotated[Path | None, typer.Argument(help="Checkpoint whose training history to show (omit to plan a schedule).")] = None,
+    momentum: Annotated[list[MomentumSchedule] | None, typer.Option("--momentum", help="Schedule(s) to plan; repeatable.")] = None,
     lr: Annotated[float, typer.Option("--lr", min=1e-12, help="Peak learning rate of the planned schedule.")] = 0.1,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 200,
     steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch", min=1)] = 391,
@@ -228,15 +226,15 @@ def schedule(
     report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)
 
 
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
-SplitOpt = Annotated[Optional[str], typer.Option("--split", help="train or test (default: test, the held-out split).")]
-LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use a seeded random subset of N examples.")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
 MetricOpt = Annotated[Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
 GranularityOpt = Annotated[Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
 BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of --limit, the correct-example sample and the bootstrap.")]
-GroupsOpt = Annotated[Optional[str], typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
+GroupsOpt = Annotated[str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
 
 
 def rank_config(metric: Metric, granularity: Granularity, top_k: int | None, bootstrap: int, seed: int, by_class: bool, groups_glob: str | None) -> RankConfig:
@@ -267,7 +265,7 @@ def rank(
     std: StdOpt = None,
     state_key: StateKeyOpt = None,
     device: DeviceOpt = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Save the ranking as JSON for compare and repair.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Save the ranking as JSON for compare and repair.")] = None,
     plot: PlotOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -307,7 +305,7 @@ def compare(
     limit: LimitOpt = None,
     metric: MetricOpt = DEFAULT_METRIC,
     granularity: GranularityOpt = Granularity.group,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Flag exactly K groups in each, and report overlap@K.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups in each, and report overlap@K.")] = None,
     bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP,
     seed: SeedOpt = 0,
     groups_glob: GroupsOpt = None,
@@ -349,11 +347,11 @@ def compare(
 def repair(
     ckpt: CkptArg,
     layers: Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")] = "auto",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")] = None,
     auto_layers: Annotated[AutoLayers, typer.Option("--auto-layers", help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).")] = RepairConfig.auto_layers,
-    ranking_file: Annotated[Optional[Path], typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
-    train_data: Annotated[Optional[str], typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
+    ranking_file: Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
+    train_data: Annotated[str | None, typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = RepairConfig.epochs,
@@ -365,7 +363,7 @@ def repair(
     baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
     distill: Annotated[float, typer.Option("--distill", min=0.0, max=MAX_DISTILL, help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).")] = RepairConfig.distill,
-    val_data: Annotated[Optional[str], typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")] = None,
+    val_data: Annotated[str | None, typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")] = RepairConfig.val_fraction,
     accept_p: Annotated[float, typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain).")] = RepairConfig.accept_p,
     metric: MetricOpt = DEFAULT_METRIC,

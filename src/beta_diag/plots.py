@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from beta_diag import distributed
-from beta_diag.outputs import atomic_path, check_output
 from beta_diag.errors import ConfigError
+from beta_diag.outputs import atomic_path, check_output
 from beta_diag.schedules import BAND, critical_momentum
 
 REGIME_COLOUR = {"underdamped": "#d62728", "critical": "#2ca02c", "overdamped": "#1f77b4"}

@@ -51,7 +51,7 @@ def split(model: nn.Module, chosen: set[str]) -> Split | None:
     """Cut ``model`` before its first use of a ``chosen`` parameter; None when there is no frozen prefix."""
     try:
         graph = fx.symbolic_trace(model).graph
-    except Exception:  # not traceable (data-dependent control flow): train the whole forward
+    except Exception:  # noqa: BLE001 - not traceable (data-dependent control flow): train the whole forward
         return None
     nodes = list(graph.nodes)
     cut = next((i for i, n in enumerate(nodes) if _touches(n, model, chosen)), None)
@@ -86,7 +86,7 @@ def cache(s: Split, ds: Dataset, preprocess: Preprocess, device: torch.device, b
             shape = (len(ds), *out.shape[1:])
             nbytes = int(np.prod(shape)) * 4
             if nbytes > MEMORY_BUDGET:
-                path = tempfile.NamedTemporaryFile(prefix="beta-diag-features-", delete=False).name
+                path = tempfile.NamedTemporaryFile(prefix="beta-diag-features-", delete=False).name  # noqa: SIM115 - its name only
                 store = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="w+", shape=shape))
                 os.unlink(path)  # the mapping keeps the space until it is dropped; nothing is left behind
             else:

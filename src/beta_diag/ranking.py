@@ -15,15 +15,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from beta_diag import drift as drift_mod, outputs
+from beta_diag import drift as drift_mod
+from beta_diag import outputs
 from beta_diag.attribution import per_example_norms, summed_gradient
-from beta_diag.drift import Drift
-from beta_diag.runtime import Predictions, Progress
 from beta_diag.data import Dataset
+from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity, layer_groups
+from beta_diag.runtime import Predictions, Progress
 from beta_diag.scores import (  # noqa: F401  (re-exported for callers of ranking.*)
-    DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Matrices, Metric, Stability, bootstrap, flag_count, flags, order, ranks, scores, shares,
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_METRIC,
+    Matrices,
+    Metric,
+    Stability,
+    bootstrap,
+    flag_count,
+    flags,
+    order,
+    ranks,
+    scores,
+    shares,
 )
 from beta_diag.session import DataChoice, Session, open_session
 

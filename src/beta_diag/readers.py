@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -82,7 +83,7 @@ def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) 
                     (raw / name).symlink_to(found[0].resolve())
         try:
             ds = FashionMNIST(tmp, train=split == "train", download=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - torchvision raises many types for damaged files
             raise DataError(f"fashion-mnist: idx files in {root} are corrupt ({type(exc).__name__}): reinstall dataset-fashion-mnist") from None
         return Decoded(ds.data.unsqueeze(1).clone(), ds.targets.long().clone(), FASHION_MNIST_CLASSES)
 
@@ -90,7 +91,7 @@ def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) 
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays, lists and dicts only: a CIFAR batch cannot run code."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     }
@@ -219,7 +220,7 @@ def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
             images, labels, meta = f.get_tensor("images"), f.get_tensor("labels"), f.metadata() or {}
     except DataError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise DataError(f"{path}: not a readable safetensors data bundle ({exc}): re-create it") from None
     if images.dtype != torch.uint8 or images.dim() not in (3, 4):
         raise DataError(f"{path}: 'images' must be uint8 (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}")

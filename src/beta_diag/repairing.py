@@ -27,9 +27,9 @@ from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.readers import DataSpec
+from beta_diag.runtime import Predictions, Progress, without_timing
 from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Session, open_session
-from beta_diag.runtime import Predictions, Progress, without_timing
 from beta_diag.training import Anchor, OptimizerName, TrainConfig, fit
 from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
 

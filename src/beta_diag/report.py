@@ -18,7 +18,8 @@ from rich.table import Table
 
 from beta_diag import distributed
 from beta_diag.drift import times
-from beta_diag.runtime import Progress as ProgressFn, without_timing
+from beta_diag.runtime import Progress as ProgressFn
+from beta_diag.runtime import without_timing
 
 REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from beta_diag import data as data_mod, distributed
+from beta_diag import data as data_mod
+from beta_diag import distributed
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import ConfigError
 

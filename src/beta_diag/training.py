@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beta_diag import data as data_mod, distributed
+from beta_diag import data as data_mod
+from beta_diag import distributed
+from beta_diag.checkpoint import Metadata
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import ConfigError
 from beta_diag.readers import DataSpec
-from beta_diag.checkpoint import Metadata
-from beta_diag.runtime import Predictions, Progress, autocast, evaluate, prepare, resolve_device, without_timing
+from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device, without_timing
 from beta_diag.schedules import MomentumSchedule, MomentumScheduler, epoch_record, lr_scheduler
+
 
 class OptimizerName(str, Enum):
     sgd = "sgd"

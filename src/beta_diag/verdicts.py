@@ -94,7 +94,7 @@ def best_epoch(curve: list[dict[str, Any]]) -> int:
     """The epoch with the best validation net among those that fix more than they break (ties: lower
     validation loss, a non-finite one last, then earlier); 0, the original, when none does."""
     better = [e for e in range(1, len(curve)) if curve[e]["val_net"] > 0]
-    loss = lambda e: curve[e]["val_loss"] if math.isfinite(curve[e]["val_loss"]) else math.inf  # noqa: E731
+    loss = lambda e: curve[e]["val_loss"] if math.isfinite(curve[e]["val_loss"]) else math.inf
     return min(better, key=lambda e: (-curve[e]["val_net"], loss(e), e)) if better else 0
 
 
