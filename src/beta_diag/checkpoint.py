@@ -221,11 +221,13 @@ class Checkpoint:
             )
         kwargs = self._arch_kwargs()
         suggest = lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict)
+        # checked once, before the real build when the model can be sketched on the meta device, so metadata naming
+        # a huge model allocates nothing; a constructor that computes with tensors (RegNet) is checked after it
         skeleton = infer.skeleton(meta.arch, kwargs, on_cpu=False)
-        if skeleton is not None:  # shapes first, on the meta device: metadata naming a huge model allocates nothing
-            check_weights(skeleton.state_dict(), self.state_dict, str(self.path), suggest)
-        model = models.build(meta.arch, kwargs)
-        load_weights(model, self.state_dict, str(self.path), suggest)
+        model = models.build(meta.arch, kwargs) if skeleton is None else None
+        check_weights((skeleton or model).state_dict(), self.state_dict, str(self.path), suggest)  # type: ignore[union-attr]
+        model = model or models.build(meta.arch, kwargs)
+        model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
 
@@ -243,10 +245,10 @@ def _describe_keys(kind: str, keys: list[str], n: int = 5) -> str:
     return f"{len(keys)} {kind} ({shown})"
 
 
-def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, suggest: Callable[[], str | None] | None = None) -> None:
-    """Strict load after ``check_weights``."""
-    check_weights(model.state_dict(), state_dict, source, suggest)
-    model.load_state_dict(state_dict, strict=True)
+def nonfinite(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Floating tensors holding NaN/Inf, with how many such values each holds (a corrupt file, a diverged run)."""
+    counts = {k: int((~torch.isfinite(t)).sum()) for k, t in state_dict.items() if t.is_floating_point()}
+    return {k: n for k, n in counts.items() if n}
 
 
 def check_weights(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
@@ -273,13 +275,9 @@ def check_weights(expected: dict[str, torch.Tensor], state_dict: dict[str, torch
     if relabelled:
         raise CheckpointError(f"{source}: {len(relabelled)} tensor(s) hold integers where the model holds floats: "
                               f"{', '.join(relabelled[:3])}: the checkpoint is corrupt; retrain or restore it")
-    bad = {}
-    for k, t in state_dict.items():
-        if t.is_floating_point():
-            n = int((~torch.isfinite(t)).sum())
-            if n:
-                group = k.split(".")[0]
-                bad[group] = bad.get(group, 0) + n
+    bad: dict[str, int] = {}
+    for k, n in nonfinite(state_dict).items():
+        bad[k.split(".")[0]] = bad.get(k.split(".")[0], 0) + n
     if bad:
         listed = ", ".join(f"{g}: {n}" for g, n in sorted(bad.items()))
         raise CheckpointError(f"{source}: weights hold NaN/Inf values ({listed}): the checkpoint is corrupt; retrain or restore it")

@@ -12,6 +12,7 @@ without normalisation diverged (BENCHMARKS.md).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -146,7 +147,7 @@ class Plan:
     before: dict[str, Predictions] = field(default_factory=dict, compare=False, repr=False)
     cached: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def sizes(self) -> dict[str, int]:
         return {n: p.numel() for n, p in self.session.model.named_parameters()}
 
@@ -330,7 +331,7 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
               for k, ds in sets.items()}
     anchor = Anchor(before["train"].logits, before["train"].correct.float() * config.distill) if config.distill else None
     arms, repaired = [], session.model
-    every = tuple(n for n, _ in session.model.named_parameters())
+    every = tuple(p.sizes)  # every parameter, in model order
     for params in [p.params] + ([every] if config.baseline == "full" else []):
         surgical = params is p.params
         mine = feats if surgical else {}
@@ -347,7 +348,7 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     if not arms[0].gate.accepted:
         return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, None, None, session.ckpt.sha256, notes)
     state = repaired.state_dict()
-    diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    diverged = list(checkpoint.nonfinite(state))
     if diverged:
         raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
     sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, arms[0]), force=force, inputs=inputs)

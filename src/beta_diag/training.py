@@ -16,7 +16,7 @@ from torch import nn
 
 from beta_diag import data as data_mod
 from beta_diag import distributed
-from beta_diag.checkpoint import Metadata
+from beta_diag.checkpoint import Metadata, nonfinite
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import ConfigError
 from beta_diag.readers import DataSpec
@@ -260,7 +260,7 @@ def train(
         model = models.build(arch, kwargs)
     preprocess = Preprocess((int(channels), int(height), int(width)), mean, std)
     history = fit(model, train_ds, test_ds, preprocess, config, progress=progress)
-    diverged = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    diverged = list(nonfinite(model.state_dict()))
     if diverged:
         raise ConfigError(f"training diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr")
     meta = Metadata(
