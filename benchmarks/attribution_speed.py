@@ -36,8 +36,8 @@ from beta_diag import data as data_mod
 from beta_diag import models
 from beta_diag.attribution import per_example_norms
 from beta_diag.data import Dataset, Preprocess
-from beta_diag.session import open_session
 from beta_diag.runtime import evaluate
+from beta_diag.session import open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -116,17 +116,26 @@ def bench(label: str, model: nn.Module, ds: Dataset, index: torch.Tensor, pre: P
     vm = vmap_norms(model, ds, sub, pre, chunk)
     res["b vmap"] = (time.perf_counter() - start, sub.numel())
     out: list[torch.Tensor] = []
-    med = interleaved_medians({"c": lambda: out.append(per_example_norms(model, ds, index, pre, CPU, batch_size=64).sq_norms),
-                               "d": lambda: floor(model, ds, index, pre)}, 3)
+    med = interleaved_medians(
+        {
+            "c": lambda: out.append(per_example_norms(model, ds, index, pre, CPU, batch_size=64).sq_norms),
+            "d": lambda: floor(model, ds, index, pre),
+        },
+        3,
+    )
     res["c per_example_norms"], res["d floor fwd+bwd"] = (med["c"], index.numel()), (med["d"], index.numel())
     ours = out[-1][: sub.numel()]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    print(f"check on {sub.numel()} examples x {ref.shape[1]} parameters: max rel err (c) vs (a) = {max_rel_err(ours, ref, names)}, "
-          f"(b) vs (a) = {max_rel_err(vm, ref, names)}  [want < 1e-4]")
+    print(
+        f"check on {sub.numel()} examples x {ref.shape[1]} parameters: max rel err (c) vs (a) = {max_rel_err(ours, ref, names)}, "
+        f"(b) vs (a) = {max_rel_err(vm, ref, names)}  [want < 1e-4]"
+    )
     worst = ((ours - ref).abs() / ref.abs().clamp_min(1e-30)).amax(1).argsort(descending=True)[:exact]  # where (c), (a) disagree most
     exact_ref = loop_norms(copy.deepcopy(model).double(), ds, sub[worst], lambda x: pre(x).double())  # float64 ground truth
-    print(f"vs a float64 loop on the {exact} examples where (c) and (a) differ most: (a) {max_rel_err(ref[worst], exact_ref, names)}, "
-          f"(b) {max_rel_err(vm[worst], exact_ref, names)}, (c) {max_rel_err(ours[worst], exact_ref, names)}")
+    print(
+        f"vs a float64 loop on the {exact} examples where (c) and (a) differ most: (a) {max_rel_err(ref[worst], exact_ref, names)}, "
+        f"(b) {max_rel_err(vm[worst], exact_ref, names)}, (c) {max_rel_err(ours[worst], exact_ref, names)}"
+    )
     print(f"{'method':<22}{'examples':>9}{'seconds':>10}{'images/s':>11}{'ms/example':>12}")
     for name, (sec, n) in res.items():
         print(f"{name:<22}{n:>9}{sec:>10.3f}{n / sec:>11.1f}{1000 * sec / n:>12.2f}")
@@ -151,10 +160,20 @@ def main() -> int:
     ds = data_mod.load(str(BUNDLE), "test")
     preds = evaluate(session.model, ds, session.preprocess, CPU)
     wrong = torch.nonzero(~preds.correct).flatten()
-    print(f"sample model: {sum(p.numel() for p in session.model.parameters()):,} parameters, accuracy {preds.accuracy:.4f} on {len(ds)}, "
-          f"{wrong.numel()} errors" + (" (--quick: first 64 timed)" if args.quick else ""))
-    bench("(i) sample model, its errors on the 3k test bundle", session.model, ds, wrong[:64] if args.quick else wrong,
-          session.preprocess, 4 if args.quick else 32, 16, 2 if args.quick else 16)
+    print(
+        f"sample model: {sum(p.numel() for p in session.model.parameters()):,} parameters, accuracy {preds.accuracy:.4f} on {len(ds)}, "
+        f"{wrong.numel()} errors" + (" (--quick: first 64 timed)" if args.quick else "")
+    )
+    bench(
+        "(i) sample model, its errors on the 3k test bundle",
+        session.model,
+        ds,
+        wrong[:64] if args.quick else wrong,
+        session.preprocess,
+        4 if args.quick else 32,
+        16,
+        2 if args.quick else 16,
+    )
 
     torch.manual_seed(0)
     big = models.build("resnet18_cifar", {"width": 64, "in_channels": 3, "num_classes": 10}).eval()
@@ -162,8 +181,16 @@ def main() -> int:
     images, labels = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (n,))
     rand = Dataset(images, labels, tuple("0123456789"), "random", "test")
     print(f"\nfull-width model: {sum(p.numel() for p in big.parameters()):,} parameters, random init, {n} random images")
-    bench("(ii) resnet18_cifar width 64, random data", big, rand, torch.arange(n), Preprocess((3, 32, 32), (0.5,) * 3, (0.5,) * 3),
-          2 if args.quick else 16, 8, 1 if args.quick else 4)
+    bench(
+        "(ii) resnet18_cifar width 64, random data",
+        big,
+        rand,
+        torch.arange(n),
+        Preprocess((3, 32, 32), (0.5,) * 3, (0.5,) * 3),
+        2 if args.quick else 16,
+        8,
+        1 if args.quick else 4,
+    )
     print(f"\ntotal wall time {time.perf_counter() - total:.1f} s")
     return 0
 

@@ -37,7 +37,10 @@ def main() -> None:
     parser.add_argument("--kinds", default="noise,bn_shift,prune")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    print("command: python benchmarks/auto_layers.py" + (" --quick" if args.quick else f" --seeds {args.seeds} --kinds {args.kinds}"), flush=True)
+    print(
+        "command: python benchmarks/auto_layers.py" + (" --quick" if args.quick else f" --seeds {args.seeds} --kinds {args.kinds}"),
+        flush=True,
+    )
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
@@ -62,26 +65,49 @@ def main() -> None:
                     r = rank(damaged, verify, RankConfig(bootstrap=0), dataset=ds)
                     after = r.accuracy
                     done: dict[tuple[str, ...], dict] = {}
-                    row = {"kind": kind, "group": group, "seed": seed, "drop": base - after, "drift_suspect": r.drift.suspect if r.drift else None,
-                           "flagged": list(r.flagged)}
+                    row = {
+                        "kind": kind,
+                        "group": group,
+                        "seed": seed,
+                        "drop": base - after,
+                        "drift_suspect": r.drift.suspect if r.drift else None,
+                        "flagged": list(r.flagged),
+                    }
                     for policy in policies:
                         chosen = tuple(auto_groups(r, policy))
                         if chosen not in done:
-                            out = repair(damaged, list(chosen), Path(tmp) / "x.safetensors", train=train, verify=verify, config=replace(config, seed=seed),
-                                         device="cpu", force=True)
+                            out = repair(
+                                damaged,
+                                list(chosen),
+                                Path(tmp) / "x.safetensors",
+                                train=train,
+                                verify=verify,
+                                config=replace(config, seed=seed),
+                                device="cpu",
+                                force=True,
+                            )
                             done[chosen] = arm_row(out.surgical, base, after)
                         row[policy] = {**done[chosen], "hit": group in chosen}
                     rows.append(row)
-                    print(f"{kind:8s} {group:7s} seed {seed}: drop {100 * row['drop']:.1f} pts, suspect {row['drift_suspect']}, flagged {', '.join(r.flagged)}; "
-                          + "; ".join(f"{p} ({', '.join(row[p]['groups'])}) recovers {100 * row[p]['recovered']:.0f}%, net {row[p]['net']:+d}"
-                                      for p in policies), flush=True)
+                    print(
+                        f"{kind:8s} {group:7s} seed {seed}: drop {100 * row['drop']:.1f} pts, suspect {row['drift_suspect']}, flagged {', '.join(r.flagged)}; "
+                        + "; ".join(
+                            f"{p} ({', '.join(row[p]['groups'])}) recovers {100 * row[p]['recovered']:.0f}%, net {row[p]['net']:+d}"
+                            for p in policies
+                        ),
+                        flush=True,
+                    )
     total = sum(p.numel() for p in session.model.parameters())
-    print(f"\n{len(rows)} damaged models ({', '.join(kinds)}), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points")
+    print(
+        f"\n{len(rows)} damaged models ({', '.join(kinds)}), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points"
+    )
     print(f"{'policy':8s} {'recovered':>10s} {'median':>7s} {'net':>7s} {'params %':>9s} {'damaged group chosen':>21s}")
     for p in policies:
         rec = [r[p]["recovered"] for r in rows]
-        print(f"{p:8s} {100 * statistics.mean(rec):9.0f}% {100 * statistics.median(rec):6.0f}% {statistics.mean(r[p]['net'] for r in rows):+7.1f} "
-              f"{100 * statistics.mean(r[p]['trainable'] for r in rows) / total:8.1f}% {statistics.mean(r[p]['hit'] for r in rows):21.2f}")
+        print(
+            f"{p:8s} {100 * statistics.mean(rec):9.0f}% {100 * statistics.median(rec):6.0f}% {statistics.mean(r[p]['net'] for r in rows):+7.1f} "
+            f"{100 * statistics.mean(r[p]['trainable'] for r in rows) / total:8.1f}% {statistics.mean(r[p]['hit'] for r in rows):21.2f}"
+        )
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"base_accuracy": base, "groups": names, "rows": rows}, indent=2))

@@ -17,12 +17,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from attribution_speed import BUNDLE, CKPT, interleaved_medians
+from torch import nn
 
 from beta_diag import attribution, data
 from beta_diag.session import open_session
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,18 +45,21 @@ def main() -> int:
             continue
         x, g = calls[0]
         if isinstance(module, nn.Conv2d):
+
             def summed() -> torch.Tensor:
                 return torch.nn.grad.conv2d_weight(x, module.weight.shape, g, module.stride, module.padding, module.dilation, module.groups)
         else:
+
             def summed() -> torch.Tensor:
                 return g.t() @ x
+
         fns = {"s": summed, "p": lambda: attribution._module_terms(module, calls, {}, f"{name}.")}
         for fn in fns.values():
             fn()  # warm-up
         med = interleaved_medians(fns, 7)
         s, p = 1000 * med["s"], 1000 * med["p"]
         total_s, total_p = total_s + s, total_p + p
-        print(f"{name:<22}{str(tuple(x.shape[1:])):>16}{s:>14.2f}{p:>19.2f}{p / s:>7.1f}")
+        print(f"{name:<22}{tuple(x.shape[1:])!s:>16}{s:>14.2f}{p:>19.2f}{p / s:>7.1f}")
     print(f"{'all':<22}{'':>16}{total_s:>14.2f}{total_p:>19.2f}{total_p / total_s:>7.1f}")
     return 0
 

@@ -43,7 +43,11 @@ def main() -> None:
     best: dict[str, float] = {}
     outputs: dict[str, str] = {}
     for _ in range(args.repeats):  # interleaved, so drift in machine speed hits every variant alike
-        for name, head, threads in (("1 process, 2 threads", one, 2), ("1 process, 1 thread", one, 1), ("2 processes, 1 thread each", two, 1)):
+        for name, head, threads in (
+            ("1 process, 2 threads", one, 2),
+            ("1 process, 1 thread", one, 1),
+            ("2 processes, 1 thread each", two, 1),
+        ):
             seconds, outputs[name] = timed(head, rank_args, threads)
             best[name] = min(best.get(name, float("inf")), seconds)
     base = best["1 process, 2 threads"]

@@ -19,12 +19,11 @@ from attribution_speed import interleaved_medians
 from rank_cost import CKPT
 
 from beta_diag import readers
-from beta_diag import data as data_mod
 from beta_diag.drift import Recorder
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import RankConfig, rank
-from beta_diag.session import DataChoice, open_session
 from beta_diag.runtime import evaluate
+from beta_diag.session import DataChoice, open_session
 
 
 def main() -> None:
@@ -33,7 +32,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
-    print(f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; torch threads {torch.get_num_threads()}")
+    print(
+        f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; torch threads {torch.get_num_threads()}"
+    )
     session = open_session(CKPT, "cpu")
     spec = None if readers.fashion_mnist_missing("test") else "fashion-mnist"
     ds = session.load_data(DataChoice(spec, limit=1000 if args.quick else None))
@@ -47,17 +48,22 @@ def main() -> None:
             rec.remove()
         rec.result(groups)
 
-    t = interleaved_medians({
-        "evaluate": lambda: evaluate(session.model, ds, session.preprocess, session.device),
-        "evaluate + drift": with_drift,
-        "rank": lambda: rank(session, DataChoice(), RankConfig(), dataset=ds),
-    }, repeats)
+    t = interleaved_medians(
+        {
+            "evaluate": lambda: evaluate(session.model, ds, session.preprocess, session.device),
+            "evaluate + drift": with_drift,
+            "rank": lambda: rank(session, DataChoice(), RankConfig(), dataset=ds),
+        },
+        repeats,
+    )
     print(f"{len(ds)} images of {ds.spec}; medians of {repeats} interleaved runs")
     for name, seconds in t.items():
         print(f"  {name:17s} {seconds:7.2f} s")
     added = t["evaluate + drift"] - t["evaluate"]
-    print(f"drift adds {added:.3f} s: {100 * added / t['evaluate']:.1f}% of the evaluation pass, "
-          f"{100 * added / t['rank']:.1f}% of rank (goal <= 5%)")
+    print(
+        f"drift adds {added:.3f} s: {100 * added / t['evaluate']:.1f}% of the evaluation pass, "
+        f"{100 * added / t['rank']:.1f}% of rank (goal <= 5%)"
+    )
 
 
 if __name__ == "__main__":

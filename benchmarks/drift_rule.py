@@ -71,14 +71,21 @@ def main() -> None:
         print(f"{'kind':10s} {'models':>6s} {'drift':>6s} {'coherence':>9s} {'auto_rgn':>8s}")
         blind = [r for r in part if r["group"] not in Drift.from_dict(r["drift"]).downstream]  # drift names fc only by elimination
         for kind, rs in [*sorted(by_kind.items()), ("all", part), ("all but fc", blind)]:
-            print(f"{kind:10s} {len(rs):6d} {hits(rs, rule):6.2f} "
-                  f"{np.mean([r['ranks']['coherence'] == 1 for r in rs]):9.2f} {np.mean([r['ranks']['auto_rgn'] == 1 for r in rs]):8.2f}")
-        misses = [(r["sample"], r["kind"], r["group"], named(Drift.from_dict(r["drift"]), rule)) for r in part
-                  if named(Drift.from_dict(r["drift"]), rule) != r["group"]]
+            print(
+                f"{kind:10s} {len(rs):6d} {hits(rs, rule):6.2f} "
+                f"{np.mean([r['ranks']['coherence'] == 1 for r in rs]):9.2f} {np.mean([r['ranks']['auto_rgn'] == 1 for r in rs]):8.2f}"
+            )
+        misses = [
+            (r["sample"], r["kind"], r["group"], named(Drift.from_dict(r["drift"]), rule))
+            for r in part
+            if named(Drift.from_dict(r["drift"]), rule) != r["group"]
+        ]
         print("drift misses (sample, kind, damaged -> named): " + "; ".join(f"{s} {k} {g} -> {n}" for s, k, g, n in misses))
     for sample, d in healthy.items():
         suspect = localise(d.layers, rule)[0]
-        print(f"undamaged {sample}: {'no suspect' if suspect is None else 'suspect ' + suspect}; largest drift {max(layer.kl for layer in d.layers):.2e}")
+        print(
+            f"undamaged {sample}: {'no suspect' if suspect is None else 'suspect ' + suspect}; largest drift {max(layer.kl for layer in d.layers):.2e}"
+        )
 
 
 if __name__ == "__main__":

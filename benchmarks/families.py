@@ -26,9 +26,27 @@ from beta_diag import models
 from beta_diag.cli import app
 from tests.conftest import write_bundle
 
-NAMES = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s",
-         "regnet_x_400mf", "regnet_y_400mf", "densenet121", "shufflenet_v2_x0_5", "squeezenet1_1", "mnasnet0_5", "convnext_tiny", "vit_b_16",
-         "swin_t", "swin_v2_t", "maxvit_t", "alexnet"]
+NAMES = [
+    "resnet18",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "efficientnet_v2_s",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+    "densenet121",
+    "shufflenet_v2_x0_5",
+    "squeezenet1_1",
+    "mnasnet0_5",
+    "convnext_tiny",
+    "vit_b_16",
+    "swin_t",
+    "swin_v2_t",
+    "maxvit_t",
+    "alexnet",
+]
 
 
 def main() -> None:
@@ -49,11 +67,26 @@ def main() -> None:
                 torch.save(models.build(name, {"num_classes": 10}).state_dict(), paths[-1])
             a, b = map(str, paths)
             out = {}
-            for cmd in (["rank", a, "--arch", name, "--data", str(test), "--bootstrap", "20"],
-                        ["compare", a, b, "--arch", name, "--data", str(test), "--bootstrap", "20"],
-                        ["repair", a, "--arch", name, "--data", str(test), "--train-data", str(train), "--epochs", "1",
-                         "-o", str(root / f"{name}_r.safetensors"), "--force"],
-                        ["info", a, "--arch", name]):
+            for cmd in (
+                ["rank", a, "--arch", name, "--data", str(test), "--bootstrap", "20"],
+                ["compare", a, b, "--arch", name, "--data", str(test), "--bootstrap", "20"],
+                [
+                    "repair",
+                    a,
+                    "--arch",
+                    name,
+                    "--data",
+                    str(test),
+                    "--train-data",
+                    str(train),
+                    "--epochs",
+                    "1",
+                    "-o",
+                    str(root / f"{name}_r.safetensors"),
+                    "--force",
+                ],
+                ["info", a, "--arch", name],
+            ):
                 r = runner.invoke(app, cmd)
                 out[cmd[0]] = r.exit_code if r.exit_code in (0, 3) else (r.exit_code, r.stderr.strip()[-240:])
             print(f"{name:20s} {time.perf_counter() - start:5.0f} s  {out}", flush=True)

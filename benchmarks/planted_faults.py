@@ -105,8 +105,13 @@ def auto_rgn(session: Session, ds: object, groups: list[Group]) -> np.ndarray:
     """||sum of gradients over every example||_g / ||theta_g|| per group."""
     grad = summed_gradient(session.model, ds, torch.arange(len(ds)), session.preprocess, session.device)  # type: ignore[arg-type]
     params = dict(session.model.named_parameters())
-    sq = [(sum(float(grad[p].double().pow(2).sum()) for p in g.param_names), sum(float(params[p].detach().double().pow(2).sum()) for p in g.param_names))
-          for g in groups]
+    sq = [
+        (
+            sum(float(grad[p].double().pow(2).sum()) for p in g.param_names),
+            sum(float(params[p].detach().double().pow(2).sum()) for p in g.param_names),
+        )
+        for g in groups
+    ]
     return np.array([(gs / ws) ** 0.5 if ws > 0 else 0.0 for gs, ws in sq])
 
 
@@ -166,8 +171,11 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, help="write the coherence confusion matrix here (PNG)")
     parser.add_argument("--matrices", type=Path, help="save each damaged model's per-example matrices here (.npz)")
     args = parser.parse_args()
-    print("command: python benchmarks/planted_faults.py" + (" --quick" if args.quick else
-          f" --seeds {args.seeds} --kinds {args.kinds} --samples {args.samples}"), flush=True)
+    print(
+        "command: python benchmarks/planted_faults.py"
+        + (" --quick" if args.quick else f" --seeds {args.seeds} --kinds {args.kinds} --samples {args.samples}"),
+        flush=True,
+    )
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else args.kinds.split(",")
@@ -205,15 +213,33 @@ def main() -> None:
                             values = np.array([r.group(n).scores[m] for n in names])
                         ranks[m], firsts[m] = ranks_of(values, names, group)
                         hit_flagged[m] = bool(flags(values, None)[names.index(group)])
-                    rows.append({"sample": sample, "kind": kind, "group": group, "seed": seed, "scale": scale, "drop": whole.accuracy - r.accuracy,
-                                 "errors": len(r.error_index), "ranks": ranks, "first": firsts, "in_flagged": hit_flagged,
-                                 "auto_rgn": baseline.tolist(), "drift": r.drift.to_dict() if r.drift else None})
+                    rows.append(
+                        {
+                            "sample": sample,
+                            "kind": kind,
+                            "group": group,
+                            "seed": seed,
+                            "scale": scale,
+                            "drop": whole.accuracy - r.accuracy,
+                            "errors": len(r.error_index),
+                            "ranks": ranks,
+                            "first": firsts,
+                            "in_flagged": hit_flagged,
+                            "auto_rgn": baseline.tolist(),
+                            "drift": r.drift.to_dict() if r.drift else None,
+                        }
+                    )
                     if args.matrices:  # the per-example matrices, to study other scores without re-running
                         mat = r.matrices
                         assert mat is not None
-                        arrays.update({f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "dots", "numel", "weight_norm")})
-                    print(f"{sample} {kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
-                          f"(calibration {100 * drop:.1f}), rank of damaged group " + " ".join(f"{m}={ranks[m]}" for m in metrics), flush=True)
+                        arrays.update(
+                            {f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "dots", "numel", "weight_norm")}
+                        )
+                    print(
+                        f"{sample} {kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
+                        f"(calibration {100 * drop:.1f}), rank of damaged group " + " ".join(f"{m}={ranks[m]}" for m in metrics),
+                        flush=True,
+                    )
     g = len(names)
     print(f"\n{len(rows)} damaged models; random choice: hits@1 {1 / g:.2f}, mean rank {(g + 1) / 2:.1f}")
     print(f"{'metric':12s} {'hits@1':>7s} {'in flagged':>10s} {'mean rank':>10s}   " + " ".join(f"{n:>7s}" for n in names))
@@ -221,7 +247,9 @@ def main() -> None:
         rk = [row["ranks"][m] for row in rows]
         per = [np.mean([row["ranks"][m] for row in rows if row["group"] == n] or [np.nan]) for n in names]
         in_flagged = np.mean([row["in_flagged"][m] for row in rows])
-        print(f"{m:12s} {np.mean([x == 1 for x in rk]):7.2f} {in_flagged:10.2f} {np.mean(rk):10.2f}   " + " ".join(f"{x:7.1f}" for x in per))
+        print(
+            f"{m:12s} {np.mean([x == 1 for x in rk]):7.2f} {in_flagged:10.2f} {np.mean(rk):10.2f}   " + " ".join(f"{x:7.1f}" for x in per)
+        )
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"groups": names, "healthy": healthy, "rows": rows}, indent=2))
@@ -230,7 +258,9 @@ def main() -> None:
     if args.figure:
         from beta_diag import plots
 
-        matrix = [[np.mean([row["first"]["coherence"] == col for row in rows if row["group"] == g] or [0.0]) for col in names] for g in names]
+        matrix = [
+            [np.mean([row["first"]["coherence"] == col for row in rows if row["group"] == g] or [0.0]) for col in names] for g in names
+        ]
         plots.confusion(matrix, names, f"planted faults: coherence ranks first ({len(rows)} damaged models)", args.figure, force=True)
 
 

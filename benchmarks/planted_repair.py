@@ -35,9 +35,19 @@ from beta_diag.verdicts import Arm
 def arm_row(arm: Arm, base: float, damaged: float) -> dict:
     """What the arm ships: its kept epoch when the gate accepts it, else the damaged model unchanged (recovered 0)."""
     v, ok = arm.verify, arm.gate.accepted
-    return {"groups": list(arm.groups), "trainable": arm.trainable, "accepted": ok, "best_epoch": arm.gate.best_epoch, "gate_p": arm.gate.p_value,
-            "accuracy": v.accuracy_after if ok else damaged, "recovered": (v.accuracy_after - damaged) / (base - damaged) if ok else 0.0,
-            "fixed": v.fixed if ok else 0, "broken": v.broken if ok else 0, "net": v.net if ok else 0, "seconds": arm.seconds}
+    return {
+        "groups": list(arm.groups),
+        "trainable": arm.trainable,
+        "accepted": ok,
+        "best_epoch": arm.gate.best_epoch,
+        "gate_p": arm.gate.p_value,
+        "accuracy": v.accuracy_after if ok else damaged,
+        "recovered": (v.accuracy_after - damaged) / (base - damaged) if ok else 0.0,
+        "fixed": v.fixed if ok else 0,
+        "broken": v.broken if ok else 0,
+        "net": v.net if ok else 0,
+        "seconds": arm.seconds,
+    }
 
 
 def main() -> None:
@@ -46,11 +56,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--distill", type=float, default=RepairConfig.distill, help="repair --distill weight for every arm")
-    parser.add_argument("--lr", type=float, default=RepairConfig.lr, help="repair --lr for every arm (the figures before 2026-11-24 used 0.01)")
+    parser.add_argument(
+        "--lr", type=float, default=RepairConfig.lr, help="repair --lr for every arm (the figures before 2026-11-24 used 0.01)"
+    )
     args = parser.parse_args()
-    print("command: python benchmarks/planted_repair.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
-          + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
-          + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else ""), flush=True)
+    print(
+        "command: python benchmarks/planted_repair.py"
+        + (" --quick" if args.quick else f" --seeds {args.seeds}")
+        + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
+        + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else ""),
+        flush=True,
+    )
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
@@ -59,7 +75,9 @@ def main() -> None:
     names = [g.name for g in layer_groups(session.model)]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     # auto = the flags, as in the recorded figures (before --auto-layers suspect became the default; auto_layers.py compares them)
-    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.lr, baseline="full", distill=args.distill, auto_layers=AutoLayers.flags)
+    config = RepairConfig(
+        epochs=1 if args.quick else RepairConfig.epochs, lr=args.lr, baseline="full", distill=args.distill, auto_layers=AutoLayers.flags
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for group in names[-1:] if args.quick else names:
@@ -69,26 +87,49 @@ def main() -> None:
                 cfg = replace(config, seed=seed)
                 auto = repair(damaged, "auto", Path(tmp) / "auto.safetensors", verify=verify, config=cfg, device="cpu", force=True)
                 pick = random.Random(f"{group}/{seed}").choice(names)
-                rand = repair(damaged, [pick], Path(tmp) / "rand.safetensors", verify=verify, config=replace(cfg, baseline="none"),
-                              device="cpu", force=True)
+                rand = repair(
+                    damaged,
+                    [pick],
+                    Path(tmp) / "rand.safetensors",
+                    verify=verify,
+                    config=replace(cfg, baseline="none"),
+                    device="cpu",
+                    force=True,
+                )
                 after = base - drop
                 assert auto.baseline is not None
-                row = {"group": group, "seed": seed, "drop": drop, "flagged": list(auto.plan["groups"]), "random_group": pick,
-                       "auto": arm_row(auto.surgical, base, after), "random": arm_row(rand.surgical, base, after),
-                       "full": arm_row(auto.baseline, base, after)}
+                row = {
+                    "group": group,
+                    "seed": seed,
+                    "drop": drop,
+                    "flagged": list(auto.plan["groups"]),
+                    "random_group": pick,
+                    "auto": arm_row(auto.surgical, base, after),
+                    "random": arm_row(rand.surgical, base, after),
+                    "full": arm_row(auto.baseline, base, after),
+                }
                 rows.append(row)
-                print(f"{group:7s} seed {seed}: drop {100 * drop:.1f} pts; "
-                      + "; ".join(f"{a} ({', '.join(row[a]['groups'])}) recovers {100 * row[a]['recovered']:.0f}%, net {row[a]['net']:+d}, {row[a]['seconds']:.1f} s"
-                                  for a in ("auto", "random", "full")), flush=True)
-    print(f"\n{len(rows)} damaged models (noise), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points")
+                print(
+                    f"{group:7s} seed {seed}: drop {100 * drop:.1f} pts; "
+                    + "; ".join(
+                        f"{a} ({', '.join(row[a]['groups'])}) recovers {100 * row[a]['recovered']:.0f}%, net {row[a]['net']:+d}, {row[a]['seconds']:.1f} s"
+                        for a in ("auto", "random", "full")
+                    ),
+                    flush=True,
+                )
+    print(
+        f"\n{len(rows)} damaged models (noise), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points"
+    )
     print(f"{'arm':7s} {'recovered':>10s} {'net':>14s} {'fixed':>7s} {'broken':>7s} {'params %':>9s} {'seconds':>8s} {'refused':>8s}")
     total = sum(p.numel() for p in session.model.parameters())
     for a in ("auto", "random", "full"):
         rec, net = [r[a]["recovered"] for r in rows], [r[a]["net"] for r in rows]
         sd = f" +- {statistics.stdev(net):.0f}" if len(net) > 1 else ""
-        print(f"{a:7s} {100 * statistics.mean(rec):9.0f}% {statistics.mean(net):+8.1f}{sd:>6s} {statistics.mean(r[a]['fixed'] for r in rows):7.1f} "
-              f"{statistics.mean(r[a]['broken'] for r in rows):7.1f} {100 * statistics.mean(r[a]['trainable'] for r in rows) / total:8.1f}% "
-              f"{statistics.mean(r[a]['seconds'] for r in rows):8.1f} {sum(not r[a]['accepted'] for r in rows):5d}/{len(rows)}")
+        print(
+            f"{a:7s} {100 * statistics.mean(rec):9.0f}% {statistics.mean(net):+8.1f}{sd:>6s} {statistics.mean(r[a]['fixed'] for r in rows):7.1f} "
+            f"{statistics.mean(r[a]['broken'] for r in rows):7.1f} {100 * statistics.mean(r[a]['trainable'] for r in rows) / total:8.1f}% "
+            f"{statistics.mean(r[a]['seconds'] for r in rows):8.1f} {sum(not r[a]['accepted'] for r in rows):5d}/{len(rows)}"
+        )
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"base_accuracy": base, "groups": names, "rows": rows}, indent=2))

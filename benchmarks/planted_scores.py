@@ -54,8 +54,11 @@ def main() -> None:
     for label, fn in CANDIDATES.items():
         out = []
         for part in (True, False):
-            ranks = [int(np.argsort(-fn(m), kind="stable").tolist().index(names.index(r["group"])) + 1)
-                     for r, m in zip(rows, mats) if (r["seed"] in chosen) == part]
+            ranks = [
+                int(np.argsort(-fn(m), kind="stable").tolist().index(names.index(r["group"])) + 1)
+                for r, m in zip(rows, mats)
+                if (r["seed"] in chosen) == part
+            ]
             out += [np.mean([x == 1 for x in ranks]) if ranks else np.nan, np.mean(ranks) if ranks else np.nan]
         print(f"{label:44s} {out[0]:15.2f} {out[1]:10.2f} {out[2]:17.2f} {out[3]:10.2f}")
 

@@ -36,13 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from beta_diag import readers
 from beta_diag import data as data_mod
-from beta_diag import ranking
+from beta_diag import ranking, readers
 from beta_diag import session as session_mod
 from beta_diag.ranking import RankConfig, rank
-from beta_diag.session import DataChoice, Session, open_session
 from beta_diag.runtime import evaluate
+from beta_diag.session import DataChoice, Session, open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -56,8 +55,13 @@ def peak_kib() -> int:
 @contextlib.contextmanager
 def split_timer(log: list[tuple[str, float, int]]) -> Iterator[None]:
     """Wrap the steps rank calls (module attributes looked up at call time); log (step, seconds, peak RSS KiB after it)."""
-    targets = [(data_mod, "load"), (session_mod, "evaluate"), (ranking, "summed_gradient"), (ranking, "per_example_norms"),
-               (ranking, "bootstrap")]
+    targets = [
+        (data_mod, "load"),
+        (session_mod, "evaluate"),
+        (ranking, "summed_gradient"),
+        (ranking, "per_example_norms"),
+        (ranking, "bootstrap"),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets if hasattr(mod, name)]
 
     def wrap(name: str, fn: Callable) -> Callable:
@@ -110,8 +114,12 @@ def baseline(session: Session, ds: data_mod.Dataset) -> tuple[float, float, torc
 def time_cost(limit: int | None) -> None:
     session = open_session(CKPT, "cpu")
     choice = DataChoice("fashion-mnist", "test", limit=limit)
-    evaluate(session.model, data_mod.load(str(ROOT / "sample_checkpoints" / "fmnist_test_3k.safetensors"), "test", limit=64),
-             session.preprocess, CPU)  # warm-up
+    evaluate(
+        session.model,
+        data_mod.load(str(ROOT / "sample_checkpoints" / "fmnist_test_3k.safetensors"), "test", limit=64),
+        session.preprocess,
+        CPU,
+    )  # warm-up
     start = time.perf_counter()
     ds = session.load_data(choice)
     t_load = time.perf_counter() - start
@@ -143,14 +151,20 @@ def time_cost(limit: int | None) -> None:
     t_in = min(floor(session, ds, wrong, weights=False) for _ in range(3))
     t_d = min(before[1], after[1], *(floor(session, ds, wrong) for _ in range(2)))
     t_e = min(before[0], after[0])
-    print(f"anatomy (fastest of the runs): evaluate {t_e:.2f} s; fwd+bwd over the errors {t_d:.2f} s; fwd + bwd to every layer's input, "
-          f"no weight gradients, {t_in:.2f} s = {t_in / t_d:.2f} of fwd+bwd")
-    print(f"  bounds with free per-layer work, / (evaluate + fwd+bwd): 2 passes (errors, correct sample) {(t_e + 2 * t_in) / (t_e + t_d):.2f}; "
-          f"+ the summed-gradient pass coherence needs {(t_e + 2 * t_in + t_d) / (t_e + t_d):.2f}; "
-          f"any exact method vs a loop at (a) = k x (d): a/c <= k / {t_in / t_d:.2f}")
+    print(
+        f"anatomy (fastest of the runs): evaluate {t_e:.2f} s; fwd+bwd over the errors {t_d:.2f} s; fwd + bwd to every layer's input, "
+        f"no weight gradients, {t_in:.2f} s = {t_in / t_d:.2f} of fwd+bwd"
+    )
+    print(
+        f"  bounds with free per-layer work, / (evaluate + fwd+bwd): 2 passes (errors, correct sample) {(t_e + 2 * t_in) / (t_e + t_d):.2f}; "
+        f"+ the summed-gradient pass coherence needs {(t_e + 2 * t_in + t_d) / (t_e + t_d):.2f}; "
+        f"any exact method vs a loop at (a) = k x (d): a/c <= k / {t_in / t_d:.2f}"
+    )
     passes = [(n, sec) for n, sec, _ in log if n.startswith("per_example_norms")]
-    print("  in this rank, per-layer work beyond the forward and backward: " + "; ".join(
-        f"{n} {sec:.2f} s - {t_in:.2f} s = {(sec - t_in) / t_d:.2f} of fwd+bwd" for n, sec in passes))
+    print(
+        "  in this rank, per-layer work beyond the forward and backward: "
+        + "; ".join(f"{n} {sec:.2f} s - {t_in:.2f} s = {(sec - t_in) / t_d:.2f} of fwd+bwd" for n, sec in passes)
+    )
 
 
 def rss_child(n: int) -> None:
@@ -160,8 +174,18 @@ def rss_child(n: int) -> None:
     start = time.perf_counter()
     with split_timer(log):
         result = rank(session, DataChoice("fashion-mnist", "test", limit=n), RankConfig())
-    print(json.dumps({"n": result.examples, "errors": len(result.error_index), "before_kib": before, "peak_kib": peak_kib(),
-                      "seconds": time.perf_counter() - start, "steps": [(name, kib) for name, _, kib in log]}))
+    print(
+        json.dumps(
+            {
+                "n": result.examples,
+                "errors": len(result.error_index),
+                "before_kib": before,
+                "peak_kib": peak_kib(),
+                "seconds": time.perf_counter() - start,
+                "steps": [(name, kib) for name, _, kib in log],
+            }
+        )
+    )
 
 
 def rss_compare(small: int, large: int, threads: int | None) -> None:
@@ -176,15 +200,19 @@ def rss_compare(small: int, large: int, threads: int | None) -> None:
         rows[n] = json.loads(out.strip().splitlines()[-1])
     print(f"  {'images':>7}{'errors':>8}{'peak before rank MiB':>22}{'peak after rank MiB':>21}{'growth MiB':>12}{'rank s':>8}")
     for r in rows.values():
-        print(f"  {r['n']:>7}{r['errors']:>8}{r['before_kib'] / 1024:>22.1f}{r['peak_kib'] / 1024:>21.1f}"
-              f"{(r['peak_kib'] - r['before_kib']) / 1024:>12.1f}{r['seconds']:>8.1f}")
+        print(
+            f"  {r['n']:>7}{r['errors']:>8}{r['before_kib'] / 1024:>22.1f}{r['peak_kib'] / 1024:>21.1f}"
+            f"{(r['peak_kib'] - r['before_kib']) / 1024:>12.1f}{r['seconds']:>8.1f}"
+        )
     for r in rows.values():
         print(f"  n={r['n']}: peak MiB after each step: " + ", ".join(f"{name} {kib / 1024:.0f}" for name, kib in r["steps"]))
     s, big = rows[small], rows[large]
     print(f"peak ratio {large} / {small} = {big['peak_kib'] / s['peak_kib']:.3f}  [goal <= 1.1]")
     if s["errors"] < RankConfig().batch_size:
-        print(f"note: the {small}-image run has {s['errors']} errors, fewer than one attribution batch ({RankConfig().batch_size}), "
-              "so its per_example_norms peak is smaller and the ratio overstates growth with the data size")
+        print(
+            f"note: the {small}-image run has {s['errors']} errors, fewer than one attribution batch ({RankConfig().batch_size}), "
+            "so its per_example_norms peak is smaller and the ratio overstates growth with the data size"
+        )
 
 
 def main() -> int:
@@ -202,8 +230,10 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={args.quick}", flush=True)
     missing = readers.fashion_mnist_missing("test")
     if missing:
-        print(f"SKIPPED: Fashion-MNIST test files {', '.join(missing)}(.gz) not found in {readers.FASHION_MNIST_ROOT}; "
-              "install Debian's dataset-fashion-mnist to run this benchmark")
+        print(
+            f"SKIPPED: Fashion-MNIST test files {', '.join(missing)}(.gz) not found in {readers.FASHION_MNIST_ROOT}; "
+            "install Debian's dataset-fashion-mnist to run this benchmark"
+        )
         return 0
     start = time.perf_counter()
     time_cost(2000 if args.quick else None)

@@ -32,8 +32,7 @@ from pathlib import Path
 
 from planted_faults import SGD, calibrate
 
-from beta_diag import readers
-from beta_diag import data
+from beta_diag import data, readers
 from beta_diag.groups import layer_groups
 from beta_diag.repairing import AutoLayers, RepairConfig, repair
 from beta_diag.session import DataChoice, Session, open_session
@@ -41,12 +40,22 @@ from beta_diag.verdicts import Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "sample_checkpoints"))
-from make_samples import SEED, TRAIN_LIMIT  # noqa: E402  (the permutation the samples and bundles come from)
+from make_samples import SEED, TRAIN_LIMIT
 
 BUNDLE = len(data.load(str(ROOT / "sample_checkpoints" / "fmnist_train_5k.safetensors"), "train"))
 SELECTION = 5_000
 Variant = tuple[float, float]  # (lr, distill)
-GRID: list[Variant] = [(0.01, 0.0), (0.005, 0.0), (0.003, 0.0), (0.001, 0.0), (0.0001, 0.0), (0.01, 1.0), (0.005, 1.0), (0.003, 1.0), (0.002, 1.0)]
+GRID: list[Variant] = [
+    (0.01, 0.0),
+    (0.005, 0.0),
+    (0.003, 0.0),
+    (0.001, 0.0),
+    (0.0001, 0.0),
+    (0.01, 1.0),
+    (0.005, 1.0),
+    (0.003, 1.0),
+    (0.002, 1.0),
+]
 OLD_DEFAULT: Variant = (0.01, 0.0)
 RECOVERY_SLACK = 0.02
 
@@ -92,8 +101,11 @@ def main() -> int:
             config = RepairConfig(epochs=epochs, lr=variant[0], distill=variant[1], seed=seed, auto_layers=AutoLayers.flags)  # as recorded
             return repair(ckpt, layers, out, verify=choice, config=config, device="cpu", force=True).surgical.verify
 
-        print(f"(1) damaged models: {', '.join(groups)} (noise, seed 0), --layers auto, verified on {len(verify_ds)} test images; "
-              f"share of the drop won back", flush=True)
+        print(
+            f"(1) damaged models: {', '.join(groups)} (noise, seed 0), --layers auto, verified on {len(verify_ds)} test images; "
+            f"share of the drop won back",
+            flush=True,
+        )
         damaged = []
         for g in groups:
             _, model, drop = calibrate(session, verify_ds, g, "noise", 0, base)
@@ -102,25 +114,37 @@ def main() -> int:
         for variant in grid:
             shares = [(verdict_of(d, "auto", verify, variant).accuracy_after - (base - drop)) / drop for _, d, drop in damaged]
             recovered[variant] = statistics.mean(shares)
-            print(f"  lr {variant[0]:g}, distill {variant[1]:g}: mean {100 * recovered[variant]:.0f}% ("
-                  + ", ".join(f"{g} {100 * x:.0f}%" for (g, _, _), x in zip(damaged, shares)) + ")", flush=True)
+            print(
+                f"  lr {variant[0]:g}, distill {variant[1]:g}: mean {100 * recovered[variant]:.0f}% ("
+                + ", ".join(f"{g} {100 * x:.0f}%" for (g, _, _), x in zip(damaged, shares))
+                + ")",
+                flush=True,
+            )
         selection = Path(tmp) / "selection.safetensors"
         data.save_bundle(selection, replace(full.subset(index), split="test"))
-        print(f"(2) healthy sample: layer4 + fc, net on {index.numel()} selection images (permutation positions "
-              f"[{TRAIN_LIMIT + BUNDLE}, {TRAIN_LIMIT + BUNDLE + index.numel()})), seeds {seeds}", flush=True)
+        print(
+            f"(2) healthy sample: layer4 + fc, net on {index.numel()} selection images (permutation positions "
+            f"[{TRAIN_LIMIT + BUNDLE}, {TRAIN_LIMIT + BUNDLE + index.numel()})), seeds {seeds}",
+            flush=True,
+        )
         nets: dict[Variant, list[int]] = {}
         for variant in grid:
             nets[variant] = [verdict_of(session, ["layer4", "fc"], DataChoice(str(selection), "test"), variant, seed).net for seed in seeds]
             print(row(f"lr {variant[0]:g}, distill {variant[1]:g}", nets[variant]), flush=True)
         chosen = choose(recovered, nets)
         default = (RepairConfig.lr, RepairConfig.distill)
-        print(f"chosen: lr {chosen[0]:g}, distill {chosen[1]:g} (recovery within {100 * RECOVERY_SLACK:.0f} points of the best "
-              f"{100 * max(recovered.values()):.0f}%, then the highest worst-seed net); "
-              f"RepairConfig's defaults: lr {default[0]:g}, distill {default[1]:g}")
+        print(
+            f"chosen: lr {chosen[0]:g}, distill {chosen[1]:g} (recovery within {100 * RECOVERY_SLACK:.0f} points of the best "
+            f"{100 * max(recovered.values()):.0f}%, then the highest worst-seed net); "
+            f"RepairConfig's defaults: lr {default[0]:g}, distill {default[1]:g}"
+        )
         print("(3) on the verification data, after the choice: net (fixed/broken)")
         final = {}
         for label, variant in (("chosen", chosen), ("old default", OLD_DEFAULT)):
-            places = (("bundle, --layers auto", "auto", verify), ("10k test set, layer4 + fc", ["layer4", "fc"], DataChoice("fashion-mnist", "test")))
+            places = (
+                ("bundle, --layers auto", "auto", verify),
+                ("10k test set, layer4 + fc", ["layer4", "fc"], DataChoice("fashion-mnist", "test")),
+            )
             for where, layers, choice in places:
                 if args.quick and where.startswith("10k"):
                     continue
@@ -130,8 +154,17 @@ def main() -> int:
                 print(row(f"{label}: {where}", [v.net for v in verdicts]) + f"  ({counts})", flush=True)
     print(f"total wall time {time.perf_counter() - start:.0f} s")
     if args.out:
-        args.out.write_text(json.dumps({"recovered": {f"{k[0]}:{k[1]}": v for k, v in recovered.items()},
-                                        "nets": {f"{k[0]}:{k[1]}": v for k, v in nets.items()}, "chosen": chosen, "final": final}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "recovered": {f"{k[0]}:{k[1]}": v for k, v in recovered.items()},
+                    "nets": {f"{k[0]}:{k[1]}": v for k, v in nets.items()},
+                    "chosen": chosen,
+                    "final": final,
+                },
+                indent=2,
+            )
+        )
     if not args.quick and chosen != default:
         print("ERROR: RepairConfig's defaults are not the rule's choice")
         return 1

@@ -42,9 +42,18 @@ def shipped(r: RepairReport) -> dict:
     """What the user gets: the accepted repair's held-out figures, or the original's (net 0)."""
     v, ok = r.surgical.verify, r.accepted
     lo, hi = v.net_interval
-    return {"accepted": ok, "best_epoch": r.surgical.gate.best_epoch, "gate_p": r.surgical.gate.p_value, "groups": list(r.surgical.groups),
-            "accuracy": v.accuracy_after if ok else v.accuracy_before, "net": v.net if ok else 0, "candidate_net": v.net,
-            "candidate_interval": [lo, hi], "candidate_p": v.p_value, "val_net": r.surgical.gate.kept["val_net"]}
+    return {
+        "accepted": ok,
+        "best_epoch": r.surgical.gate.best_epoch,
+        "gate_p": r.surgical.gate.p_value,
+        "groups": list(r.surgical.groups),
+        "accuracy": v.accuracy_after if ok else v.accuracy_before,
+        "net": v.net if ok else 0,
+        "candidate_net": v.net,
+        "candidate_interval": [lo, hi],
+        "candidate_p": v.p_value,
+        "val_net": r.surgical.gate.kept["val_net"],
+    }
 
 
 def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
@@ -53,19 +62,32 @@ def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
         session = open_session(path, "cpu")
         for seed in seeds:
             config = RepairConfig(seed=seed, epochs=1 if quick else RepairConfig.epochs)
-            r = repair(session, "auto", tmp / "h.safetensors", verify=DataChoice(limit=1000 if quick else None, seed=seed), config=config,
-                       device="cpu", force=True)
+            r = repair(
+                session,
+                "auto",
+                tmp / "h.safetensors",
+                verify=DataChoice(limit=1000 if quick else None, seed=seed),
+                config=config,
+                device="cpu",
+                force=True,
+            )
             row = {"sample": name, "seed": seed, **shipped(r)}
             rows.append(row)
             lo, hi = row["candidate_interval"]
-            print(f"{name:4s} seed {seed}: {'SHIPPED' if row['accepted'] else 'kept   '} {'+'.join(row['groups'])}, epoch {row['best_epoch']}, "
-                  f"validation net {row['val_net']:+d} (gate p {row['gate_p']:.3g}); held-out net of that epoch {row['candidate_net']:+d} "
-                  f"(95% {lo:+.0f} to {hi:+.0f}, p {row['candidate_p']:.2g})", flush=True)
+            print(
+                f"{name:4s} seed {seed}: {'SHIPPED' if row['accepted'] else 'kept   '} {'+'.join(row['groups'])}, epoch {row['best_epoch']}, "
+                f"validation net {row['val_net']:+d} (gate p {row['gate_p']:.3g}); held-out net of that epoch {row['candidate_net']:+d} "
+                f"(95% {lo:+.0f} to {hi:+.0f}, p {row['candidate_p']:.2g})",
+                flush=True,
+            )
     kept = sum(not r["accepted"] for r in rows)
     harmful = [r for r in rows if r["accepted"] and r["candidate_interval"][1] < 0]
-    print(f"healthy: {kept} of {len(rows)} runs kept the original; {len(rows) - kept} shipped, "
-          f"{len(harmful)} of them with a held-out net below zero beyond its 95% interval (goal: 0); "
-          f"shipped nets {[r['net'] for r in rows if r['accepted']]}", flush=True)
+    print(
+        f"healthy: {kept} of {len(rows)} runs kept the original; {len(rows) - kept} shipped, "
+        f"{len(harmful)} of them with a held-out net below zero beyond its 95% interval (goal: 0); "
+        f"shipped nets {[r['net'] for r in rows if r['accepted']]}",
+        flush=True,
+    )
     return rows
 
 
@@ -96,20 +118,33 @@ def shifts(seeds: list[int], shift_names: list[str], quick: bool, tmp: Path) -> 
                 return {**out, "recovered": (out["accuracy"] - shifted) / (clean_acc - shifted)}
 
             per_group = {} if quick else {g: run([g]) for g in names}
-            row = {"shift": shift, "seed": seed, "clean_accuracy": clean_acc, "shifted_accuracy": shifted, "auto": run("auto"), "full": run(names),
-                   "per_group": per_group, "auto_rgn_top": rgn_top}
+            row = {
+                "shift": shift,
+                "seed": seed,
+                "clean_accuracy": clean_acc,
+                "shifted_accuracy": shifted,
+                "auto": run("auto"),
+                "full": run(names),
+                "per_group": per_group,
+                "auto_rgn_top": rgn_top,
+            }
             row["oracle"] = max(per_group, key=lambda g: per_group[g]["accuracy"]) if per_group else None
             rows.append(row)
             oracle = f"; oracle {row['oracle']} {100 * per_group[row['oracle']]['accuracy']:.2f}%" if per_group else ""
             rgn = f", Auto-RGN's {rgn_top} {100 * per_group[rgn_top]['accuracy']:.2f}%" if per_group else f", Auto-RGN top {rgn_top}"
-            print(f"{shift:9s} seed {seed}: {100 * clean_acc:.1f}% -> {100 * shifted:.1f}% shifted; shipped: auto ({'+'.join(row['auto']['groups'])}"
-                  f"{'' if row['auto']['accepted'] else ', kept'}) {100 * row['auto']['accuracy']:.2f}%, full"
-                  f"{'' if row['full']['accepted'] else ' (kept)'} {100 * row['full']['accuracy']:.2f}%{oracle}{rgn}", flush=True)
+            print(
+                f"{shift:9s} seed {seed}: {100 * clean_acc:.1f}% -> {100 * shifted:.1f}% shifted; shipped: auto ({'+'.join(row['auto']['groups'])}"
+                f"{'' if row['auto']['accepted'] else ', kept'}) {100 * row['auto']['accuracy']:.2f}%, full"
+                f"{'' if row['full']['accepted'] else ' (kept)'} {100 * row['full']['accuracy']:.2f}%{oracle}{rgn}",
+                flush=True,
+            )
     wins = sum(r["auto"]["accuracy"] >= r["full"]["accuracy"] for r in rows)
-    print(f"shifts: auto at least the full fine-tune's held-out accuracy in {wins} of {len(rows)} runs; mean auto "
-          f"{100 * statistics.mean(r['auto']['accuracy'] for r in rows):.2f}%, full {100 * statistics.mean(r['full']['accuracy'] for r in rows):.2f}%"
-          + (f", oracle {100 * statistics.mean(r['per_group'][r['oracle']]['accuracy'] for r in rows):.2f}%" if rows[0]["per_group"] else ""),
-          flush=True)
+    print(
+        f"shifts: auto at least the full fine-tune's held-out accuracy in {wins} of {len(rows)} runs; mean auto "
+        f"{100 * statistics.mean(r['auto']['accuracy'] for r in rows):.2f}%, full {100 * statistics.mean(r['full']['accuracy'] for r in rows):.2f}%"
+        + (f", oracle {100 * statistics.mean(r['per_group'][r['oracle']]['accuracy'] for r in rows):.2f}%" if rows[0]["per_group"] else ""),
+        flush=True,
+    )
     return rows
 
 
@@ -122,8 +157,15 @@ def main() -> None:
     parser.add_argument("--shifts", default=",".join(SHIFTS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    print("command: python benchmarks/repair_gate.py" + (" --quick" if args.quick else f" --part {args.part} --seeds {args.seeds} "
-          f"--shift-seeds {args.shift_seeds} --shifts {args.shifts}"), flush=True)
+    print(
+        "command: python benchmarks/repair_gate.py"
+        + (
+            " --quick"
+            if args.quick
+            else f" --part {args.part} --seeds {args.seeds} --shift-seeds {args.shift_seeds} --shifts {args.shifts}"
+        ),
+        flush=True,
+    )
     start = time.perf_counter()
     parts = args.part.split(",")
     result = {}
@@ -131,8 +173,12 @@ def main() -> None:
         if "healthy" in parts:
             result["healthy"] = healthy([0] if args.quick else [int(s) for s in args.seeds.split(",")], args.quick, Path(tmp))
         if "shifts" in parts:
-            result["shifts"] = shifts([0] if args.quick else [int(s) for s in args.shift_seeds.split(",")],
-                                      ["invert"] if args.quick else args.shifts.split(","), args.quick, Path(tmp))
+            result["shifts"] = shifts(
+                [0] if args.quick else [int(s) for s in args.shift_seeds.split(",")],
+                ["invert"] if args.quick else args.shifts.split(","),
+                args.quick,
+                Path(tmp),
+            )
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

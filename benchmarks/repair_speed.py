@@ -50,11 +50,19 @@ def main() -> None:
     parser.add_argument("--interpolate", action="store_true")
     parser.add_argument("--distill", type=float, default=RepairConfig.distill)
     parser.add_argument("--lr", type=float, default=RepairConfig.lr, help="repair --lr (the figures before 2026-11-24 used 0.01)")
-    parser.add_argument("--repeats", type=int, default=1, help="time layer4 + fc vs the full fine-tune this often, interleaved; print the median")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="time layer4 + fc vs the full fine-tune this often, interleaved; print the median"
+    )
     args = parser.parse_args()
-    print("command: python benchmarks/repair_speed.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}"
-          + (" --interpolate" if args.interpolate else "") + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
-          + (f" --repeats {args.repeats}" if args.repeats > 1 else "") + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else ""))
+    print(
+        "command: python benchmarks/repair_speed.py"
+        + (" --quick" if args.quick else "")
+        + f" --seeds {args.seeds}"
+        + (" --interpolate" if args.interpolate else "")
+        + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
+        + (f" --repeats {args.repeats}" if args.repeats > 1 else "")
+        + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else "")
+    )
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     verify = DataChoice(limit=1000 if args.quick else None)
     epochs = 1 if args.quick else RepairConfig.epochs
@@ -62,40 +70,64 @@ def main() -> None:
         ratios = []
         for _ in range(args.repeats):
             config = RepairConfig(epochs=epochs, lr=args.lr, baseline="full", distill=args.distill, accept_p=1.0)  # timing, not the gate
-            r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=config,
-                       device="cpu", force=True)
+            r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=config, device="cpu", force=True)
             s, f = r.surgical, r.baseline
             assert f is not None
             ratios.append(s.seconds / f.seconds)
             gate = sum(h["val_seconds"] for h in s.history)
-            print(f"layer4+fc: the gate's per-epoch validation {gate:.2f} s of {s.seconds:.1f} s: adds {100 * gate / (s.seconds - gate):.1f}% (goal <= 10%)")
-            print(f"layer4+fc: {100 * r.plan['fraction']:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
-                  f"full fine-tune {f.seconds:.1f} s (net {f.verify.net:+d}); wall-clock ratio {ratios[-1]:.3f}x (goal <= 0.25x)", flush=True)
+            print(
+                f"layer4+fc: the gate's per-epoch validation {gate:.2f} s of {s.seconds:.1f} s: adds {100 * gate / (s.seconds - gate):.1f}% (goal <= 10%)"
+            )
+            print(
+                f"layer4+fc: {100 * r.plan['fraction']:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
+                f"full fine-tune {f.seconds:.1f} s (net {f.verify.net:+d}); wall-clock ratio {ratios[-1]:.3f}x (goal <= 0.25x)",
+                flush=True,
+            )
         if len(ratios) > 1:
             print(f"median ratio of {len(ratios)} runs: {statistics.median(ratios):.3f}x")
         every = [g.name for g in layer_groups(open_session(SGD, "cpu").model)]
         calls = {}
         for name, layers in (("layer4+fc", ["layer4", "fc"]), ("every group", every)):
             start = time.perf_counter()
-            repair(SGD, layers, Path(tmp) / "e.safetensors", verify=verify, config=RepairConfig(epochs=epochs, lr=args.lr, distill=args.distill), device="cpu", force=True)
+            repair(
+                SGD,
+                layers,
+                Path(tmp) / "e.safetensors",
+                verify=verify,
+                config=RepairConfig(epochs=epochs, lr=args.lr, distill=args.distill),
+                device="cpu",
+                force=True,
+            )
             calls[name] = time.perf_counter() - start
-        print(f"end to end: repair --layers layer4,fc {calls['layer4+fc']:.1f} s; --layers {','.join(every)} {calls['every group']:.1f} s; "
-              f"ratio {calls['layer4+fc'] / calls['every group']:.3f}x")
+        print(
+            f"end to end: repair --layers layer4,fc {calls['layer4+fc']:.1f} s; --layers {','.join(every)} {calls['every group']:.1f} s; "
+            f"ratio {calls['layer4+fc'] / calls['every group']:.3f}x"
+        )
         nets = []
         for seed in seeds:
             choice = DataChoice(limit=verify.limit, seed=seed)
-            r = repair(SGD, "auto", Path(tmp) / f"s{seed}.safetensors", verify=choice,
-                       config=RepairConfig(epochs=epochs, lr=args.lr, seed=seed, distill=args.distill), device="cpu")
+            r = repair(
+                SGD,
+                "auto",
+                Path(tmp) / f"s{seed}.safetensors",
+                verify=choice,
+                config=RepairConfig(epochs=epochs, lr=args.lr, seed=seed, distill=args.distill),
+                device="cpu",
+            )
             v = r.surgical.verify
             nets.append(v.net)
             if args.interpolate and r.accepted:  # a refused repair writes nothing to interpolate to
                 nets_at = interpolated_nets(r, (0.25, 0.5, 0.75), choice)
                 print(f"seed {seed} interpolated: " + "; ".join(f"a={a}: net {net:+d}" for a, net in nets_at.items()))
-            print(f"seed {seed}: layers {', '.join(r.plan['groups'])} ({100 * r.plan['fraction']:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
-                  f"{100 * v.accuracy_after:.2f}%, fixed {v.fixed}, broken {v.broken}, net {v.net:+d}, {r.surgical.seconds:.1f} s"
-                  + ("" if r.accepted else f" (refused by the gate: {r.surgical.gate.reason})"))
+            print(
+                f"seed {seed}: layers {', '.join(r.plan['groups'])} ({100 * r.plan['fraction']:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
+                f"{100 * v.accuracy_after:.2f}%, fixed {v.fixed}, broken {v.broken}, net {v.net:+d}, {r.surgical.seconds:.1f} s"
+                + ("" if r.accepted else f" (refused by the gate: {r.surgical.gate.reason})")
+            )
         spread = f" +- {statistics.stdev(nets):.1f}" if len(nets) > 1 else ""
-        print(f"default repair net over {len(nets)} seed(s): mean {statistics.mean(nets):+.1f}{spread}, min {min(nets):+d}, max {max(nets):+d}")
+        print(
+            f"default repair net over {len(nets)} seed(s): mean {statistics.mean(nets):+.1f}{spread}, min {min(nets):+d}, max {max(nets):+d}"
+        )
 
 
 if __name__ == "__main__":

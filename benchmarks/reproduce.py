@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_checkpoints"
 TEST_BUNDLE, REPAIR_BUNDLE = SAMPLES / "fmnist_test_3k.safetensors", SAMPLES / "fmnist_train_5k.safetensors"
 THRESHOLDS = (0.85, 0.88)  # fixed before the first full run
-SGD = dict(lr=0.05, optimizer=OptimizerName.sgd, weight_decay=5e-4)
+SGD = {"lr": 0.05, "optimizer": OptimizerName.sgd, "weight_decay": 5e-4}
 METHODS = {
     "constant": TrainConfig(momentum=MomentumSchedule.constant, **SGD),
     "beta": TrainConfig(momentum=MomentumSchedule.beta, **SGD),
@@ -62,7 +62,10 @@ def run(work: Path, bundle: Path, method: str, seed: int, epochs: int) -> Path:
         config = replace(METHODS[method], epochs=epochs, seed=seed, device="cpu")
         result = train("resnet18_cifar", str(bundle), str(TEST_BUNDLE), arch_kwargs={"width": 16}, config=config)
         checkpoint.save(path, result.model.state_dict(), result.metadata)
-        print(f"trained {method} seed {seed}: {100 * result.metadata.history[-1]['test_acc']:.2f}% in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"trained {method} seed {seed}: {100 * result.metadata.history[-1]['test_acc']:.2f}% in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
     return path
 
 
@@ -98,11 +101,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".work")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figures", type=Path)
-    parser.add_argument("--repair-lr", type=float, default=RepairConfig.lr,
-                        help="LR of the default repair (the recorded run used 0.01, the default then)")
+    parser.add_argument(
+        "--repair-lr", type=float, default=RepairConfig.lr, help="LR of the default repair (the recorded run used 0.01, the default then)"
+    )
     args = parser.parse_args()
-    print("command: python benchmarks/reproduce.py" + (" --quick" if args.quick else f" --seeds {args.seeds}")
-          + (f" --repair-lr {args.repair_lr:g}" if args.repair_lr != RepairConfig.lr else ""), flush=True)
+    print(
+        "command: python benchmarks/reproduce.py"
+        + (" --quick" if args.quick else f" --seeds {args.seeds}")
+        + (f" --repair-lr {args.repair_lr:g}" if args.repair_lr != RepairConfig.lr else ""),
+        flush=True,
+    )
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     images, epochs = (600, 2) if args.quick else (8000, 10)
@@ -118,35 +126,69 @@ def main() -> None:
             history = list(ckpt.metadata.history)
             session = open_session(ckpt, "cpu")
             full = session.evaluate(data.load("fashion-mnist", "test", limit=1000 if args.quick else None)).accuracy
-            results["runs"].setdefault(m, []).append({"seed": seed, "history": history, "final_3k": history[-1]["test_acc"],
-                                                      "final_full_test": full, "regimes": regime_fractions(history)})
+            results["runs"].setdefault(m, []).append(
+                {
+                    "seed": seed,
+                    "history": history,
+                    "final_3k": history[-1]["test_acc"],
+                    "final_full_test": full,
+                    "regimes": regime_fractions(history),
+                }
+            )
         c = compare([paths["beta"], paths["adam"]], verify, RankConfig(bootstrap=0 if args.quick else 200), device="cpu")
         pair, (sgd_r, adam_r) = c.pairs[0], c.rankings
-        r = repair(paths["beta"], "auto", work / f"beta_s{seed}.repaired.safetensors", train=DataChoice(spec=str(REPAIR_BUNDLE)),
-                   verify=verify, config=RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.repair_lr, seed=seed),
-                   device="cpu", force=True)
+        r = repair(
+            paths["beta"],
+            "auto",
+            work / f"beta_s{seed}.repaired.safetensors",
+            train=DataChoice(spec=str(REPAIR_BUNDLE)),
+            verify=verify,
+            config=RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.repair_lr, seed=seed),
+            device="cpu",
+            force=True,
+        )
         v = r.surgical.verify
-        results["per_seed"].append({
-            "seed": seed, "sgd_flagged": list(sgd_r.flagged), "adam_flagged": list(adam_r.flagged), "jaccard": pair.jaccard,
-            "spearman": pair.spearman, "overlap": {str(k): x for k, x in pair.overlap.items()},
-            "repair": {"groups": list(r.plan["groups"]), "fraction": r.plan["fraction"], "accepted": r.accepted, "fixed": v.fixed, "broken": v.broken, "net": v.net,
-                       "seconds": r.surgical.seconds},
-        })
-        print(f"seed {seed}: SGD flags {', '.join(sgd_r.flagged)}; Adam flags {', '.join(adam_r.flagged)}; Jaccard {pair.jaccard:.2f}; "
-              f"repair {', '.join(r.plan['groups'])} ({100 * r.plan['fraction']:.1f}%): fixed {v.fixed}, broken {v.broken}, net {v.net:+d}"
-              + ("" if r.accepted else " (not written: the gate kept the original)"), flush=True)
+        results["per_seed"].append(
+            {
+                "seed": seed,
+                "sgd_flagged": list(sgd_r.flagged),
+                "adam_flagged": list(adam_r.flagged),
+                "jaccard": pair.jaccard,
+                "spearman": pair.spearman,
+                "overlap": {str(k): x for k, x in pair.overlap.items()},
+                "repair": {
+                    "groups": list(r.plan["groups"]),
+                    "fraction": r.plan["fraction"],
+                    "accepted": r.accepted,
+                    "fixed": v.fixed,
+                    "broken": v.broken,
+                    "net": v.net,
+                    "seconds": r.surgical.seconds,
+                },
+            }
+        )
+        print(
+            f"seed {seed}: SGD flags {', '.join(sgd_r.flagged)}; Adam flags {', '.join(adam_r.flagged)}; Jaccard {pair.jaccard:.2f}; "
+            f"repair {', '.join(r.plan['groups'])} ({100 * r.plan['fraction']:.1f}%): fixed {v.fixed}, broken {v.broken}, net {v.net:+d}"
+            + ("" if r.accepted else " (not written: the gate kept the original)"),
+            flush=True,
+        )
     print(f"\n{len(seeds)} seed(s), {images} training images, {epochs} epochs; test accuracy per epoch on the 3k test bundle")
     t1, t2 = (f"ep>={100 * t:.0f}%" for t in THRESHOLDS)
     print(f"{'method':9s} {t1:>16s} {t2:>16s} {'final (3k)':>16s} {'final (10k)':>16s}  regimes (under/critical/over)")
     for m, runs in results["runs"].items():
         regimes = {k: statistics.mean(r["regimes"][k] for r in runs) for k in ("underdamped", "critical", "overdamped")}
-        print(f"{m:9s} {summarise([epochs_to(r['history'], THRESHOLDS[0]) for r in runs]):>16s} "
-              f"{summarise([epochs_to(r['history'], THRESHOLDS[1]) for r in runs]):>16s} "
-              f"{summarise([100 * r['final_3k'] for r in runs]):>16s} {summarise([100 * r['final_full_test'] for r in runs]):>16s}  "
-              + " / ".join(f"{100 * regimes[k]:.0f}%" for k in ("underdamped", "critical", "overdamped")))
+        print(
+            f"{m:9s} {summarise([epochs_to(r['history'], THRESHOLDS[0]) for r in runs]):>16s} "
+            f"{summarise([epochs_to(r['history'], THRESHOLDS[1]) for r in runs]):>16s} "
+            f"{summarise([100 * r['final_3k'] for r in runs]):>16s} {summarise([100 * r['final_full_test'] for r in runs]):>16s}  "
+            + " / ".join(f"{100 * regimes[k]:.0f}%" for k in ("underdamped", "critical", "overdamped"))
+        )
     nets = [s["repair"]["net"] for s in results["per_seed"]]
-    print(f"SGD/Adam flagged-set Jaccard per seed: {[round(s['jaccard'], 2) for s in results['per_seed']]}; "
-          f"default repair net per seed: {nets} (mean {statistics.mean(nets):+.1f})")
+    print(
+        f"SGD/Adam flagged-set Jaccard per seed: {[round(s['jaccard'], 2) for s in results['per_seed']]}; "
+        f"default repair net per seed: {nets} (mean {statistics.mean(nets):+.1f})"
+    )
     results["wall_seconds"] = time.perf_counter() - start
     print(f"wall time {results['wall_seconds']:.0f} s")
     if args.out:

@@ -45,6 +45,7 @@ def _pixels(f: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> Calla
     def shift(ds: Dataset, seed: int) -> Dataset:
         x = f(ds.images.float(), torch.Generator().manual_seed(seed)).round().clamp(0, 255).to(torch.uint8)
         return replace(ds, images=x)
+
     return shift
 
 
@@ -93,10 +94,17 @@ def main() -> None:
             rgn = auto_rgn(session, verify_ds, groups)
 
             def recovery(layers: list[str]) -> dict:
-                out = repair(session, layers, Path(tmp) / "x.safetensors", train=train, verify=verify, config=config, device="cpu", force=True)
+                out = repair(
+                    session, layers, Path(tmp) / "x.safetensors", train=train, verify=verify, config=config, device="cpu", force=True
+                )
                 v = out.surgical.verify
-                return {"groups": layers, "accuracy": v.accuracy_after, "recovered": (v.accuracy_after - shifted) / (clean_acc - shifted),
-                        "net": v.net, "trainable": out.surgical.trainable}
+                return {
+                    "groups": layers,
+                    "accuracy": v.accuracy_after,
+                    "recovered": (v.accuracy_after - shifted) / (clean_acc - shifted),
+                    "net": v.net,
+                    "trainable": out.surgical.trainable,
+                }
 
             per_group = {g: recovery([g]) for g in (names[:1] + names[-1:] if args.quick else names)}
             oracle = max(per_group, key=lambda g: per_group[g]["recovered"])
@@ -108,23 +116,43 @@ def main() -> None:
                     done[tuple(chosen)] = recovery(chosen)
                 auto[p] = done[tuple(chosen)]
             full = recovery(names)
-            row = {"shift": shift, "clean_accuracy": clean_acc, "shifted_accuracy": shifted, "oracle": oracle,
-                   "drift_suspect": r.drift.suspect if r.drift else None, "drift_margin": r.drift.margin if r.drift else None,
-                   "coherence_top": r.groups[0].name, "flagged": list(r.flagged), "auto_rgn_top": names[int(np.argmax(rgn))],
-                   "per_group": per_group, "auto": auto, "full": full}
+            row = {
+                "shift": shift,
+                "clean_accuracy": clean_acc,
+                "shifted_accuracy": shifted,
+                "oracle": oracle,
+                "drift_suspect": r.drift.suspect if r.drift else None,
+                "drift_margin": r.drift.margin if r.drift else None,
+                "coherence_top": r.groups[0].name,
+                "flagged": list(r.flagged),
+                "auto_rgn_top": names[int(np.argmax(rgn))],
+                "per_group": per_group,
+                "auto": auto,
+                "full": full,
+            }
             rows.append(row)
-            print(f"{shift:9s} accuracy {100 * clean_acc:.1f}% -> {100 * shifted:.1f}%; oracle {oracle} "
-                  f"({100 * per_group[oracle]['recovered']:.0f}%); drift suspect {row['drift_suspect']} "
-                  f"(x{row['drift_margin'] or 0:,.0f}), coherence top {row['coherence_top']}, Auto-RGN top {row['auto_rgn_top']}; "
-                  + ", ".join(f"{g} {100 * v['recovered']:.0f}%" for g, v in per_group.items())
-                  + "; " + ", ".join(f"auto/{p} ({'+'.join(v['groups'])}) {100 * v['recovered']:.0f}%" for p, v in auto.items())
-                  + f"; full {100 * full['recovered']:.0f}%", flush=True)
-    print(f"\n{'shift':9s} {'drop':>6s} {'oracle':>7s} {'drift':>7s} {'coherence':>9s} {'Auto-RGN':>8s} "
-          + " ".join(f"{'auto/' + p.value:>13s}" for p in AutoLayers) + f" {'oracle rec.':>11s} {'full rec.':>9s}")
+            print(
+                f"{shift:9s} accuracy {100 * clean_acc:.1f}% -> {100 * shifted:.1f}%; oracle {oracle} "
+                f"({100 * per_group[oracle]['recovered']:.0f}%); drift suspect {row['drift_suspect']} "
+                f"(x{row['drift_margin'] or 0:,.0f}), coherence top {row['coherence_top']}, Auto-RGN top {row['auto_rgn_top']}; "
+                + ", ".join(f"{g} {100 * v['recovered']:.0f}%" for g, v in per_group.items())
+                + "; "
+                + ", ".join(f"auto/{p} ({'+'.join(v['groups'])}) {100 * v['recovered']:.0f}%" for p, v in auto.items())
+                + f"; full {100 * full['recovered']:.0f}%",
+                flush=True,
+            )
+    print(
+        f"\n{'shift':9s} {'drop':>6s} {'oracle':>7s} {'drift':>7s} {'coherence':>9s} {'Auto-RGN':>8s} "
+        + " ".join(f"{'auto/' + p.value:>13s}" for p in AutoLayers)
+        + f" {'oracle rec.':>11s} {'full rec.':>9s}"
+    )
     for row in rows:
-        print(f"{row['shift']:9s} {100 * (row['clean_accuracy'] - row['shifted_accuracy']):6.1f} {row['oracle']:>7s} {str(row['drift_suspect']):>7s} "
-              f"{row['coherence_top']:>9s} {row['auto_rgn_top']:>8s} " + " ".join(f"{100 * row['auto'][p.value]['recovered']:12.0f}%" for p in AutoLayers)
-              + f" {100 * row['per_group'][row['oracle']]['recovered']:10.0f}% {100 * row['full']['recovered']:8.0f}%")
+        print(
+            f"{row['shift']:9s} {100 * (row['clean_accuracy'] - row['shifted_accuracy']):6.1f} {row['oracle']:>7s} {row['drift_suspect']!s:>7s} "
+            f"{row['coherence_top']:>9s} {row['auto_rgn_top']:>8s} "
+            + " ".join(f"{100 * row['auto'][p.value]['recovered']:12.0f}%" for p in AutoLayers)
+            + f" {100 * row['per_group'][row['oracle']]['recovered']:10.0f}% {100 * row['full']['recovered']:8.0f}%"
+        )
     print(f"wall time {time.perf_counter() - start:.0f} s")
     if args.out:
         args.out.write_text(json.dumps({"groups": names, "rows": rows}, indent=2))

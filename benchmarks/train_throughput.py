@@ -34,8 +34,10 @@ def main() -> None:
     start = time.perf_counter()
     evaluate(model, ds, pre, resolve_device("cpu"))
     eval_s = time.perf_counter() - start
-    print(f"train: {len(ds) / train_s:.0f} images/s ({train_s:.1f} s); inference: {len(ds) / eval_s:.0f} images/s; "
-          f"training costs {train_s / eval_s:.2f}x inference")
+    print(
+        f"train: {len(ds) / train_s:.0f} images/s ({train_s:.1f} s); inference: {len(ds) / eval_s:.0f} images/s; "
+        f"training costs {train_s / eval_s:.2f}x inference"
+    )
 
 
 if __name__ == "__main__":

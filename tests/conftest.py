@@ -16,7 +16,12 @@ SAMPLES = REPO / "sample_checkpoints"
 
 
 def make_images(
-    n: int, classes: int = 4, size: int = 8, channels: int = 1, seed: int = 0, label_noise: float = 0.0,
+    n: int,
+    classes: int = 4,
+    size: int = 8,
+    channels: int = 1,
+    seed: int = 0,
+    label_noise: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable synthetic images: class c lights up quadrant c (plus noise). uint8 (N, C, H, W).
 
@@ -52,7 +57,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_file = write_bundle(root / "train.safetensors", 256, seed=1, label_noise=0.1)
     test_file = write_bundle(root / "test.safetensors", 128, seed=2, label_noise=0.15)
     result = train(
-        "resnet18_cifar", str(train_file), str(test_file), {"width": 4}, TrainConfig(epochs=4, batch_size=32, lr=0.05, device="cpu"),
+        "resnet18_cifar",
+        str(train_file),
+        str(test_file),
+        {"width": 4},
+        TrainConfig(epochs=4, batch_size=32, lr=0.05, device="cpu"),
     )
     ckpt = root / "tiny.safetensors"
     checkpoint.save(ckpt, result.model.state_dict(), result.metadata)

@@ -44,14 +44,19 @@ CASES = {
     # layer-scale parameter owned by each block (the fallback) in the blocks
     "convnext": (
         lambda: torchvision.models.convnext.ConvNeXt(
-            [torchvision.models.convnext.CNBlockConfig(8, 16, 1), torchvision.models.convnext.CNBlockConfig(16, None, 1)], num_classes=4,
+            [torchvision.models.convnext.CNBlockConfig(8, 16, 1), torchvision.models.convnext.CNBlockConfig(16, None, 1)],
+            num_classes=4,
         ),
-        3, 16,
+        3,
+        16,
     ),
     # attention weights used without calling their module, a class token owned by the root: the fallback
     "vision transformer": (
-        lambda: torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=4),
-        3, 8,
+        lambda: torchvision.models.VisionTransformer(
+            image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=4
+        ),
+        3,
+        8,
     ),
 }
 

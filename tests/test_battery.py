@@ -75,7 +75,9 @@ def resnet20(t: dict[str, Path], tmp: Path) -> Path:
 
 
 def empty_bundle(t: dict[str, Path], tmp: Path) -> Path:
-    save_file({"images": torch.zeros(0, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.long)}, str(tmp / "empty.safetensors"))
+    save_file(
+        {"images": torch.zeros(0, 1, 8, 8, dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.long)}, str(tmp / "empty.safetensors")
+    )
     return tmp / "empty.safetensors"
 
 
@@ -88,25 +90,66 @@ def one_class(t: dict[str, Path], tmp: Path) -> Path:
 CASES: dict[str, tuple[Case, int]] = {
     "missing file": (lambda t, d: (["info", d / "nope.safetensors"], "no such file: check the path"), 1),
     "empty file": (lambda t, d: (["rank", raw(d, "empty.safetensors", b"")], "file is empty or truncated (0 bytes)"), 1),
-    "truncated safetensors": (lambda t, d: (["rank", raw(d, "cut.safetensors", t["ckpt"].read_bytes()[:5000])], "re-save or re-download it"), 1),
-    "text file named .safetensors": (lambda t, d: (["compare", raw(d, "notes.safetensors", b"hello world, not weights"), t["ckpt"]], "not a safetensors file"), 1),
-    "huge header": (lambda t, d: (["info", raw(d, "huge.safetensors", struct.pack("<Q", 1 << 40) + b"{}")], "header claims 1099511627776 bytes"), 1),
-    "malformed header": (lambda t, d: (["info", raw(d, "bad.safetensors", struct.pack("<Q", 9) + b"{not json")], "not a readable safetensors file"), 1),
-    "metadata of the wrong type": (lambda t, d: (["info", copy_ckpt(t, d, "m.safetensors", meta={"num_classes": '"ten"'})], "metadata 'num_classes' must be a positive integer"), 1),
-    "unknown architecture in metadata": (lambda t, d: (["rank", copy_ckpt(t, d, "m.safetensors", meta={"arch": "resnet19"})], "unknown architecture 'resnet19'"), 1),
-    "code named in metadata": (lambda t, d: (["rank", copy_ckpt(t, d, "m.safetensors", meta={"arch": "os:system"})], "never runs code a file names"), 1),
+    "truncated safetensors": (
+        lambda t, d: (["rank", raw(d, "cut.safetensors", t["ckpt"].read_bytes()[:5000])], "re-save or re-download it"),
+        1,
+    ),
+    "text file named .safetensors": (
+        lambda t, d: (["compare", raw(d, "notes.safetensors", b"hello world, not weights"), t["ckpt"]], "not a safetensors file"),
+        1,
+    ),
+    "huge header": (
+        lambda t, d: (["info", raw(d, "huge.safetensors", struct.pack("<Q", 1 << 40) + b"{}")], "header claims 1099511627776 bytes"),
+        1,
+    ),
+    "malformed header": (
+        lambda t, d: (["info", raw(d, "bad.safetensors", struct.pack("<Q", 9) + b"{not json")], "not a readable safetensors file"),
+        1,
+    ),
+    "metadata of the wrong type": (
+        lambda t, d: (
+            ["info", copy_ckpt(t, d, "m.safetensors", meta={"num_classes": '"ten"'})],
+            "metadata 'num_classes' must be a positive integer",
+        ),
+        1,
+    ),
+    "unknown architecture in metadata": (
+        lambda t, d: (["rank", copy_ckpt(t, d, "m.safetensors", meta={"arch": "resnet19"})], "unknown architecture 'resnet19'"),
+        1,
+    ),
+    "code named in metadata": (
+        lambda t, d: (["rank", copy_ckpt(t, d, "m.safetensors", meta={"arch": "os:system"})], "never runs code a file names"),
+        1,
+    ),
     "pickle holding code": (lambda t, d: (["info", evil_pt(t, d)], "refused: the file holds Python objects beyond plain tensors"), 1),
-    ".pt without tensors": (lambda t, d: (["info", (torch.save({"a": 1}, d / "x.pt"), d / "x.pt")[1]], "does not hold a state dict of tensors"), 1),
+    ".pt without tensors": (
+        lambda t, d: (["info", (torch.save({"a": 1}, d / "x.pt"), d / "x.pt")[1]], "does not hold a state dict of tensors"),
+        1,
+    ),
     "folder without model.safetensors": (lambda t, d: (["info", d], "folder has no model.safetensors"), 1),
     "key mismatch": (lambda t, d: (["rank", t["ckpt"], "--arch", "resnet20_cifar"], "weights do not match architecture"), 1),
     "shape mismatch": (lambda t, d: (["rank", t["ckpt"], "--arch-arg", "width=8"], "weight shape(s) differ"), 1),
     "malformed --arch-arg": (lambda t, d: (["rank", t["ckpt"], "--arch-arg", "width"], "is not KEY=VALUE"), 1),
-    "NaN weights": (lambda t, d: (["rank", copy_ckpt(t, d, "nan.safetensors", edit=lambda s: {**s, "fc.bias": torch.full_like(s["fc.bias"], float("nan"))})],
-                                 "NaN/Inf values (fc: 4)"), 1),
-    "labels beyond the classes": (lambda t, d: (["rank", t["ckpt"], "--data", write_bundle(d / "b.safetensors", 24, classes=12)], "has label 11 but the model has 4 classes"), 1),
+    "NaN weights": (
+        lambda t, d: (
+            ["rank", copy_ckpt(t, d, "nan.safetensors", edit=lambda s: {**s, "fc.bias": torch.full_like(s["fc.bias"], float("nan"))})],
+            "NaN/Inf values (fc: 4)",
+        ),
+        1,
+    ),
+    "labels beyond the classes": (
+        lambda t, d: (
+            ["rank", t["ckpt"], "--data", write_bundle(d / "b.safetensors", 24, classes=12)],
+            "has label 11 but the model has 4 classes",
+        ),
+        1,
+    ),
     "empty data": (lambda t, d: (["rank", t["ckpt"], "--data", empty_bundle(t, d)], "holds no examples"), 1),
     "one-class data": (lambda t, d: (["rank", t["ckpt"], "--data", one_class(t, d)], "holds only 1 class(es)"), 1),
-    "corrupt image in an ImageFolder": (lambda t, d: (["rank", t["ckpt"], "--data", f"imagefolder:{corrupt_imagefolder(t, d)}"], "cannot decode image"), 1),
+    "corrupt image in an ImageFolder": (
+        lambda t, d: (["rank", t["ckpt"], "--data", f"imagefolder:{corrupt_imagefolder(t, d)}"], "cannot decode image"),
+        1,
+    ),
     "unknown data spec": (lambda t, d: (["rank", t["ckpt"], "--data", "mnist++"], "unknown data spec 'mnist++'"), 1),
     "missing CIFAR folder": (lambda t, d: (["rank", t["ckpt"], "--data", f"cifar10:{d}"], "missing test_batch, batches.meta"), 1),
     "unknown split": (lambda t, d: (["rank", t["ckpt"], "--split", "validation"], "unknown split 'validation': use train or test"), 1),
@@ -114,14 +157,32 @@ CASES: dict[str, tuple[Case, int]] = {
     "--top-k beyond the groups": (lambda t, d: (["rank", t["ckpt"], "--top-k", "99"], "--top-k 99: there are 7 groups"), 1),
     "--groups matching nothing": (lambda t, d: (["rank", t["ckpt"], "--groups", "head*"], "--groups head* matches no group"), 1),
     "output folder missing": (lambda t, d: (["rank", t["ckpt"], "--out", d / "no" / "r.json"], "folder does not exist"), 1),
-    "output equal to input": (lambda t, d: (["repair", t["ckpt"], "--layers", "fc", "-o", t["ckpt"]], "output would overwrite an input"), 1),
-    "output exists": (lambda t, d: (["repair", t["ckpt"], "--layers", "fc", "-o", raw(d, "keep.safetensors", b"mine")], "already exists"), 1),
-    "--layers naming nothing valid": (lambda t, d: (["repair", t["ckpt"], "--layers", "head,neck", "-o", d / "r.safetensors"], "unknown name(s) head, neck"), 1),
+    "output equal to input": (
+        lambda t, d: (["repair", t["ckpt"], "--layers", "fc", "-o", t["ckpt"]], "output would overwrite an input"),
+        1,
+    ),
+    "output exists": (
+        lambda t, d: (["repair", t["ckpt"], "--layers", "fc", "-o", raw(d, "keep.safetensors", b"mine")], "already exists"),
+        1,
+    ),
+    "--layers naming nothing valid": (
+        lambda t, d: (["repair", t["ckpt"], "--layers", "head,neck", "-o", d / "r.safetensors"], "unknown name(s) head, neck"),
+        1,
+    ),
     "stale ranking": (lambda t, d: (["compare", t["ckpt"], stale_ranking(t, d)], "is stale"), 1),
-    "ranking of another checkpoint": (lambda t, d: (["repair", t["ckpt"], "--ranking", stale_ranking(t, d), "-o", d / "r.safetensors"], "ranks another checkpoint"), 1),
-    "not a ranking file": (lambda t, d: (["compare", t["ckpt"], raw(d, "r.json", b'{"hello": 1}')], "not a ranking saved by beta-diag rank --out"), 1),
+    "ranking of another checkpoint": (
+        lambda t, d: (["repair", t["ckpt"], "--ranking", stale_ranking(t, d), "-o", d / "r.safetensors"], "ranks another checkpoint"),
+        1,
+    ),
+    "not a ranking file": (
+        lambda t, d: (["compare", t["ckpt"], raw(d, "r.json", b'{"hello": 1}')], "not a ranking saved by beta-diag rank --out"),
+        1,
+    ),
     "compare across architectures": (lambda t, d: (["compare", t["ckpt"], resnet20(t, d)], "has other layer groups than"), 1),
-    "schedule without history": (lambda t, d: (["schedule", copy_ckpt(t, d, "nohist.safetensors", meta={"arch": "resnet18_cifar"})], "no training history"), 1),
+    "schedule without history": (
+        lambda t, d: (["schedule", copy_ckpt(t, d, "nohist.safetensors", meta={"arch": "resnet18_cifar"})], "no training history"),
+        1,
+    ),
     "--device cuda without CUDA": (lambda t, d: (["rank", t["ckpt"], "--device", "cuda"], "no CUDA device is available"), 1),
     "missing argument": (lambda t, d: (["rank"], ""), 2),
     "unknown metric": (lambda t, d: (["rank", t["ckpt"], "--metric", "vibes"], ""), 2),
@@ -152,7 +213,9 @@ def test_bad_input(name: str, tiny: dict[str, Path], tmp_path: Path) -> None:
 
 def test_half_precision_weights_load_and_rank(tiny: dict[str, Path], tmp_path: Path) -> None:
     for dtype in (torch.float16, torch.bfloat16):
-        half = copy_ckpt(tiny, tmp_path, f"{dtype}.safetensors", edit=lambda s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in s.items()})
+        half = copy_ckpt(
+            tiny, tmp_path, f"{dtype}.safetensors", edit=lambda s: {k: v.to(dtype) if v.is_floating_point() else v for k, v in s.items()}
+        )
         assert runner.invoke(app, ["rank", str(half), "--bootstrap", "5"]).exit_code == 0
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from beta_diag import readers
-from beta_diag import data
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_TRAIN = not readers.fashion_mnist_missing("train")
@@ -29,12 +28,17 @@ def test_planted_faults_quick(tmp_path: Path) -> None:
     assert len(rows) == 7 and all(0.0 < r["drop"] for r in rows) and all(1 <= r["ranks"]["coherence"] <= 7 for r in rows)
     assert all(1 <= r["ranks"]["auto_rgn"] <= 7 for r in rows)
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    scored = subprocess.run([sys.executable, str(REPO / "benchmarks" / "planted_scores.py"), str(out), str(npz), "--choose", "0"],
-                            capture_output=True, text=True, timeout=120)
+    scored = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "planted_scores.py"), str(out), str(npz), "--choose", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert scored.returncode == 0 and "coherence (default)" in scored.stdout, scored.stderr
     assert all(r["drift"]["available"] and 1 <= r["ranks"]["drift"] <= 7 for r in rows)
-    rule = subprocess.run([sys.executable, str(REPO / "benchmarks" / "drift_rule.py"), str(out), "--choose", "0"],
-                          capture_output=True, text=True, timeout=120)
+    rule = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "drift_rule.py"), str(out), "--choose", "0"], capture_output=True, text=True, timeout=120
+    )
     assert rule.returncode == 0, rule.stderr
     assert "chosen on seeds [0]: Rule(floor=" in rule.stdout and "undamaged sgd: no suspect" in rule.stdout
 

@@ -17,8 +17,16 @@ def small_model() -> torch.nn.Module:
 
 
 META = Metadata(
-    arch="resnet18_cifar", arch_kwargs={"width": 2, "in_channels": 1}, num_classes=3, input_shape=(1, 8, 8), mean=(0.5,), std=(0.25,),
-    class_names=("a", "b", "c"), dataset="synthetic", history=({"epoch": 1, "lr": 0.1, "regime": "critical"},), training={"seed": 3},
+    arch="resnet18_cifar",
+    arch_kwargs={"width": 2, "in_channels": 1},
+    num_classes=3,
+    input_shape=(1, 8, 8),
+    mean=(0.5,),
+    std=(0.25,),
+    class_names=("a", "b", "c"),
+    dataset="synthetic",
+    history=({"epoch": 1, "lr": 0.1, "regime": "critical"},),
+    training={"seed": 3},
 )
 
 
@@ -98,7 +106,9 @@ def test_shape_mismatch_names_the_fix(tmp_path: Path) -> None:
     torchvision = pytest.importorskip("torchvision")
     r18 = tmp_path / "narrow.pt"
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=4, width_mult=0.5).state_dict(), r18)
-    with pytest.raises(CheckpointError, match=r"differ .*: pass the architecture arguments the checkpoint was trained with \(--arch-arg KEY=VALUE\)$"):
+    with pytest.raises(
+        CheckpointError, match=r"differ .*: pass the architecture arguments the checkpoint was trained with \(--arch-arg KEY=VALUE\)$"
+    ):
         checkpoint.load(r18).with_overrides(arch="mobilenet_v3_small").inferred().build_model()  # width_mult 0.5: no integer argument fits
 
 
@@ -161,8 +171,18 @@ def test_metadata_without_arch(tmp_path: Path) -> None:
 def test_hf_folder_with_config(tmp_path: Path) -> None:
     model = small_model()
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"arch": "resnet18_cifar", "arch_kwargs": {"width": 2, "in_channels": 1}, "num_classes": 3,
-                                                      "input_shape": [1, 8, 8], "mean": [0.2], "std": [0.3]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "arch": "resnet18_cifar",
+                "arch_kwargs": {"width": 2, "in_channels": 1},
+                "num_classes": 3,
+                "input_shape": [1, 8, 8],
+                "mean": [0.2],
+                "std": [0.3],
+            }
+        )
+    )
     ckpt = checkpoint.load(tmp_path)
     assert ckpt.path == tmp_path / "model.safetensors"
     assert torch.equal(ckpt.build_model().fc.weight, model.fc.weight)
@@ -207,7 +227,7 @@ def test_canonical_header_is_stable_and_loads(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save
 
     tensors = {"b": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a": torch.ones(3, dtype=torch.float64), "empty": torch.zeros(0)}
-    meta = {f"k{i}": f"wert {i} \u00e9\u4e2d \"quoted\"" for i in range(12)}
+    meta = {f"k{i}": f'wert {i} \u00e9\u4e2d "quoted"' for i in range(12)}
     blobs = {bytes(checkpoint.canonical(save(tensors, metadata=meta))) for _ in range(5)}
     assert len(blobs) == 1
     blob = blobs.pop()

@@ -45,8 +45,26 @@ def test_schedule_of_checkpoint_and_planned(tiny: dict[str, Path], tmp_path: Pat
 def test_train_writes_checkpoint_with_history(tiny: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     result = run(
-        "train", "--data", tiny["train"], "--test-data", tiny["test"], "--arch-arg", "width=2", "--epochs", "2",
-        "--batch-size", "64", "--momentum", "hybrid", "--optimizer", "adam", "--device", "cpu", "-o", out, "--json",
+        "train",
+        "--data",
+        tiny["train"],
+        "--test-data",
+        tiny["test"],
+        "--arch-arg",
+        "width=2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--momentum",
+        "hybrid",
+        "--optimizer",
+        "adam",
+        "--device",
+        "cpu",
+        "-o",
+        out,
+        "--json",
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -63,14 +81,43 @@ def test_train_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
     outs, stdouts = [tmp_path / "a" / "m.safetensors", tmp_path / "b" / "m.safetensors"], []
     for out in outs:
         out.parent.mkdir()
-        result = run("train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1", "--test-data", tiny["test"], "--device", "cpu",
-                     "-o", out, "--json")
+        result = run(
+            "train",
+            "--data",
+            tiny["train"],
+            "--arch-arg",
+            "width=2",
+            "--epochs",
+            "1",
+            "--test-data",
+            tiny["test"],
+            "--device",
+            "cpu",
+            "-o",
+            out,
+            "--json",
+        )
         assert result.exit_code == 0, result.stderr
         stdouts.append(result.stdout.replace(str(out), "OUT"))
     assert stdouts[0] == stdouts[1] and "seconds" not in stdouts[0]
     assert outs[0].read_bytes() == outs[1].read_bytes()
-    timed = run("train", "--data", tiny["train"], "--arch-arg", "width=2", "--epochs", "1", "--test-data", tiny["test"], "--device", "cpu",
-                "-o", tmp_path / "c.safetensors", "--json", "--timings")
+    timed = run(
+        "train",
+        "--data",
+        tiny["train"],
+        "--arch-arg",
+        "width=2",
+        "--epochs",
+        "1",
+        "--test-data",
+        tiny["test"],
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "c.safetensors",
+        "--json",
+        "--timings",
+    )
     assert timed.exit_code == 0 and json.loads(timed.stdout)["seconds"] > 0
 
 
@@ -101,8 +148,9 @@ def bad_cases(tiny: dict[str, Path], tmp: Path) -> list[tuple[list, str]]:
         (train + ["--test-data", eleven, "-o", tmp / "o2.safetensors"], "has label 11 but the model has 4 classes"),
         (train + ["-o", exists], "already exists: choose another output path or pass --force"),
         (train + ["--limit", "0", "-o", tmp / "o3.safetensors"], "--limit 0: pass a positive number of examples"),
-        (train + ["--device", "cuda", "-o", tmp / "o4.safetensors"], "no CUDA device is available") if not torch.cuda.is_available() else
-        (["info", tmp / "missing2.safetensors"], "no such file"),
+        (train + ["--device", "cuda", "-o", tmp / "o4.safetensors"], "no CUDA device is available")
+        if not torch.cuda.is_available()
+        else (["info", tmp / "missing2.safetensors"], "no such file"),
     ]
 
 
@@ -123,8 +171,21 @@ def test_info_on_plain_state_dict_without_arch(tiny: dict[str, Path], tmp_path: 
     save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
     info = json.loads(run("info", plain, "--json").stdout)
     assert info["metadata"]["arch"] is None and info["tensors"] > 0 and "groups" not in info
-    with_arch = json.loads(run("info", plain, "--arch", "resnet18_cifar", "--arch-arg", "width=4", "--arch-arg", "in_channels=1",
-                               "--arch-arg", "num_classes=4", "--json").stdout)
+    with_arch = json.loads(
+        run(
+            "info",
+            plain,
+            "--arch",
+            "resnet18_cifar",
+            "--arch-arg",
+            "width=4",
+            "--arch-arg",
+            "in_channels=1",
+            "--arch-arg",
+            "num_classes=4",
+            "--json",
+        ).stdout
+    )
     assert len(with_arch["groups"]) == 7
 
 
@@ -139,15 +200,32 @@ def test_plain_state_dict_on_compare_and_repair_with_arch(tiny: dict[str, Path],
     assert compared.exit_code == 0, compared.stderr
     assert json.loads(compared.stdout)["verdict"].startswith("same ")
     out = tmp_path / "r.safetensors"
-    repaired = run("repair", plain, *arch, *data, "--train-data", str(tiny["train"]), "--layers", "fc", "--epochs", "2", "--lr", "0.02", "-o", out,
-                   "--json")
+    repaired = run(
+        "repair",
+        plain,
+        *arch,
+        *data,
+        "--train-data",
+        str(tiny["train"]),
+        "--layers",
+        "fc",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.02",
+        "-o",
+        out,
+        "--json",
+    )
     assert repaired.exit_code == 0, repaired.stderr
     assert json.loads(repaired.stdout)["plan"]["groups"] == ["fc"] and out.is_file()
     assert checkpoint.load(out).metadata.arch == "resnet18_cifar"  # the repaired file names what it was built as
 
 
-ASSUMED = ["assumed 1x32x32 inputs (the metadata names no input shape): pass --input-size if the model expects another",
-           "assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel (the metadata names none): pass --mean and --std"]
+ASSUMED = [
+    "assumed 1x32x32 inputs (the metadata names no input shape): pass --input-size if the model expects another",
+    "assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel (the metadata names none): pass --mean and --std",
+]
 
 
 def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -157,16 +235,24 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
     arch = ["--arch", "resnet18_cifar", "--arch-arg", "width=4", "--arch-arg", "in_channels=1", "--arch-arg", "num_classes=4"]
     info = run("info", wrapped, *arch, "--json")
     assert info.exit_code == 0, info.stderr
-    notes = ["read the weights under the key 'net'", "stripped the 'module.' prefix from every key (DataParallel/DDP)",
-             "stripped the '_orig_mod.' prefix from every key (torch.compile)", *ASSUMED]
+    notes = [
+        "read the weights under the key 'net'",
+        "stripped the 'module.' prefix from every key (DataParallel/DDP)",
+        "stripped the '_orig_mod.' prefix from every key (torch.compile)",
+        *ASSUMED,
+    ]
     assert json.loads(info.stdout)["notes"] == notes and len(json.loads(info.stdout)["groups"]) == 7
     assert info.stderr.splitlines() == [f"Note: {wrapped}: {n}" for n in notes]  # each said once
     custom = tmp_path / "custom.pt"
     torch.save({"ema_weights": weights, "step": 7}, custom)
     refused = run("info", custom, *arch)
-    assert refused.exit_code == 1 and refused.stderr.strip().endswith("(its dicts: ema_weights): pass --state-key with the one holding the weights")
+    assert refused.exit_code == 1 and refused.stderr.strip().endswith(
+        "(its dicts: ema_weights): pass --state-key with the one holding the weights"
+    )
     wrong_key = run("info", custom, *arch, "--state-key", "weights")
-    assert wrong_key.exit_code == 1 and wrong_key.stderr.strip().endswith("(its keys: ema_weights, step): pass --state-key with one of them")
+    assert wrong_key.exit_code == 1 and wrong_key.stderr.strip().endswith(
+        "(its keys: ema_weights, step): pass --state-key with one of them"
+    )
     named = run("info", custom, *arch, "--state-key", "ema_weights", "--json")
     assert named.exit_code == 0 and json.loads(named.stdout)["notes"][0] == "read the weights under the key 'ema_weights' (--state-key)"
     plain = tmp_path / "plain.safetensors"
@@ -185,8 +271,11 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     save_file(checkpoint.load(tiny["ckpt"]).state_dict, str(plain))
     info = run("info", plain, "--arch", "resnet18_cifar", "--arch-arg", "width=4", "--json")
     assert info.exit_code == 0, info.stderr
-    notes = ["inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
-             "inferred in_channels=1 from the weights (conv1.weight); --arch-arg in_channels=N overrides it", *ASSUMED]
+    notes = [
+        "inferred num_classes=4 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
+        "inferred in_channels=1 from the weights (conv1.weight); --arch-arg in_channels=N overrides it",
+        *ASSUMED,
+    ]
     d = json.loads(info.stdout)
     assert d["notes"] == notes and d["metadata"]["arch_kwargs"] == {"width": 4, "num_classes": 4, "in_channels": 1}
     assert info.stderr.splitlines() == [f"Note: {plain}: {n}" for n in notes]
@@ -196,15 +285,35 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     info = run("info", r18, "--arch", "resnet18", "--json")
     assert info.exit_code == 0, info.stderr
     rgb = [n.replace("1x32x32", "3x32x32") for n in ASSUMED]
-    assert json.loads(info.stdout)["notes"] == ["inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it", *rgb]
-    given = run("info", r18, "--arch", "resnet18", "--arch-arg", "num_classes=7", "--input-size", "64", "--mean", "0.4", "--std", "0.2,0.3,0.25",
-                "--json")
+    assert json.loads(info.stdout)["notes"] == [
+        "inferred num_classes=7 from the weights (fc.weight); --arch-arg num_classes=N overrides it",
+        *rgb,
+    ]
+    given = run(
+        "info",
+        r18,
+        "--arch",
+        "resnet18",
+        "--arch-arg",
+        "num_classes=7",
+        "--input-size",
+        "64",
+        "--mean",
+        "0.4",
+        "--std",
+        "0.2,0.3,0.25",
+        "--json",
+    )
     assert given.exit_code == 0, given.stderr
     assert json.loads(given.stdout)["notes"] == [] and given.stderr == ""  # named: nothing inferred or assumed, nothing said
     meta = json.loads(given.stdout)["metadata"]
     assert (meta["input_shape"], meta["mean"], meta["std"]) == ([3, 64, 64], [0.4, 0.4, 0.4], [0.2, 0.3, 0.25])
-    for bad, fix in ((["--std", "0,1,1"], "all positive"), (["--mean", "0.1,0.2"], "pass one finite number or 3"),
-                     (["--input-size", "0"], "pass sides from 1 to 4096"), (["--input-size", "a"], "pass numbers separated by commas")):
+    for bad, fix in (
+        (["--std", "0,1,1"], "all positive"),
+        (["--mean", "0.1,0.2"], "pass one finite number or 3"),
+        (["--input-size", "0"], "pass sides from 1 to 4096"),
+        (["--input-size", "a"], "pass numbers separated by commas"),
+    ):
         refused = run("info", r18, "--arch", "resnet18", *bad)
         assert refused.exit_code == 1 and len(refused.stderr.splitlines()) == 1 and fix in refused.stderr, refused.stderr
 
@@ -242,10 +351,30 @@ def test_cli_defaults_are_the_librarys() -> None:
     from beta_diag.training import DEFAULT_LR, OptimizerName, TrainConfig
 
     train_params = inspect.signature(cli.train).parameters
-    for option, field in (("epochs", "epochs"), ("batch_size", "batch_size"), ("weight_decay", "weight_decay"), ("warmup", "warmup_epochs"),
-                          ("augment", "augment"), ("seed", "seed"), ("optimizer", "optimizer"), ("momentum", "momentum")):
+    for option, field in (
+        ("epochs", "epochs"),
+        ("batch_size", "batch_size"),
+        ("weight_decay", "weight_decay"),
+        ("warmup", "warmup_epochs"),
+        ("augment", "augment"),
+        ("seed", "seed"),
+        ("optimizer", "optimizer"),
+        ("momentum", "momentum"),
+    ):
         assert train_params[option].default == getattr(TrainConfig, field), option
     assert train_params["lr"].default is None and TrainConfig(optimizer=OptimizerName.adam).lr == DEFAULT_LR[OptimizerName.adam] == 0.001
     repair_params = inspect.signature(cli.repair).parameters
-    for option in ("epochs", "lr", "batch_size", "optimizer", "momentum", "distill", "auto_layers", "val_fraction", "accept_p", "focus", "baseline"):
+    for option in (
+        "epochs",
+        "lr",
+        "batch_size",
+        "optimizer",
+        "momentum",
+        "distill",
+        "auto_layers",
+        "val_fraction",
+        "accept_p",
+        "focus",
+        "baseline",
+    ):
         assert repair_params[option].default == getattr(RepairConfig, option), option

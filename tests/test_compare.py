@@ -10,7 +10,7 @@ from beta_diag import comparison as cmp
 from beta_diag import ranking
 from beta_diag.cli import app
 from beta_diag.errors import ConfigError
-from beta_diag.ranking import GroupScore, Ranking, RankConfig
+from beta_diag.ranking import GroupScore, RankConfig, Ranking
 from tests.conftest import sha
 
 runner = CliRunner()
@@ -19,9 +19,12 @@ runner = CliRunner()
 def made_up(scores: list[float], flagged: set[str], config: RankConfig = RankConfig(), boot: tuple = ((), ())) -> Ranking:
     names = tuple(f"g{i + 1}" for i in range(len(scores)))
     rks = ranking.ranks(np.array(scores))
-    groups = tuple(sorted(
-        (GroupScore(n, 1, 0.25, {}, s, int(r), n in flagged, 1.0, r, r, s, s) for n, s, r in zip(names, scores, rks)), key=lambda g: g.rank,
-    ))
+    groups = tuple(
+        sorted(
+            (GroupScore(n, 1, 0.25, {}, s, int(r), n in flagged, 1.0, r, r, s, s) for n, s, r in zip(names, scores, rks)),
+            key=lambda g: g.rank,
+        )
+    )
     return Ranking("ckpt", "sha", "data", "test", None, config, 10, 0.9, (1, 2), 2, groups, boot[0], boot[1], names)
 
 

@@ -48,7 +48,11 @@ def write_cifar10(root: Path, n: int = 6) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)], b"batch_label": name.encode()}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": [i % 10 for i in range(n)],
+            b"batch_label": name.encode(),
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f)
     with open(folder / "batches.meta", "wb") as f:
@@ -91,7 +95,8 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert ds.notes == (f"imagefolder:{tmp_path} (train): 6 of 6 images resized to 8x8 when read (bilinear)",)
     Image.fromarray(np.full((8, 8), 9, dtype=np.uint8)).save(tmp_path / "dog" / "grey.png")
     assert data.load(f"imagefolder:{tmp_path}", "train", image_size=(8, 8)).notes[1:] == (
-        f"imagefolder:{tmp_path} (train): 1 of 7 images converted to RGB when read",)
+        f"imagefolder:{tmp_path} (train): 1 of 7 images converted to RGB when read",
+    )
     (tmp_path / "dog" / "3.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"3.png: cannot decode image .*: remove or replace the file"):
         data.load(f"imagefolder:{tmp_path}", "train")
@@ -160,8 +165,13 @@ def test_one_size_policy_whatever_the_parity() -> None:
     assert pre.conversions((1, 27, 27)) == ["27x27 images are resized to the model's 32x32 (bilinear)"]
     assert pre(torch.full((1, 1, 27, 27), 255, dtype=torch.uint8)).eq(1).all()  # resized, not padded
     big = data.Preprocess((3, 224, 224), (0.0,) * 3, (1.0,) * 3)
-    assert big.conversions((1, 28, 28)) == ["1-channel images are repeated to 3 channels", "28x28 images are resized to the model's 224x224 (bilinear)"]
-    assert big.conversions((3, 224, 224)) == [] and big.conversions((3, 300, 300)) == ["300x300 images are resized to the model's 224x224 (bilinear)"]
+    assert big.conversions((1, 28, 28)) == [
+        "1-channel images are repeated to 3 channels",
+        "28x28 images are resized to the model's 224x224 (bilinear)",
+    ]
+    assert big.conversions((3, 224, 224)) == [] and big.conversions((3, 300, 300)) == [
+        "300x300 images are resized to the model's 224x224 (bilinear)"
+    ]
 
 
 FOLDERS = DataSpec.parse("imagefolder:/d")
@@ -174,7 +184,11 @@ def test_image_folders_are_matched_to_the_models_class_names() -> None:
     assert matched.labels.tolist() == [2, 0, 0] and matched.class_names == ("coat", "shirt", "boot")
     assert matched.notes == ("imagefolder:/d (test): class folders matched to the model's class names by name",)
     assert data.match_classes(folders, ("boot", "coat")) is folders  # same order: nothing to do, nothing said
-    bundle = data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "coat"), "x.safetensors", "test", source=DataSpec.parse("x.safetensors"))
+    bundle = data.Dataset(
+        images, torch.tensor([0, 1, 1]), ("boot", "coat"), "x.safetensors", "test", source=DataSpec.parse("x.safetensors")
+    )
     assert data.match_classes(bundle, ("coat", "boot")) is bundle  # bundles' labels are the model's own indices
     with pytest.raises(DataError, match=r"folder\(s\) sandal name no class of the model \(coat, boot\): name each folder after"):
-        data.match_classes(data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "sandal"), "imagefolder:/d", "test", source=FOLDERS), ("coat", "boot"))
+        data.match_classes(
+            data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "sandal"), "imagefolder:/d", "test", source=FOLDERS), ("coat", "boot")
+        )

@@ -47,8 +47,22 @@ def test_rank_and_compare_equal_one_process(tiny: dict[str, Path], tmp_path: Pat
 def test_train_equals_one_process_with_the_same_global_batch(tiny: dict[str, Path], tmp_path: Path) -> None:
     """251 images in global batches of 32: the last batch (27) splits unevenly, 14 and 13."""
     uneven = write_bundle(tmp_path / "uneven.safetensors", 251, seed=4, label_noise=0.1)
-    args = ["train", "--arch", "tests.nets:convnet", "--data", uneven, "--test-data", tiny["test"], "--epochs", "2",
-            "--batch-size", "32", "--device", "cpu", "--json"]
+    args = [
+        "train",
+        "--arch",
+        "tests.nets:convnet",
+        "--data",
+        uneven,
+        "--test-data",
+        tiny["test"],
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     run([*args, "-o", "m.safetensors"], tmp_path / "one")
@@ -66,8 +80,11 @@ def test_repair_writes_once(tiny: dict[str, Path], tmp_path: Path) -> None:
     """layer4's BatchNorm trains per process on CPU; its statistics are process 0's at the end, so the
     reported after-accuracy is that of the saved file."""
     out = tmp_path / "r.safetensors"
-    two = run(["repair", tiny["damaged"], "--layers", "layer4,fc", "-o", out, "--epochs", "2", "--lr", "0.02", "--device", "cpu", "--json"],
-              tmp_path, processes=2)
+    two = run(
+        ["repair", tiny["damaged"], "--layers", "layer4,fc", "-o", out, "--epochs", "2", "--lr", "0.02", "--device", "cpu", "--json"],
+        tmp_path,
+        processes=2,
+    )
     report = json.loads(two.stdout)
     assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
     assert report["sha256"] == checkpoint.file_sha256(out)

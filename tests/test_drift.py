@@ -17,8 +17,8 @@ from beta_diag.data import Dataset, Preprocess
 from beta_diag.drift import LayerDrift, Recorder, localise
 from beta_diag.groups import Granularity, layer_groups
 from beta_diag.ranking import RankConfig
-from beta_diag.session import DataChoice, open_session
 from beta_diag.runtime import Predictions, evaluate
+from beta_diag.session import DataChoice, open_session
 from beta_diag.training import TrainConfig, train
 from tests.conftest import SAMPLES, make_images
 
@@ -45,8 +45,14 @@ PRE = Preprocess((1, 6, 6), (0.5,), (0.5,))
 def record(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[drift.Drift, Predictions]:
     """One evaluation pass of ``net`` with the drift hooks (batches of 16: a partial last batch when N is not a multiple)."""
     rec = Recorder(net)
-    preds = evaluate(net, Dataset(images, labels, ("a", "b", "c", "d"), "synthetic", "test"), PRE, torch.device("cpu"), batch_size=16,
-                     on_batch=rec.commit)
+    preds = evaluate(
+        net,
+        Dataset(images, labels, ("a", "b", "c", "d"), "synthetic", "test"),
+        PRE,
+        torch.device("cpu"),
+        batch_size=16,
+        on_batch=rec.commit,
+    )
     rec.remove()
     assert not any(m._forward_hooks for m in net.modules())  # hooks removed
     return rec.result(layer_groups(net)), preds
@@ -90,11 +96,15 @@ def test_recorder_sums_equal_the_statistics_of_the_batchnorm_input() -> None:
 
 
 def profile(*rows: tuple[str, str | None, str | None, float, float]) -> list[LayerDrift]:
-    return [LayerDrift(name, group, f"{name}.feeder", feeder, 8, mean, var, 0.0, 0.0, None, None) for name, group, feeder, mean, var in rows]
+    return [
+        LayerDrift(name, group, f"{name}.feeder", feeder, 8, mean, var, 0.0, 0.0, None, None) for name, group, feeder, mean, var in rows
+    ]
 
 
 def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feeder() -> None:
-    healthy = profile(("bn1", "bn1", "conv1", 1e-5, 1e-5), ("l1.bn", "layer1", "layer1", 1e-4, 1e-4), ("l2.bn", "layer2", "layer2", 3e-4, 2e-4))
+    healthy = profile(
+        ("bn1", "bn1", "conv1", 1e-5, 1e-5), ("l1.bn", "layer1", "layer1", 1e-4, 1e-4), ("l2.bn", "layer2", "layer2", 3e-4, 2e-4)
+    )
     assert localise(healthy)[0] is None  # every drift below the floor 1e-3
     # conv1 damaged: bn1's input spread changes (variance part) -> charged to conv1, which feeds bn1
     conv1 = profile(("bn1", "bn1", "conv1", 1e-3, 0.5), ("l1.bn", "layer1", "layer1", 0.2, 0.9))
@@ -105,7 +115,10 @@ def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feede
     # bn1's running variance scaled: the variance moved but the mean stayed within sampling noise -> bn1, not its feeder
     assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, 1e-3, None, None)])[0] == "bn1"
     assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1e-3, 0.5, 1e-5, 1e-3, None, None)])[0] == "conv1"
-    assert localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, 1e-3, None, None)], drift.Rule(unmoved=0.0))[0] == "conv1"
+    assert (
+        localise([LayerDrift("bn1", "bn1", "conv1", "conv1", 8, 1.5e-5, 0.5, 1e-5, 1e-3, None, None)], drift.Rule(unmoved=0.0))[0]
+        == "conv1"
+    )
     # bn1's running mean shifted: its own input is fine, its mean part is not -> bn1
     assert localise(profile(("bn1", "bn1", "conv1", 0.3, 0.01), ("l1.bn", "layer1", "layer1", 0.5, 0.5)))[0] == "bn1"
     # the first jump wins, even when a later one is larger: later layers inherit the damage
@@ -123,11 +136,14 @@ def test_localise_first_jump_charges_mean_to_own_group_and_variance_to_the_feede
     assert broken[0] == "layer1" and broken[1] == math.inf and broken[3]["layer1"] == math.inf
 
 
-@pytest.mark.parametrize(("norm", "reason"), [
-    (nn.BatchNorm2d(3, track_running_stats=False), "track_running_stats=False"),
-    (nn.GroupNorm(1, 3), "LayerNorm, GroupNorm or InstanceNorm"),
-    (nn.Identity(), "no BatchNorm layer"),
-])
+@pytest.mark.parametrize(
+    ("norm", "reason"),
+    [
+        (nn.BatchNorm2d(3, track_running_stats=False), "track_running_stats=False"),
+        (nn.GroupNorm(1, 3), "LayerNorm, GroupNorm or InstanceNorm"),
+        (nn.Identity(), "no BatchNorm layer"),
+    ],
+)
 def test_models_without_running_statistics_report_why(norm: nn.Module, reason: str) -> None:
     result, _ = record(small_net(norm), *make_images(8, size=6))
     assert not result.available and reason in (result.reason or "")
@@ -135,16 +151,18 @@ def test_models_without_running_statistics_report_why(norm: nn.Module, reason: s
 
 
 @pytest.fixture(scope="module")
-def sample_session():  # noqa: ANN201
+def sample_session():
     return open_session(SGD, "cpu")
 
 
-def test_healthy_sample_has_no_suspect_and_json_carries_the_profile(sample_session, tmp_path: Path) -> None:  # noqa: ANN001
+def test_healthy_sample_has_no_suspect_and_json_carries_the_profile(sample_session, tmp_path: Path) -> None:
     r = ranking.rank(sample_session, DataChoice(limit=1000), RankConfig(bootstrap=0))
     assert r.drift is not None and r.drift.available and r.drift.suspect is None
     assert r.drift.downstream == ("fc",)
     assert len(r.drift.layers) == 20 and all(layer.kl < drift.Rule.floor for layer in r.drift.layers)
-    assert r.verdict.endswith("no activation drift found: any fault lies after the last BatchNorm (in fc) or does not show in activation statistics")
+    assert r.verdict.endswith(
+        "no activation drift found: any fault lies after the last BatchNorm (in fc) or does not show in activation statistics"
+    )
     d = r.to_dict()["drift"]
     assert d["available"] is True and d["suspect"] is None and set(d["groups"]) == {"bn1", "layer1", "layer2", "layer3", "layer4"}
     assert d["layers"][0]["name"] == "bn1" and d["layers"][0]["feeder"] == "conv1" and "jump" in d["layers"][0]
@@ -153,9 +171,10 @@ def test_healthy_sample_has_no_suspect_and_json_carries_the_profile(sample_sessi
     assert ranking.load(saved).drift == r.drift
 
 
-@pytest.mark.parametrize(("granularity", "expected"), [(Granularity.group, "layer2"), (Granularity.block, "layer2.0"),
-                                                       (Granularity.module, "layer2.0.bn1")])
-def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, granularity: Granularity, expected: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(
+    ("granularity", "expected"), [(Granularity.group, "layer2"), (Granularity.block, "layer2.0"), (Granularity.module, "layer2.0.bn1")]
+)
+def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, granularity: Granularity, expected: str) -> None:
     model = copy.deepcopy(sample_session.model)
     bn = model.layer2[0].bn1
     with torch.no_grad():
@@ -175,8 +194,14 @@ def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_
     out = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--json", "--quiet"])
     assert out.exit_code == 0, out.output
     d = json.loads(out.stdout)
-    assert d["drift"] == {**d["drift"], "available": False, "suspect": None, "groups": None, "layers": [],
-                          "reason": "it has no BatchNorm layer (none, or folded into the convolutions)"}
+    assert d["drift"] == {
+        **d["drift"],
+        "available": False,
+        "suspect": None,
+        "groups": None,
+        "layers": [],
+        "reason": "it has no BatchNorm layer (none, or folded into the convolutions)",
+    }
     assert d["verdict"].endswith("; drift unavailable: it has no BatchNorm layer (none, or folded into the convolutions)")
     assert len(d["groups"]) == 3 and d["flagged"]
     table = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--quiet"])

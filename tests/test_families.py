@@ -28,7 +28,11 @@ FAMILIES = {
     "mobilenet_v3": ("mobilenet_v3_small", {"width_mult": 0.25}, 32),
     "efficientnet": ("efficientnet_b0", {}, 32),
     "regnet": ("regnet_x_400mf", {}, 32),
-    "densenet": ("torchvision.models.densenet:DenseNet", {"growth_rate": 4, "block_config": [1, 1, 1, 1], "num_init_features": 8, "bn_size": 2}, 32),
+    "densenet": (
+        "torchvision.models.densenet:DenseNet",
+        {"growth_rate": 4, "block_config": [1, 1, 1, 1], "num_init_features": 8, "bn_size": 2},
+        32,
+    ),
     "shufflenet": ("shufflenet_v2_x0_5", {}, 32),
     "squeezenet": ("squeezenet1_1", {}, 32),
     "mnasnet": ("mnasnet0_5", {}, 32),
@@ -77,14 +81,18 @@ def test_norms_equal_a_plain_loop_and_groups_carry_signal(family: str) -> None:
 def test_documented_groups_of_full_size_families() -> None:
     """The groups module's docstring, checked on the full-size models (built on the meta device: no memory)."""
     with torch.device("meta"):
+
         def names(arch: str) -> list[str]:
             return [g.name for g in groups.layer_groups(models.build(arch, {"num_classes": 10}))]
 
         assert names("resnet18") == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
         assert names("mobilenet_v2") == [f"features.{i}" for i in range(19)] + ["classifier"]
         assert names("convnext_tiny") == [f"features.{i}" for i in range(8)] + ["classifier"]
-        assert names("vit_b_16") == (["class_token", "conv_proj", "encoder.pos_embedding"]
-                                     + [f"encoder.layers.encoder_layer_{i}" for i in range(12)] + ["encoder.ln", "heads"])
+        assert names("vit_b_16") == (
+            ["class_token", "conv_proj", "encoder.pos_embedding"]
+            + [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+            + ["encoder.ln", "heads"]
+        )
         assert names("densenet121")[:3] == ["features.conv0", "features.norm0", "features.denseblock1"]
         assert names("vgg11") == ["features", "classifier.0", "classifier.3", "classifier.6"]
     assert names("regnet_x_400mf") == ["stem"] + [f"trunk_output.block{i}" for i in range(1, 5)] + ["fc"]
@@ -93,8 +101,13 @@ def test_documented_groups_of_full_size_families() -> None:
 @pytest.fixture(scope="module")
 def colour(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("colour")
-    return {side: (write_bundle(root / f"train{side}.safetensors", 32, channels=3, size=side, seed=1, label_noise=0.3),
-                   write_bundle(root / f"test{side}.safetensors", 24, channels=3, size=side, seed=2, label_noise=0.3)) for side in (16, 32)}
+    return {
+        side: (
+            write_bundle(root / f"train{side}.safetensors", 32, channels=3, size=side, seed=1, label_noise=0.3),
+            write_bundle(root / f"test{side}.safetensors", 24, channels=3, size=side, seed=2, label_noise=0.3),
+        )
+        for side in (16, 32)
+    }
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "convnext"] + ["convnext_tiny"])
@@ -120,8 +133,27 @@ def test_rank_compare_repair_on_a_plain_state_dict(family: str, colour: dict, tm
     compared = runner.invoke(app, ["compare", str(a), str(b), *name, "--data", str(test_file), "--bootstrap", "5", "--json"])
     assert compared.exit_code == 0, compared.output
     out = tmp_path / "r.safetensors"
-    repaired = runner.invoke(app, ["repair", str(a), *name, "--data", str(test_file), "--train-data", str(train_file),
-                                   "--epochs", "1", "--batch-size", "16", "--accept-p", "1", "-o", str(out), "--json"])
+    repaired = runner.invoke(
+        app,
+        [
+            "repair",
+            str(a),
+            *name,
+            "--data",
+            str(test_file),
+            "--train-data",
+            str(train_file),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--accept-p",
+            "1",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     report = json.loads(repaired.stdout)  # an untrained model may gain nothing on 6 validation images: then the gate keeps it (exit 3)
     assert repaired.exit_code == (0 if report["accepted"] else 3), repaired.output
     assert out.is_file() is report["accepted"] and len(report["surgical"]["gate"]["curve"]) == 2
@@ -137,8 +169,11 @@ def test_a_vit_input_size_comes_from_its_weights() -> None:
     ckpt = checkpoint.Checkpoint(Path("vit.pt"), weights, checkpoint.Metadata(arch="vit_b_16"), "0" * 64).inferred()
     assert ckpt.metadata.arch_kwargs == {"num_classes": 10, "image_size": 32}
     assert ckpt.metadata.input_shape == (3, 32, 32)
-    assert [n.split(" (")[0] for n in ckpt.notes[:3]] == ["inferred num_classes=10 from the weights", "inferred image_size=32 from the weights",
-                                                          "took 3x32x32 inputs from the model's image_size"]
+    assert [n.split(" (")[0] for n in ckpt.notes[:3]] == [
+        "inferred num_classes=10 from the weights",
+        "inferred image_size=32 from the weights",
+        "took 3x32x32 inputs from the model's image_size",
+    ]
 
 
 def test_an_input_the_model_cannot_take_is_refused_naming_the_option(colour: dict, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import pytest
 from beta_diag import data
 from tests.conftest import SAMPLES
 
-
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
 TRAIN5K = SAMPLES / "fmnist_train_5k.safetensors"
 
@@ -28,7 +27,19 @@ def shifted_bundle(folder: Path) -> Path:
 
 
 COMMANDS = {
-    "train": lambda out, scratch: ["train", "--data", TRAIN5K, "--test-data", SAMPLES / "fmnist_test_3k.safetensors", "--arch-arg", "width=16", "--epochs", "20", "-o", out],
+    "train": lambda out, scratch: [
+        "train",
+        "--data",
+        TRAIN5K,
+        "--test-data",
+        SAMPLES / "fmnist_test_3k.safetensors",
+        "--arch-arg",
+        "width=16",
+        "--epochs",
+        "20",
+        "-o",
+        out,
+    ],
     "rank": lambda out, scratch: ["rank", SGD, "--data", shifted_bundle(scratch), "--granularity", "module", "--out", out],
     "repair": lambda out, scratch: ["repair", SGD, "--layers", "layer2,layer3,layer4,fc", "--epochs", "20", "-o", out],
 }
@@ -37,7 +48,9 @@ COMMANDS = {
 def start(command: str, out: Path, scratch: Path) -> subprocess.Popen:
     """Start ``command`` writing ``out``; its inputs, if it makes any, go to ``scratch``, not beside ``out``."""
     args = [str(a) for a in COMMANDS[command](out, scratch)]
-    return subprocess.Popen([sys.executable, "-m", "beta_diag", *args, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "beta_diag", *args, "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_until_training(proc: subprocess.Popen) -> None:
@@ -45,11 +58,21 @@ def wait_until_training(proc: subprocess.Popen) -> None:
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
 
 
-@pytest.mark.parametrize(("command", "sig", "code"), [
-    ("train", signal.SIGINT, 130), ("train", signal.SIGKILL, -9), ("rank", signal.SIGINT, 130), ("repair", signal.SIGINT, 130),
-])
+@pytest.mark.parametrize(
+    ("command", "sig", "code"),
+    [
+        ("train", signal.SIGINT, 130),
+        ("train", signal.SIGKILL, -9),
+        ("rank", signal.SIGINT, 130),
+        ("repair", signal.SIGINT, 130),
+    ],
+)
 def test_interrupted_command_writes_nothing(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, command: str, sig: signal.Signals, code: int,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    command: str,
+    sig: signal.Signals,
+    code: int,
 ) -> None:
     out = tmp_path / ("r.json" if command == "rank" else "m.safetensors")
     proc = start(command, out, tmp_path_factory.mktemp("inputs"))

@@ -1,13 +1,23 @@
-"""The checks good Python projects run: ruff (installed by the test extra) is clean on the package."""
+"""The checks good Python projects run, installed by the test extra: ruff's lint and format."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
-def test_ruff_is_clean_on_the_package() -> None:
-    ruff = Path(sys.executable).parent / "ruff"
-    result = subprocess.run([str(ruff), "check", "--output-format", "concise", str(REPO / "src")], capture_output=True, text=True, cwd=REPO)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["ruff", "check", "--output-format", "concise", "src", "tests", "benchmarks"],
+        ["ruff", "format", "--check", "src", "tests", "benchmarks"],
+    ],
+    ids=["ruff-check", "ruff-format"],
+)
+def test_the_code_is_clean(command: list[str]) -> None:
+    result = subprocess.run([str(BIN / command[0]), *command[1:]], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr

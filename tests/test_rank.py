@@ -31,8 +31,11 @@ def test_flag_rule_largest_gap_bounded() -> None:
 
 def test_scores_by_hand() -> None:
     m = Matrices(
-        errors=np.array([[9.0, 16.0], [1.0, 4.0]]), correct=np.array([[1.0, 1.0], [4.0, 0.0]]),
-        dots=np.array([[6.0, 10.0], [3.0, 6.0]]), numel=np.array([4.0, 16.0]), weight_norm=np.array([2.0, 0.5]),
+        errors=np.array([[9.0, 16.0], [1.0, 4.0]]),
+        correct=np.array([[1.0, 1.0], [4.0, 0.0]]),
+        dots=np.array([[6.0, 10.0], [3.0, 6.0]]),
+        numel=np.array([4.0, 16.0]),
+        weight_norm=np.array([2.0, 0.5]),
     )
     s = ranking.scores(m)
     assert s["norm"].tolist() == [2.0, 3.0]  # mean(3, 1), mean(4, 2)

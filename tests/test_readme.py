@@ -14,7 +14,7 @@ from beta_diag.cli import app
 from tests.conftest import REPO, SAMPLES, sha
 
 README = (REPO / "README.md").read_text()
-BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
 SETUP = BLOCKS[:2]
 COMMANDS = [line for block in BLOCKS[2:] for line in block.splitlines() if line.startswith(("beta-diag ", "python examples/"))]
 LAUNCHES = [line for block in BLOCKS[2:] for line in block.splitlines() if line.startswith("torchrun ")]
@@ -60,7 +60,7 @@ def test_readme_command_runs(command: str, workdir: Path, monkeypatch: pytest.Mo
     assert {p.name: sha(p) for p in SAMPLES.glob("*.safetensors")} == before  # inputs untouched
 
 
-PYTHON = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+PYTHON = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
 
 
 def test_readme_python_api_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,8 +89,10 @@ def test_readme_torchrun_command_runs(command: str, workdir: Path) -> None:
     """Launched as written; a several-machine command runs as two machines on this one (HEAD_NODE=localhost)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HEAD_NODE": "127.0.0.1"}
     copies = 2 if "$HEAD_NODE" in command else 1
-    procs = [subprocess.Popen(["bash", "-c", command], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(copies)]
+    procs = [
+        subprocess.Popen(["bash", "-c", command], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(copies)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
     if "--json" in command:

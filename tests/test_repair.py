@@ -9,15 +9,14 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint, prefix, ranking, schedules, stats
 from beta_diag.cli import app
-from beta_diag.errors import ConfigError
-from beta_diag.drift import Drift
-from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, plan, repair
-from beta_diag.verdicts import choose
-from beta_diag.verdicts import verdict
-from beta_diag.session import DataChoice, open_session
 from beta_diag.data import Dataset
+from beta_diag.drift import Drift
+from beta_diag.errors import ConfigError
+from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, plan, repair
 from beta_diag.runtime import Predictions
+from beta_diag.session import DataChoice, open_session
 from beta_diag.training import Anchor, TrainConfig, fit, seeded
+from beta_diag.verdicts import choose, verdict
 from tests.conftest import make_images, sha
 
 runner = CliRunner()
@@ -46,7 +45,13 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
     seen: list[tuple[float, float]] = []
     handle = register_optimizer_step_pre_hook(lambda opt, a, k: seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"])))
     try:
-        report = repair(tiny["damaged"], ["layer4", "fc"], out, config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=cache), device="cpu")
+        report = repair(
+            tiny["damaged"],
+            ["layer4", "fc"],
+            out,
+            config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=cache),
+            device="cpu",
+        )
     finally:
         handle.remove()
     assert report.plan["cached_prefix"] == ("conv1..layer3" if cache else None)
@@ -71,9 +76,14 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
 
 
 def test_cached_and_uncached_repairs_agree(tiny: dict[str, Path], tmp_path: Path) -> None:
-    a = repair(tiny["damaged"], ["layer3", "layer4", "fc"], tmp_path / "a.safetensors", config=FAST, device="cpu")
-    b = repair(tiny["damaged"], ["layer3", "layer4", "fc"], tmp_path / "b.safetensors",
-               config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=False), device="cpu")
+    repair(tiny["damaged"], ["layer3", "layer4", "fc"], tmp_path / "a.safetensors", config=FAST, device="cpu")
+    repair(
+        tiny["damaged"],
+        ["layer3", "layer4", "fc"],
+        tmp_path / "b.safetensors",
+        config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=False),
+        device="cpu",
+    )
     wa, wb = checkpoint.load(tmp_path / "a.safetensors").state_dict, checkpoint.load(tmp_path / "b.safetensors").state_dict
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
 
@@ -110,8 +120,26 @@ def test_interrupted_repair_leaves_no_file(tiny: dict[str, Path], tmp_path: Path
 def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tmp_path: Path) -> None:
     before = sha(tiny["damaged"])
     out, plot = tmp_path / "r.safetensors", tmp_path / "r.png"
-    r = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", "auto", "-o", str(out), "--epochs", "2", "--json", "--plot", str(plot),
-                            "--baseline", "full", "--accept-p", "1"])  # any validation gain: auto picks small early groups here
+    r = runner.invoke(
+        app,
+        [
+            "repair",
+            str(tiny["damaged"]),
+            "--layers",
+            "auto",
+            "-o",
+            str(out),
+            "--epochs",
+            "2",
+            "--json",
+            "--plot",
+            str(plot),
+            "--baseline",
+            "full",
+            "--accept-p",
+            "1",
+        ],
+    )  # any validation gain: auto picks small early groups here
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     v = report["surgical"]["verify"]
@@ -130,7 +158,22 @@ def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tm
 
 def test_every_group_is_allowed(tiny: dict[str, Path], tmp_path: Path) -> None:
     every = "conv1,bn1,layer1,layer2,layer3,layer4,fc"
-    r = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", every, "-o", str(tmp_path / "r.safetensors"), "--epochs", "2", "--lr", "0.02", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "repair",
+            str(tiny["damaged"]),
+            "--layers",
+            every,
+            "-o",
+            str(tmp_path / "r.safetensors"),
+            "--epochs",
+            "2",
+            "--lr",
+            "0.02",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["plan"]["fraction"] == 1.0
 
@@ -139,7 +182,9 @@ def test_repair_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
     other = tmp_path / "other.safetensors"
     other.write_bytes(tiny["ckpt"].read_bytes())
     meta = checkpoint.load(other)
-    checkpoint.save(other, {k: v + 0 if not v.is_floating_point() else v * 1.01 for k, v in meta.state_dict.items()}, meta.metadata, force=True)
+    checkpoint.save(
+        other, {k: v + 0 if not v.is_floating_point() else v * 1.01 for k, v in meta.state_dict.items()}, meta.metadata, force=True
+    )
     saved = tmp_path / "other.json"
     assert runner.invoke(app, ["rank", str(other), "--out", str(saved), "--bootstrap", "5"]).exit_code == 0
     cases = [
@@ -165,7 +210,24 @@ def test_repair_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
     for name in ("a", "b"):
         out = tmp_path / name / "r.safetensors"
         out.parent.mkdir()
-        r = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", "layer3,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02", "--json", "--device", "cpu"])
+        r = runner.invoke(
+            app,
+            [
+                "repair",
+                str(tiny["damaged"]),
+                "--layers",
+                "layer3,fc",
+                "-o",
+                str(out),
+                "--epochs",
+                "2",
+                "--lr",
+                "0.02",
+                "--json",
+                "--device",
+                "cpu",
+            ],
+        )
         assert r.exit_code == 0, r.stderr
         stdouts.append(r.stdout.replace(str(out), "OUT"))
         files.append(out.read_bytes())
@@ -225,7 +287,9 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_diverged_repair_writes_nothing(tiny: dict[str, Path], tmp_path: Path) -> None:
-    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "--lr", "1e30", "--epochs", "1", "-o", str(tmp_path / "x.safetensors")])
+    r = runner.invoke(
+        app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "--lr", "1e30", "--epochs", "1", "-o", str(tmp_path / "x.safetensors")]
+    )
     assert r.exit_code == 1 and "the repair diverged" in r.stderr and "lower --lr" in r.stderr, r.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -247,21 +311,36 @@ def test_auto_layers_policies(tiny: dict[str, Path]) -> None:
 def test_a_healthy_model_is_kept_and_nothing_is_written(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The tiny model's remaining errors are label noise: no epoch beats it on validation, so the gate keeps it (exit 3)."""
     out = tmp_path / "r.safetensors"
-    r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02", "--json"])
+    r = runner.invoke(
+        app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02", "--json"]
+    )
     assert r.exit_code == 3, r.stderr
     d = json.loads(r.stdout)
     assert (d["accepted"], d["output"], d["sha256"]) == (False, None, None) and not out.exists()
     gate = d["surgical"]["gate"]
     assert [c["epoch"] for c in gate["curve"]] == [0, 1, 2] and gate["curve"][0]["val_net"] == 0 and gate["examples"] == 51
     assert d["verdict"] == f"nothing to repair: the original is kept ({gate['reason']})" and not gate["accepted"]
-    assert d["plan"]["val_data"] == {"spec": str(tiny["train"]), "split": "train", "examples": 51, "from": "0.2 of the training data (seed 0)"}
+    assert d["plan"]["val_data"] == {
+        "spec": str(tiny["train"]),
+        "split": "train",
+        "examples": 51,
+        "from": "0.2 of the training data (seed 0)",
+    }
     text = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "layer4,fc", "-o", str(out), "--epochs", "2", "--lr", "0.02"])
     assert text.exit_code == 3 and "nothing to repair: the original is kept" in text.stdout and "(kept)" in text.stdout and not out.exists()
 
 
 def test_the_gate_keeps_the_best_epoch_and_corrects_for_choosing_it() -> None:
     def point(epoch: int, fixed: int, broken: int, loss: float) -> dict:
-        return {"epoch": epoch, "val_loss": loss, "val_acc": 0.5, "val_fixed": fixed, "val_broken": broken, "val_net": fixed - broken, "examples": 100}
+        return {
+            "epoch": epoch,
+            "val_loss": loss,
+            "val_acc": 0.5,
+            "val_fixed": fixed,
+            "val_broken": broken,
+            "val_net": fixed - broken,
+            "examples": 100,
+        }
 
     gate = choose([point(0, 0, 0, 1.0), point(1, 12, 2, 0.8), point(2, 12, 2, 0.7), point(3, 9, 4, 0.5)], accept_p=0.05)
     assert gate.best_epoch == 2  # net +10 twice: the lower validation loss
@@ -271,12 +350,17 @@ def test_the_gate_keeps_the_best_epoch_and_corrects_for_choosing_it() -> None:
     assert choose([point(0, 0, 0, 1.0), point(1, 4, 1, float("nan")), point(2, 4, 1, 0.9)], 1.0).best_epoch == 2  # NaN loss last
     assert not choose([point(0, 0, 0, 1.0), point(1, 900, 0, 0.5)], 0.0).accepted  # --accept-p 0: never, even at p ~ 0
     assert choose([point(0, 0, 0, 1.0), point(1, 2, 5, 0.5)], 1.0).best_epoch == 0
-    assert not choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 0.05).accepted and choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 1.0).accepted
+    assert (
+        not choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 0.05).accepted
+        and choose([point(0, 0, 0, 1.0), point(1, 3, 1, 0.9)], 1.0).accepted
+    )
 
 
 def test_exact_mcnemar_and_net_interval_against_hand_counts() -> None:
     assert stats.mcnemar_one_sided(10, 2) == pytest.approx((66 + 12 + 1) / 4096)  # P(X >= 10), X ~ Bin(12, 1/2)
-    assert stats.mcnemar_two_sided(10, 2) == pytest.approx(2 * 79 / 4096) and stats.mcnemar_two_sided(2, 10) == stats.mcnemar_two_sided(10, 2)
+    assert stats.mcnemar_two_sided(10, 2) == pytest.approx(2 * 79 / 4096) and stats.mcnemar_two_sided(2, 10) == stats.mcnemar_two_sided(
+        10, 2
+    )
     assert stats.mcnemar_two_sided(0, 0) == 1.0 and stats.mcnemar_one_sided(0, 0) == 1.0
     lo, hi = stats.net_interval(10, 2)
     # Clopper-Pearson: at the bounds the tails are exactly 2.5%

@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from beta_diag import data, schedules
-from beta_diag.schedules import MomentumSchedule, Regime, critical_momentum, damping_ratio, regime
+from beta_diag import data, models, schedules
 from beta_diag.data import Preprocess
+from beta_diag.schedules import MomentumSchedule, Regime, critical_momentum, damping_ratio, regime
 from beta_diag.training import OptimizerName, TrainConfig, fit
-from beta_diag import models
 from tests.conftest import make_images
 
 
@@ -79,7 +78,14 @@ def test_optimizer_momentum_follows_schedule_every_step(optimizer: OptimizerName
 
     handle = register_optimizer_step_pre_hook(hook)
     try:
-        config = TrainConfig(epochs=2, lr=0.2 if optimizer is OptimizerName.sgd else 0.01, batch_size=16, optimizer=optimizer, momentum=momentum, device="cpu")
+        config = TrainConfig(
+            epochs=2,
+            lr=0.2 if optimizer is OptimizerName.sgd else 0.01,
+            batch_size=16,
+            optimizer=optimizer,
+            momentum=momentum,
+            device="cpu",
+        )
         history = fit(model, ds, None, Preprocess((1, 8, 8), (0.3,), (0.3,)), config)
     finally:
         handle.remove()

@@ -74,8 +74,13 @@ def _conv_per_example_grads(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor)
     b, c, h, w = x.shape
     o = g.shape[1]
     grads = torch.nn.grad.conv2d_weight(
-        x.reshape(1, b * c, h, w), (b * o, c, *module.kernel_size), g.reshape(1, b * o, *g.shape[2:]),
-        module.stride, module.padding, module.dilation, groups=b,
+        x.reshape(1, b * c, h, w),
+        (b * o, c, *module.kernel_size),
+        g.reshape(1, b * o, *g.shape[2:]),
+        module.stride,
+        module.padding,
+        module.dilation,
+        groups=b,
     )
     return grads.reshape(b, -1)
 
@@ -196,7 +201,11 @@ def _as_grouped(module: nn.Module, weight_like: torch.Tensor) -> torch.Tensor:
 
 
 def _fallback(
-    model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, direction: Direction,
+    model: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    direction: Direction,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """Per-example gradients of the named parameters with torch.func (materialised, chunked)."""
     from torch.func import functional_call, grad, vmap
@@ -222,8 +231,14 @@ def _fallback(
 
 
 def per_example_norms(
-    model: nn.Module, ds: Dataset, index: torch.Tensor, preprocess: Preprocess, device: torch.device,
-    batch_size: int = 64, direction: Direction | None = None, progress: Progress | None = None,
+    model: nn.Module,
+    ds: Dataset,
+    index: torch.Tensor,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 64,
+    direction: Direction | None = None,
+    progress: Progress | None = None,
 ) -> ParamNorms:
     """Squared per-example gradient norms of CE(f(x_i), y_i) for every trainable parameter.
 
@@ -284,7 +299,12 @@ def per_example_norms(
 
 
 def summed_gradient(
-    model: nn.Module, ds: Dataset, index: torch.Tensor, preprocess: Preprocess, device: torch.device, batch_size: int = 128,
+    model: nn.Module,
+    ds: Dataset,
+    index: torch.Tensor,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 128,
 ) -> Direction:
     """sum_i d CE(f(x_i), y_i) / d theta over the selected examples (eval mode), per parameter.
 

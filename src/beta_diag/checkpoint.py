@@ -88,7 +88,9 @@ class Metadata:
                 except json.JSONDecodeError:
                     raise CheckpointError(f"{source}: metadata '{key}' is not valid JSON: re-save the checkpoint") from None
                 except RecursionError:
-                    raise CheckpointError(f"{source}: metadata '{key}' is nested too deeply to be metadata: re-save the checkpoint") from None
+                    raise CheckpointError(
+                        f"{source}: metadata '{key}' is nested too deeply to be metadata: re-save the checkpoint"
+                    ) from None
             values[key] = value
         return cls.from_dict(values, source)
 
@@ -101,19 +103,33 @@ class Metadata:
         v = values
         check("arch", isinstance(v.get("arch"), str), "a string")
         check("arch_kwargs", isinstance(v.get("arch_kwargs"), dict), "a JSON object")
-        check("num_classes", isinstance(v.get("num_classes"), int) and 0 < v.get("num_classes", 0) <= MAX_CLASSES,
-              f"a positive integer up to {MAX_CLASSES:,}")
+        check(
+            "num_classes",
+            isinstance(v.get("num_classes"), int) and 0 < v.get("num_classes", 0) <= MAX_CLASSES,
+            f"a positive integer up to {MAX_CLASSES:,}",
+        )
         shape = v.get("input_shape")
-        check("input_shape", _int_list(shape, 3) and shape[0] <= MAX_CHANNELS and max(shape[1:]) <= MAX_INPUT_SIDE,
-              f"a list of 3 positive integers [C, H, W], C up to {MAX_CHANNELS} and sides up to {MAX_INPUT_SIDE}")
+        check(
+            "input_shape",
+            _int_list(shape, 3) and shape[0] <= MAX_CHANNELS and max(shape[1:]) <= MAX_INPUT_SIDE,
+            f"a list of 3 positive integers [C, H, W], C up to {MAX_CHANNELS} and sides up to {MAX_INPUT_SIDE}",
+        )
         check("mean", _num_list(v.get("mean")), "a list of finite numbers")
         check("std", _num_list(v.get("std")) and all(s > 0 for s in v.get("std") or [1]), "a list of finite positive numbers")
         names = v.get("class_names")
-        check("class_names", isinstance(names, list) and len(names) <= MAX_CLASSES and all(isinstance(n, str) and len(n) <= MAX_NAME for n in names),
-              f"a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters")
+        check(
+            "class_names",
+            isinstance(names, list) and len(names) <= MAX_CLASSES and all(isinstance(n, str) and len(n) <= MAX_NAME for n in names),
+            f"a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters",
+        )
         check("data", isinstance(v.get("data"), dict), "a JSON object")
-        check("history", isinstance(v.get("history"), list) and len(v.get("history") or []) <= MAX_HISTORY
-              and all(isinstance(h, dict) for h in v.get("history") or []), f"a list of up to {MAX_HISTORY:,} JSON objects")
+        check(
+            "history",
+            isinstance(v.get("history"), list)
+            and len(v.get("history") or []) <= MAX_HISTORY
+            and all(isinstance(h, dict) for h in v.get("history") or []),
+            f"a list of up to {MAX_HISTORY:,} JSON objects",
+        )
         return cls(
             arch=v.get("arch"),
             arch_kwargs=v.get("arch_kwargs") or {},
@@ -135,8 +151,11 @@ def _int_list(value: Any, n: int) -> bool:
 
 
 def _num_list(value: Any) -> bool:
-    return isinstance(value, list) and 0 < len(value) <= MAX_CHANNELS and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_CHANNELS
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    )
 
 
 @dataclass(frozen=True)
@@ -152,8 +171,12 @@ class Checkpoint:
     resolved: bool = False  # True once ``inferred`` has filled in what the weights say; an override clears it
 
     def with_overrides(
-        self, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None, input_size: tuple[int, int] | None = None,
-        mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+        self,
+        arch: str | None = None,
+        arch_kwargs: dict[str, Any] | None = None,
+        input_size: tuple[int, int] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> Checkpoint:
         """The same checkpoint with the architecture (``--arch``, ``--arch-arg``) or the preprocessing
         (``--input-size``, ``--mean``, ``--std``; one value or one per channel) given by hand."""
@@ -169,8 +192,10 @@ class Checkpoint:
             if values is None:
                 continue
             if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
-                raise CheckpointError(f"--{name} {','.join(map(str, values))}: pass one finite number or {channels} (one per input channel)"
-                                      + (", all positive" if name == "std" else ""))
+                raise CheckpointError(
+                    f"--{name} {','.join(map(str, values))}: pass one finite number or {channels} (one per input channel)"
+                    + (", all positive" if name == "std" else "")
+                )
             meta = replace(meta, **{name: tuple(values) * (channels if len(values) == 1 else 1)})
         if arch is not None:
             return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True, resolved=False)
@@ -196,7 +221,12 @@ class Checkpoint:
         and the training history summarised."""
         from beta_diag import groups, schedules
 
-        info: dict[str, Any] = {"path": str(self.path), "sha256": self.sha256, "metadata": self.metadata.to_dict(), "notes": list(self.notes)}
+        info: dict[str, Any] = {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "metadata": self.metadata.to_dict(),
+            "notes": list(self.notes),
+        }
         info["metadata"].pop("history")
         if self.metadata.arch:
             found = groups.layer_groups(self.build_model())
@@ -251,8 +281,9 @@ def nonfinite(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
     return {k: n for k, n in counts.items() if n}
 
 
-def check_weights(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
-                  suggest: Callable[[], str | None] | None = None) -> None:
+def check_weights(
+    expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str, suggest: Callable[[], str | None] | None = None
+) -> None:
     """Refuse weights that do not fit ``expected`` (a model's state dict, possibly on the meta device): missing or
     unexpected keys, other shapes (``suggest()`` names the option value that fits, when one does), integer
     tensors where the model holds floats (a relabelled dtype), and NaN/Inf values."""
@@ -267,14 +298,22 @@ def check_weights(expected: dict[str, torch.Tensor], state_dict: dict[str, torch
     if wrong:
         raise CheckpointError(
             f"{source}: {len(wrong)} weight shape(s) differ from the architecture (file vs model): {', '.join(sorted(wrong)[:3])}: "
-            + (f"pass {fix} (every weight's shape fits it)" if (fix := suggest and suggest()) else
-                "pass the architecture arguments the checkpoint was trained with (--arch-arg KEY=VALUE)")
+            + (
+                f"pass {fix} (every weight's shape fits it)"
+                if (fix := suggest and suggest())
+                else "pass the architecture arguments the checkpoint was trained with (--arch-arg KEY=VALUE)"
+            )
         )
-    relabelled = [f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k, v in expected.items()
-                  if v.is_floating_point() and not state_dict[k].is_floating_point()]
+    relabelled = [
+        f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if v.is_floating_point() and not state_dict[k].is_floating_point()
+    ]
     if relabelled:
-        raise CheckpointError(f"{source}: {len(relabelled)} tensor(s) hold integers where the model holds floats: "
-                              f"{', '.join(relabelled[:3])}: the checkpoint is corrupt; retrain or restore it")
+        raise CheckpointError(
+            f"{source}: {len(relabelled)} tensor(s) hold integers where the model holds floats: "
+            f"{', '.join(relabelled[:3])}: the checkpoint is corrupt; retrain or restore it"
+        )
     bad: dict[str, int] = {}
     for k, n in nonfinite(state_dict).items():
         bad[k.split(".")[0]] = bad.get(k.split(".")[0], 0) + n
@@ -305,8 +344,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, raw_meta
 
 
-
-
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")  # where training scripts commonly keep the weights
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DistributedDataParallel, torch.compile
 
@@ -319,8 +356,10 @@ def _unwrap(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if tensors and all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-                notes.append(f"stripped the '{prefix}' prefix from every key ({'torch.compile' if prefix == '_orig_mod.' else 'DataParallel/DDP'})")
+                tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+                notes.append(
+                    f"stripped the '{prefix}' prefix from every key ({'torch.compile' if prefix == '_orig_mod.' else 'DataParallel/DDP'})"
+                )
                 changed = True
     return tensors, notes
 
@@ -334,12 +373,16 @@ def _read_torch(path: Path, state_key: str | None = None) -> tuple[dict[str, tor
             "weights_only=True; re-save it with torch.save(model.state_dict(), path) or as .safetensors"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a damaged file
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(exc).__name__}): re-save it with torch.save(model.state_dict(), path)") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch file ({type(exc).__name__}): re-save it with torch.save(model.state_dict(), path)"
+        ) from None
     notes = []
     if state_key is not None:
         if not isinstance(obj, dict) or not isinstance(obj.get(state_key), dict):
             keys = ", ".join(sorted(str(k) for k in obj)[:10]) if isinstance(obj, dict) else "none"
-            raise CheckpointError(f"{path}: holds no dict under the key '{state_key}' (its keys: {keys}): pass --state-key with one of them")
+            raise CheckpointError(
+                f"{path}: holds no dict under the key '{state_key}' (its keys: {keys}): pass --state-key with one of them"
+            )
         return obj[state_key], [f"read the weights under the key '{state_key}' (--state-key)"]
     for wrapper in STATE_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -349,10 +392,14 @@ def _read_torch(path: Path, state_key: str | None = None) -> tuple[dict[str, tor
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         nested = sorted(str(k) for k, v in obj.items() if isinstance(v, dict)) if isinstance(obj, dict) else []
         if nested:
-            raise CheckpointError(f"{path}: holds no state dict of tensors itself nor under {', '.join(STATE_KEYS)} (its dicts: "
-                                  f"{', '.join(nested[:10])}): pass --state-key with the one holding the weights")
-        raise CheckpointError(f"{path}: does not hold a state dict of tensors (nor one under {', '.join(STATE_KEYS)}): "
-                              "re-save it with torch.save(model.state_dict(), path)")
+            raise CheckpointError(
+                f"{path}: holds no state dict of tensors itself nor under {', '.join(STATE_KEYS)} (its dicts: "
+                f"{', '.join(nested[:10])}): pass --state-key with the one holding the weights"
+            )
+        raise CheckpointError(
+            f"{path}: does not hold a state dict of tensors (nor one under {', '.join(STATE_KEYS)}): "
+            "re-save it with torch.save(model.state_dict(), path)"
+        )
     return obj, notes
 
 
@@ -389,12 +436,17 @@ def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoi
         notes: list[str] = []
         meta_values: dict[str, Any] = dict(Metadata.from_strings(raw, str(file)).to_dict())
         if config:
-            meta_values = {**{k: v for k, v in config.items() if k in meta_values}, **{k: v for k, v in meta_values.items() if v not in (None, {}, [])}}
+            meta_values = {
+                **{k: v for k, v in config.items() if k in meta_values},
+                **{k: v for k, v in meta_values.items() if v not in (None, {}, [])},
+            }
         metadata = Metadata.from_dict(meta_values, str(file))
     elif suffix in (".pt", ".pth", ".bin"):
         (tensors, notes), metadata = _read_torch(file, state_key), Metadata()
     else:
-        raise CheckpointError(f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors")
+        raise CheckpointError(
+            f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors"
+        )
     tensors, stripped = _unwrap(tensors)
     return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file), notes=tuple(notes + stripped))
 
@@ -408,7 +460,9 @@ def canonical(blob: bytes) -> memoryview:
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8 : 8 + n])
     meta = header.pop("__metadata__", None)
-    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]))
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | dict(
+        sorted(header.items(), key=lambda kv: kv[1]["data_offsets"])
+    )
     raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
     out = bytearray(len(raw).to_bytes(8, "little") + raw)

@@ -25,7 +25,10 @@ from beta_diag.session import DataChoice
 from beta_diag.training import OptimizerName, TrainConfig
 
 app = typer.Typer(
-    name="beta-diag", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="beta-diag",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Find the layer groups that carry a classifier's errors, compare across optimizers, repair just those.",
 )
 
@@ -37,12 +40,28 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show the traceback of an error (for bug reports).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")]
-ArchOpt = Annotated[str | None, typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")]
-ArchArgOpt = Annotated[list[str] | None, typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")]
-InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr).")]
-MeanOpt = Annotated[str | None, typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")]
+ArchOpt = Annotated[
+    str | None, typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")
+]
+ArchArgOpt = Annotated[
+    list[str] | None, typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")
+]
+InputSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr)."
+    ),
+]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")
+]
 StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
-StateKeyOpt = Annotated[str | None, typer.Option("--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net).")]
+StateKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net)."
+    ),
+]
 CkptArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure to this path.")]
 
@@ -76,7 +95,9 @@ def handle_errors(func: F) -> F:
         except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback for --verbose
             if verbose:
                 traceback.print_exc()
-            print(f"{who}Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr)
+            print(
+                f"{who}Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -117,16 +138,29 @@ def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
 
 
 def load_checkpoint(
-    path: Path, arch: str | None, arch_args: list[str] | None, input_size: str | None = None, mean: str | None = None, std: str | None = None,
+    path: Path,
+    arch: str | None,
+    arch_args: list[str] | None,
+    input_size: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
     state_key: str | None = None,
 ) -> checkpoint.Checkpoint:
     """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
     size = _numbers("--input-size", input_size, int)
     if size is not None and len(size) not in (1, 2):
         raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")
-    ckpt = checkpoint.load(path, state_key).with_overrides(
-        arch, parse_arch_args(arch_args), None if size is None else (size[0], size[-1]), _numbers("--mean", mean, float), _numbers("--std", std, float),
-    ).inferred()
+    ckpt = (
+        checkpoint.load(path, state_key)
+        .with_overrides(
+            arch,
+            parse_arch_args(arch_args),
+            None if size is None else (size[0], size[-1]),
+            _numbers("--mean", mean, float),
+            _numbers("--std", std, float),
+        )
+        .inferred()
+    )
     return ckpt
 
 
@@ -144,7 +178,9 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
     arch: Annotated[str, typer.Option("--arch", "--model", help="Architecture name or package.module:factory.")] = "resnet18_cifar",
     arch_arg: ArchArgOpt = None,
-    data: Annotated[str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")] = "fashion-mnist",
+    data: Annotated[
+        str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")
+    ] = "fashion-mnist",
     test_data: Annotated[str | None, typer.Option("--test-data", help="Test data spec (default: the test split of --data).")] = None,
     optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = TrainConfig.optimizer,
     momentum: Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule.")] = TrainConfig.momentum,
@@ -169,14 +205,28 @@ def train(
 
     outputs.check_output(output, force, data_files(data, test_data), checkpoint_file=True)
     config = TrainConfig(
-        epochs=epochs, lr=lr, batch_size=batch_size,
-        optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup, augment=augment, seed=seed, device=device,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup,
+        augment=augment,
+        seed=seed,
+        device=device,
     )
     with report.progress(quiet or as_json) as progress:
         result = train_model(arch, data, test_data, parse_arch_args(arch_arg), config, limit, test_limit, progress)
     sha = checkpoint.save(output, result.model.state_dict(), result.metadata, force=force)
     history = list(result.metadata.history)
-    summary = {"path": str(output), "sha256": sha, "history": history, "regimes": schedules.regime_fractions(history), "seconds": result.seconds}
+    summary = {
+        "path": str(output),
+        "sha256": sha,
+        "history": history,
+        "regimes": schedules.regime_fractions(history),
+        "seconds": result.seconds,
+    }
     report.print_json(summary, timings) if as_json else report.train_summary(summary)
 
 
@@ -230,14 +280,22 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="Data spec (default:
 SplitOpt = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
 MetricOpt = Annotated[Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
-GranularityOpt = Annotated[Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")]
+GranularityOpt = Annotated[
+    Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
+]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
 BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of --limit, the correct-example sample and the bootstrap.")]
-GroupsOpt = Annotated[str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of --limit, the correct-example sample and the bootstrap.")
+]
+GroupsOpt = Annotated[
+    str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")
+]
 
 
-def rank_config(metric: Metric, granularity: Granularity, top_k: int | None, bootstrap: int, seed: int, by_class: bool, groups_glob: str | None) -> RankConfig:
+def rank_config(
+    metric: Metric, granularity: Granularity, top_k: int | None, bootstrap: int, seed: int, by_class: bool, groups_glob: str | None
+) -> RankConfig:
     include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
     if groups_glob is not None and not include:
         raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
@@ -346,11 +404,23 @@ def compare(
 @handle_errors
 def repair(
     ckpt: CkptArg,
-    layers: Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")] = "auto",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")] = None,
-    auto_layers: Annotated[AutoLayers, typer.Option("--auto-layers", help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).")] = RepairConfig.auto_layers,
+    layers: Annotated[
+        str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")
+    ] = "auto",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")
+    ] = None,
+    auto_layers: Annotated[
+        AutoLayers,
+        typer.Option(
+            "--auto-layers",
+            help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).",
+        ),
+    ] = RepairConfig.auto_layers,
     ranking_file: Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
-    train_data: Annotated[str | None, typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")] = None,
+    train_data: Annotated[
+        str | None, typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")
+    ] = None,
     data: Annotated[str | None, typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
     split: SplitOpt = None,
     limit: LimitOpt = None,
@@ -359,13 +429,32 @@ def repair(
     momentum: Annotated[MomentumSchedule, typer.Option("--momentum")] = RepairConfig.momentum,
     optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = RepairConfig.optimizer,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = RepairConfig.batch_size,
-    focus: Annotated[Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")] = Focus.all,
-    baseline: Annotated[Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")] = Baseline.none,
+    focus: Annotated[
+        Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")
+    ] = Focus.all,
+    baseline: Annotated[
+        Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")
+    ] = Baseline.none,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
-    distill: Annotated[float, typer.Option("--distill", min=0.0, max=MAX_DISTILL, help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).")] = RepairConfig.distill,
-    val_data: Annotated[str | None, typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")] = RepairConfig.val_fraction,
-    accept_p: Annotated[float, typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain).")] = RepairConfig.accept_p,
+    distill: Annotated[
+        float,
+        typer.Option(
+            "--distill",
+            min=0.0,
+            max=MAX_DISTILL,
+            help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).",
+        ),
+    ] = RepairConfig.distill,
+    val_data: Annotated[
+        str | None, typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")
+    ] = RepairConfig.val_fraction,
+    accept_p: Annotated[
+        float,
+        typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain)."),
+    ] = RepairConfig.accept_p,
     metric: MetricOpt = DEFAULT_METRIC,
     granularity: GranularityOpt = Granularity.group,
     top_k: TopKOpt = None,
@@ -396,8 +485,22 @@ def repair(
             if path is not None:
                 outputs.check_output(path, force, repair_inputs, checkpoint_file=path is output)
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
-    config = RepairConfig(epochs, lr, batch_size, optimizer, momentum, RepairConfig.weight_decay, seed, focus.value, baseline.value, cache, distill,
-                          auto_layers, val_fraction, accept_p)
+    config = RepairConfig(
+        epochs,
+        lr,
+        batch_size,
+        optimizer,
+        momentum,
+        RepairConfig.weight_decay,
+        seed,
+        focus.value,
+        baseline.value,
+        cache,
+        distill,
+        auto_layers,
+        val_fraction,
+        accept_p,
+    )
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
@@ -406,14 +509,17 @@ def repair(
         if dry_run:
             planned = plan_fn(opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress, val_choice)
         else:
-            result = repair_fn(opened, chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device,
-                               force, progress, val_choice)
+            result = repair_fn(
+                opened, chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device, force, progress, val_choice
+            )
     say_notes(opened.path, opened.notes if dry_run else result.notes)
     if dry_run:
         report.print_json(planned.to_dict(), timings) if as_json else report.plan_table(planned.to_dict())
         return
     if plot is not None:
-        plots.repair(result, plot, force, (*repair_inputs, *data_files(*(result.plan[k]["spec"] for k in ("train_data", "val_data", "verify_data")))))
+        plots.repair(
+            result, plot, force, (*repair_inputs, *data_files(*(result.plan[k]["spec"] for k in ("train_data", "val_data", "verify_data"))))
+        )
     report.print_json(result.to_dict(), timings) if as_json else report.repair_summary(result)
     if not result.accepted:
         raise typer.Exit(3)  # nothing written: the original is kept (as rank's "nothing to rank")

@@ -103,17 +103,38 @@ class Comparison:
         return {
             "format": "beta-diag-comparison",
             "verdict": self.verdict,
-            "inputs": [{"label": label, "checkpoint": r.checkpoint, "sha256": r.sha256, "flagged": list(r.flagged), "accuracy": r.accuracy,
-                        "errors": len(r.error_index), "drift_suspect": None if r.drift is None else r.drift.suspect,
-                        "notes": list(r.notes)} for label, r in zip(self.labels, self.rankings)],
+            "inputs": [
+                {
+                    "label": label,
+                    "checkpoint": r.checkpoint,
+                    "sha256": r.sha256,
+                    "flagged": list(r.flagged),
+                    "accuracy": r.accuracy,
+                    "errors": len(r.error_index),
+                    "drift_suspect": None if r.drift is None else r.drift.suspect,
+                    "notes": list(r.notes),
+                }
+                for label, r in zip(self.labels, self.rankings)
+            ],
             "options": self.rankings[0].options(),
             "group_names": list(self.group_names),
             "groups": [{"name": n, "per_input": [_group_row(r, n) for r in self.rankings]} for n in self.group_names],
-            "pairs": [{"a": self.labels[p.a], "b": self.labels[p.b], "overlap_at_k": {str(k): v for k, v in p.overlap.items()},
-                       "overlap_at_k_ci": {str(k): list(v) for k, v in p.overlap_ci.items()}, "jaccard": p.jaccard, "spearman": p.spearman,
-                       "kendall": p.kendall, "p_same_flags": p.p_same_flags, "p_chance_at_k": {str(k): v for k, v in p.p_chance.items()},
-                       "p_chance_flags": p.p_chance_flags,
-                       "share_overlap_at_k": {str(k): list(v) for k, v in p.share_overlap.items()}} for p in self.pairs],
+            "pairs": [
+                {
+                    "a": self.labels[p.a],
+                    "b": self.labels[p.b],
+                    "overlap_at_k": {str(k): v for k, v in p.overlap.items()},
+                    "overlap_at_k_ci": {str(k): list(v) for k, v in p.overlap_ci.items()},
+                    "jaccard": p.jaccard,
+                    "spearman": p.spearman,
+                    "kendall": p.kendall,
+                    "p_same_flags": p.p_same_flags,
+                    "p_chance_at_k": {str(k): v for k, v in p.p_chance.items()},
+                    "p_chance_flags": p.p_chance_flags,
+                    "share_overlap_at_k": {str(k): list(v) for k, v in p.share_overlap.items()},
+                }
+                for p in self.pairs
+            ],
             "flagged_by_all": list(self.flagged_by_all),
             "flagged_by_majority": list(self.flagged_by_majority),
         }
@@ -176,15 +197,23 @@ def compare_rankings(rankings: list[Ranking], labels: list[str] | None = None, t
     for label, r in zip(labels[1:], rankings[1:]):
         if set(r.group_names) != set(first.group_names):
             differ = sorted(set(r.group_names) ^ set(first.group_names))
-            raise ConfigError(f"{label} has other layer groups than {labels[0]} (differing: {', '.join(differ[:8])}): compare checkpoints of one architecture")
+            raise ConfigError(
+                f"{label} has other layer groups than {labels[0]} (differing: {', '.join(differ[:8])}): compare checkpoints of one architecture"
+            )
         for key, value in first.options().items():
             if r.options().get(key) != value:
-                raise ConfigError(f"{label} was ranked with {key}={r.options().get(key)!r}, {labels[0]} with {value!r}: rank both with the same options")
+                raise ConfigError(
+                    f"{label} was ranked with {key}={r.options().get(key)!r}, {labels[0]} with {value!r}: rank both with the same options"
+                )
     pairs = tuple(_pair(i, j, rankings[i], rankings[j], top_k) for i, j in itertools.combinations(range(len(rankings)), 2))
     names = first.group_names
     counts = {n: sum(n in r.flagged for r in rankings) for n in names}
     return Comparison(
-        tuple(labels), tuple(rankings), names, pairs, tuple(n for n in names if counts[n] == len(rankings)),
+        tuple(labels),
+        tuple(rankings),
+        names,
+        pairs,
+        tuple(n for n in names if counts[n] == len(rankings)),
         tuple(n for n in names if counts[n] > len(rankings) / 2),
     )
 
@@ -198,8 +227,14 @@ def _load_saved(path: Path) -> Ranking:
 
 
 def compare(
-    inputs: list[str | Path | checkpoint.Checkpoint], data: DataChoice = DataChoice(), config: RankConfig = RankConfig(), device: str = "auto",
-    top_k: int | None = None, progress: Progress | None = None, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+    inputs: list[str | Path | checkpoint.Checkpoint],
+    data: DataChoice = DataChoice(),
+    config: RankConfig = RankConfig(),
+    device: str = "auto",
+    top_k: int | None = None,
+    progress: Progress | None = None,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> Comparison:
     """Rank each checkpoint (or read each saved ranking) with identical options, then compare.
 
@@ -208,9 +243,14 @@ def compare(
     ``compare(['sgd.safetensors', 'adam.safetensors']).verdict``.
     """
     paths = [p.path if isinstance(p, checkpoint.Checkpoint) else Path(p) for p in inputs]
-    saved = {i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json" and not isinstance(inputs[i], checkpoint.Checkpoint)}
-    sessions = {i: open_session(inputs[i] if isinstance(inputs[i], checkpoint.Checkpoint) else p, device, arch, arch_kwargs)
-                for i, p in enumerate(paths) if i not in saved}
+    saved = {
+        i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json" and not isinstance(inputs[i], checkpoint.Checkpoint)
+    }
+    sessions = {
+        i: open_session(inputs[i] if isinstance(inputs[i], checkpoint.Checkpoint) else p, device, arch, arch_kwargs)
+        for i, p in enumerate(paths)
+        if i not in saved
+    }
     specs = {i: s.resolve_data(data) for i, s in sessions.items()}
     if len(set(specs.values())) > 1:
         listed = ", ".join(f"{paths[i]}: {sp}" for i, (sp, _) in specs.items())

@@ -64,7 +64,6 @@ class Preprocess:
         std = x.new_tensor(self.std).view(1, -1, 1, 1)
         return (x - mean) / std
 
-
     def check_channels(self, channels: int) -> None:
         """Grey images are repeated to the model's channels, RGB(A) converted to grey for a grey model; anything else is refused."""
         c = self.input_shape[0]
@@ -76,8 +75,13 @@ class Preprocess:
         c, h, w = self.input_shape
         out = []
         if image_shape[0] != c:
-            out.append(f"{image_shape[0]}-channel images are repeated to {c} channels" if image_shape[0] == 1
-                       else f"{image_shape[0]}-channel images are converted to grey (ITU-R 601 luma)" if c == 1 else "")
+            out.append(
+                f"{image_shape[0]}-channel images are repeated to {c} channels"
+                if image_shape[0] == 1
+                else f"{image_shape[0]}-channel images are converted to grey (ITU-R 601 luma)"
+                if c == 1
+                else ""
+            )
         src = f"{image_shape[1]}x{image_shape[2]}"
         if fits_by_padding(image_shape[1:], (h, w)):
             out.append(f"{src} images are padded with zeros to the model's {h}x{w} (centred)")
@@ -95,13 +99,15 @@ def fits_by_padding(size: tuple[int, ...] | torch.Size, target: tuple[int, int])
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images, on the [0, 1] scale."""
-    x = images[: 20000].float().div_(255.0)
+    x = images[:20000].float().div_(255.0)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) for s in std)
 
 
-def load(spec: str | DataSpec, split: str = "test", limit: int | None = None, seed: int = 0, image_size: tuple[int, int] | None = None) -> Dataset:
+def load(
+    spec: str | DataSpec, split: str = "test", limit: int | None = None, seed: int = 0, image_size: tuple[int, int] | None = None
+) -> Dataset:
     """Decode the data named by ``spec`` (see ``readers``). ``limit`` keeps a seeded random subset.
 
     Example: ``load('fashion-mnist', 'test', limit=2000)``.
@@ -116,11 +122,15 @@ def load(spec: str | DataSpec, split: str = "test", limit: int | None = None, se
     if labels.numel() == 0:
         raise DataError(f"{spec} ({split}) holds no examples: pass data with images in it")
     if labels.min() < 0 or labels.max() >= MAX_CLASSES:
-        raise DataError(f"{spec} ({split}): label {int(labels.min() if labels.min() < 0 else labels.max())}: "
-                        f"labels must be class indices 0..C-1, C up to {MAX_CLASSES:,}")
+        raise DataError(
+            f"{spec} ({split}): label {int(labels.min() if labels.min() < 0 else labels.max())}: "
+            f"labels must be class indices 0..C-1, C up to {MAX_CLASSES:,}"
+        )
     if images.shape[-1] == 0 or images.shape[-2] == 0 or images.shape[1] == 0 or images.shape[1] > MAX_CHANNELS:
-        raise DataError(f"{spec} ({split}): images of shape {tuple(images.shape[1:])}: pass images with 1 to {MAX_CHANNELS} channels "
-                        "and at least one pixel per side")
+        raise DataError(
+            f"{spec} ({split}): images of shape {tuple(images.shape[1:])}: pass images with 1 to {MAX_CHANNELS} channels "
+            "and at least one pixel per side"
+        )
     if not names:
         names = tuple(str(i) for i in range(int(labels.max()) + 1))
     ds = Dataset(images.contiguous(), labels, names, str(spec), split, decoded.notes, source)
@@ -144,8 +154,10 @@ def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         known = ", ".join(model_classes[:10]) + (", ..." if len(model_classes) > 10 else "")
-        raise DataError(f"{ds.spec} ({ds.split}): folder(s) {shown} name no class of the model ({known}): "
-                        "name each folder after one of the model's classes")
+        raise DataError(
+            f"{ds.spec} ({ds.split}): folder(s) {shown} name no class of the model ({known}): "
+            "name each folder after one of the model's classes"
+        )
     index = torch.tensor([list(model_classes).index(n) for n in ds.class_names])
     note = f"{ds.spec} ({ds.split}): class folders matched to the model's class names by name"
     return replace(ds, labels=index[ds.labels], class_names=tuple(model_classes), notes=ds.notes + (note,))
@@ -164,7 +176,11 @@ def check_fits(ds: Dataset, num_classes: int, min_classes: int = 1) -> None:
 
 
 def batches(
-    ds: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, generator: torch.Generator | None = None,
+    ds: Dataset,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
     index: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (uint8 images, labels, example indices) on ``device``; pinned, non-blocking on CUDA."""
@@ -173,8 +189,13 @@ def batches(
 
 
 def numbered_batches(
-    ds: Dataset, batch_size: int, device: torch.device, shuffle: bool = False, generator: torch.Generator | None = None,
-    index: torch.Tensor | None = None, owns: Callable[[int], bool] | None = None,
+    ds: Dataset,
+    batch_size: int,
+    device: torch.device,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    index: torch.Tensor | None = None,
+    owns: Callable[[int], bool] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``batches`` with each batch's first position in the order; ``owns(batch number)`` skips the others' batches."""
     order = index if index is not None else torch.arange(len(ds))
@@ -199,7 +220,11 @@ def save_bundle(path: Path, ds: Dataset) -> None:
     from beta_diag.outputs import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_bytes(canonical(save(
-            {"images": ds.images.contiguous(), "labels": ds.labels.contiguous()},
-            metadata={"class_names": json.dumps(list(ds.class_names)), "source": ds.spec, "split": ds.split},
-        )))
+        tmp.write_bytes(
+            canonical(
+                save(
+                    {"images": ds.images.contiguous(), "labels": ds.labels.contiguous()},
+                    metadata={"class_names": json.dumps(list(ds.class_names)), "source": ds.spec, "split": ds.split},
+                )
+            )
+        )

@@ -54,8 +54,6 @@ class Rule:
     unmoved: float = 2.0  # a mean part within this many times the sampling noise: the input's mean has not moved
 
 
-
-
 def _tracks(module: nn.Module) -> bool:
     return isinstance(module, RUNNING_STATS_NORMS) and module.track_running_stats and module.running_mean is not None
 
@@ -123,15 +121,18 @@ class Drift:
             return f"drift unavailable: {self.reason}"
         if self.suspect is None:
             after = f" (in {', '.join(self.downstream)})" if self.downstream else ""
-            return (f"no activation drift found: any fault lies after the last BatchNorm{after} "
-                    "or does not show in activation statistics")
-        return (f"activations leave their training statistics at {self.suspect} (x{times(self.margin)}): "
-                "the damage is likely there, or the data differ from the training data")
+            return f"no activation drift found: any fault lies after the last BatchNorm{after} or does not show in activation statistics"
+        return (
+            f"activations leave their training statistics at {self.suspect} (x{times(self.margin)}): "
+            "the damage is likely there, or the data differ from the training data"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["layers"] = [{**asdict(layer), "kl": layer.kl, "errors_kl": layer.errors_kl, "jump": jump}
-                       for layer, jump in zip(self.layers, jumps(self.layers, self.rule.floor))]
+        d["layers"] = [
+            {**asdict(layer), "kl": layer.kl, "errors_kl": layer.errors_kl, "jump": jump}
+            for layer, jump in zip(self.layers, jumps(self.layers, self.rule.floor))
+        ]
         d["finding"] = self.finding
         return d
 
@@ -139,8 +140,17 @@ class Drift:
     def from_dict(cls, d: dict[str, Any]) -> Drift:
         keep = {f for f in LayerDrift.__dataclass_fields__}
         layers = tuple(LayerDrift(**{k: v for k, v in layer.items() if k in keep}) for layer in d.get("layers", ()))
-        return cls(d["available"], d.get("reason"), d.get("suspect"), d.get("margin"), d.get("suspect_layer"), d.get("groups"), layers,
-                   Rule(**d["rule"]) if d.get("rule") else Rule(), tuple(d.get("downstream", ())))
+        return cls(
+            d["available"],
+            d.get("reason"),
+            d.get("suspect"),
+            d.get("margin"),
+            d.get("suspect_layer"),
+            d.get("groups"),
+            layers,
+            Rule(**d["rule"]) if d.get("rule") else Rule(),
+            tuple(d.get("downstream", ())),
+        )
 
 
 def times(x: float | None) -> str:
@@ -221,13 +231,17 @@ class Recorder:
         self.total: torch.Tensor | None = None  # (2, 6, sum C) float64: [all, errors] x [n, m1, m2, m1^2, m2^2, m1 m2] summed
         self.batch_totals: list[torch.Tensor] = []  # under torchrun: this process's per-batch sums, to add in global order
         self.handles = [m.register_forward_hook(self._stats(name)) for name, m in self.norms.items()]
-        self.order_handles = [m.register_forward_hook(self._seen(name)) for name, m in model.named_modules()
-                              if name and any(True for _ in m.parameters(recurse=False)) and name not in self.norms]
+        self.order_handles = [
+            m.register_forward_hook(self._seen(name))
+            for name, m in model.named_modules()
+            if name and any(True for _ in m.parameters(recurse=False)) and name not in self.norms
+        ]
 
     def _seen(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if self.layout is None and name not in self.order:
                 self.order.append(name)
+
         return hook
 
     def _stats(self, name: str) -> Any:
@@ -246,6 +260,7 @@ class Recorder:
             mean = x.mean(dims) if dims else x
             square = torch.linalg.vector_norm(x, dim=dims).square() / positions if dims else x.square()
             self.pending[name] = (mean, square)
+
         return hook
 
     def commit(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -262,7 +277,11 @@ class Recorder:
         if not self.irregular:
             mean = torch.cat([self.pending[n][0] for n in self.layout], 1).double()  # (B, sum C)
             m1 = mean - self.running_means
-            m2 = torch.cat([self.pending[n][1] for n in self.layout], 1).double() - 2 * self.running_means * mean + self.running_means.square()
+            m2 = (
+                torch.cat([self.pending[n][1] for n in self.layout], 1).double()
+                - 2 * self.running_means * mean
+                + self.running_means.square()
+            )
             m = torch.stack([torch.ones_like(m1), m1, m2, m1.square(), m2.square(), m1 * m2], 1)  # (B, 6, sum C)
             wrong = (logits.argmax(1) != labels).to(m)
             add = torch.einsum("kb,bsc->ksc", torch.stack([torch.ones_like(wrong), wrong]), m)  # (2, 6, sum C)
@@ -300,21 +319,38 @@ class Recorder:
         self._reduce()
         if self.irregular:
             return Drift(False, "its BatchNorm layers do not run on every batch alike")
-        sums = {} if self.total is None or self.layout is None else dict(zip(self.layout, self.total.cpu().split(
-            [self.norms[n].num_features for n in self.layout], dim=2)))
+        sums = (
+            {}
+            if self.total is None or self.layout is None
+            else dict(zip(self.layout, self.total.cpu().split([self.norms[n].num_features for n in self.layout], dim=2)))
+        )
         layers = []
         for name in [n for n in self.order if n in sums and n not in self.repeated]:
             module = self.norms[name]
             feeder = next((n for n in reversed(self.order[: self.order.index(name)]) if n not in self.norms), None)
             (mean, var, mean_noise, var_noise), err = _parts(module, sums[name][0]), _parts(module, sums[name][1])
-            layers.append(LayerDrift(name, _owner(name, groups), feeder, None if feeder is None else _owner(feeder, groups),
-                                     module.num_features, mean, var, mean_noise, var_noise, *(err[:2] if err else (None, None))))
+            layers.append(
+                LayerDrift(
+                    name,
+                    _owner(name, groups),
+                    feeder,
+                    None if feeder is None else _owner(feeder, groups),
+                    module.num_features,
+                    mean,
+                    var,
+                    mean_noise,
+                    var_noise,
+                    *(err[:2] if err else (None, None)),
+                )
+            )
         if not layers:
-            why = "every BatchNorm is called more than once per pass" if self.repeated else "no BatchNorm with running statistics was called"
+            why = (
+                "every BatchNorm is called more than once per pass" if self.repeated else "no BatchNorm with running statistics was called"
+            )
             return Drift(False, f"{why} on the data")
         suspect, margin, layer, per_group = localise(layers, rule)
         last = max(self.order.index(n) for n in self.norms if n in self.order)
-        downstream = tuple(dict.fromkeys(g for n in self.order[last + 1:] if (g := _owner(n, groups)) is not None))
+        downstream = tuple(dict.fromkeys(g for n in self.order[last + 1 :] if (g := _owner(n, groups)) is not None))
         return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), rule, downstream)
 
 

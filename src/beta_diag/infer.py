@@ -96,18 +96,24 @@ def fill_in(metadata: Any, state_dict: dict[str, torch.Tensor], may_build: bool)
         if isinstance(side, int) and side > 0:
             c = first_conv_channels(state_dict) or 3
             meta = replace(meta, input_shape=(c, side, side))
-            notes.append(f"took {c}x{side}x{side} inputs from the model's image_size (the metadata names no input shape): "
-                         "pass --input-size to change it")
+            notes.append(
+                f"took {c}x{side}x{side} inputs from the model's image_size (the metadata names no input shape): "
+                "pass --input-size to change it"
+            )
     if meta.input_shape is None:
         c = first_conv_channels(state_dict) or 3
         meta = replace(meta, input_shape=(c, DEFAULT_SIDE, DEFAULT_SIDE))
-        notes.append(f"assumed {c}x{DEFAULT_SIDE}x{DEFAULT_SIDE} inputs (the metadata names no input shape): "
-                     "pass --input-size if the model expects another")
+        notes.append(
+            f"assumed {c}x{DEFAULT_SIDE}x{DEFAULT_SIDE} inputs (the metadata names no input shape): "
+            "pass --input-size if the model expects another"
+        )
     if meta.mean is None or meta.std is None:
         c = meta.input_shape[0]
         meta = replace(meta, mean=meta.mean or (0.5,) * c, std=meta.std or (0.5,) * c)
-        notes.append("assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel "
-                     "(the metadata names none): pass --mean and --std")
+        notes.append(
+            "assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel "
+            "(the metadata names none): pass --mean and --std"
+        )
     return meta, notes
 
 

@@ -88,8 +88,13 @@ def _drift_profile(ax: Any, drift: Any) -> None:
     xs = range(len(drift.layers))
     tiny = drift.rule.floor * 1e-4  # log axis: a zero part is drawn at the bottom
     ax.bar(xs, [max(layer.mean_part, tiny) for layer in drift.layers], color="#1f77b4", label="mean part")
-    ax.bar(xs, [max(layer.var_part, tiny) for layer in drift.layers], bottom=[max(layer.mean_part, tiny) for layer in drift.layers],
-           color="#ff7f0e", label="variance part")
+    ax.bar(
+        xs,
+        [max(layer.var_part, tiny) for layer in drift.layers],
+        bottom=[max(layer.mean_part, tiny) for layer in drift.layers],
+        color="#ff7f0e",
+        label="variance part",
+    )
     ax.axhline(drift.rule.floor, color="grey", linestyle=":", linewidth=1, label=f"floor {drift.rule.floor:g}")
     if drift.suspect_layer is not None:
         i = [layer.name for layer in drift.layers].index(drift.suspect_layer)
@@ -126,8 +131,12 @@ def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = (
     fig, (ax_cls, ax_loss, ax_val) = plt.subplots(1, 3, figsize=(16, 4))
     classes = list(r.surgical.verify.per_class)
     xs = range(len(classes))
-    ax_cls.bar([x - 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_before"] for c in classes], 0.4, label="before", color="#7f7f7f")
-    ax_cls.bar([x + 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_after"] for c in classes], 0.4, label="after", color="#2ca02c")
+    ax_cls.bar(
+        [x - 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_before"] for c in classes], 0.4, label="before", color="#7f7f7f"
+    )
+    ax_cls.bar(
+        [x + 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_after"] for c in classes], 0.4, label="after", color="#2ca02c"
+    )
     ax_cls.set_xticks(list(xs), classes, rotation=45, ha="right")
     ax_cls.set_title("held-out errors per class")
     ax_cls.legend()

@@ -35,8 +35,11 @@ class Split:
     def on(self, model: nn.Module) -> Split:
         """The same cut over a copy of the model it was traced on, without tracing again: the copy's
         modules run the traced graphs (training the suffix trains the copy)."""
-        return Split(fx.GraphModule(model, copy.deepcopy(self.prefix.graph)), fx.GraphModule(model, copy.deepcopy(self.suffix.graph)),
-                     self.prefix_name)
+        return Split(
+            fx.GraphModule(model, copy.deepcopy(self.prefix.graph)),
+            fx.GraphModule(model, copy.deepcopy(self.suffix.graph)),
+            self.prefix_name,
+        )
 
 
 def _touches(node: fx.Node, model: nn.Module, chosen: set[str]) -> bool:

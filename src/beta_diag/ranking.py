@@ -125,8 +125,12 @@ class Ranking:
 
     def options(self) -> dict[str, Any]:
         """What must match for two rankings to be comparable."""
-        return {"data": self.data, "split": self.split,
-                "limit": self.limit, **{k: v for k, v in self.config.to_dict().items() if k not in ("by_class",)}}
+        return {
+            "data": self.data,
+            "split": self.split,
+            "limit": self.limit,
+            **{k: v for k, v in self.config.to_dict().items() if k not in ("by_class",)},
+        }
 
     def save(self, path: str | Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
         """Write the ranking as JSON (``rank --out``), under the output rule; ``load`` reads it back."""
@@ -149,12 +153,27 @@ class Ranking:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Ranking:
         c = dict(d["config"])
-        config = RankConfig(Metric(c["metric"]), Granularity(c["granularity"]), c["top_k"], c["bootstrap"], c["seed"], c["by_class"], tuple(c["include"]))
+        config = RankConfig(
+            Metric(c["metric"]), Granularity(c["granularity"]), c["top_k"], c["bootstrap"], c["seed"], c["by_class"], tuple(c["include"])
+        )
         return cls(
-            d["checkpoint"], d["sha256"], d["data"], d["split"], d["limit"], config, d["examples"], d["accuracy"], tuple(d["error_index"]),
-            d["correct_sampled"], tuple(GroupScore(**g) for g in d["groups"]), tuple(tuple(r) for r in d["bootstrap_flags"]),
-            tuple(tuple(r) for r in d["bootstrap_ranks"]), tuple(d["group_names"]), d.get("by_class"),
-            Drift.from_dict(d["drift"]) if d.get("drift") else None, tuple(d.get("notes", ())),
+            d["checkpoint"],
+            d["sha256"],
+            d["data"],
+            d["split"],
+            d["limit"],
+            config,
+            d["examples"],
+            d["accuracy"],
+            tuple(d["error_index"]),
+            d["correct_sampled"],
+            tuple(GroupScore(**g) for g in d["groups"]),
+            tuple(tuple(r) for r in d["bootstrap_flags"]),
+            tuple(tuple(r) for r in d["bootstrap_ranks"]),
+            tuple(d["group_names"]),
+            d.get("by_class"),
+            Drift.from_dict(d["drift"]) if d.get("drift") else None,
+            tuple(d.get("notes", ())),
         )
 
 
@@ -178,7 +197,9 @@ def _select_groups(every: list, config: RankConfig) -> list:
         found = [g for g in found if any(fnmatch.fnmatchcase(g.name, pat) for pat in config.include)]
         if not found:
             names = ", ".join(g.name for g in every[:12])
-            raise ConfigError(f"--groups {','.join(config.include)} matches no {Granularity(config.granularity).value}: names are {names}, ...")
+            raise ConfigError(
+                f"--groups {','.join(config.include)} matches no {Granularity(config.granularity).value}: names are {names}, ..."
+            )
     if config.top_k is not None and not 1 <= config.top_k <= len(found):
         raise ConfigError(f"--top-k {config.top_k}: there are {len(found)} groups; pass a number from 1 to {len(found)}")
     if config.bootstrap < 0:
@@ -187,8 +208,12 @@ def _select_groups(every: list, config: RankConfig) -> list:
 
 
 def rank(
-    ckpt: str | Path | Session, data: DataChoice = DataChoice(), config: RankConfig = RankConfig(), device: str = "auto",
-    dataset: Dataset | None = None, progress: Progress | None = None,
+    ckpt: str | Path | Session,
+    data: DataChoice = DataChoice(),
+    config: RankConfig = RankConfig(),
+    device: str = "auto",
+    dataset: Dataset | None = None,
+    progress: Progress | None = None,
 ) -> Ranking:
     """Rank the layer groups of a checkpoint by gradient attribution over its misclassified examples.
 
@@ -208,7 +233,9 @@ def rank(
     wrong = torch.nonzero(~preds.correct).flatten()
     right = torch.nonzero(preds.correct).flatten()
     if wrong.numel() == 0:
-        raise NoErrorsToDiagnose(f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) correctly: nothing to rank; use more data or another split")
+        raise NoErrorsToDiagnose(
+            f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) correctly: nothing to rank; use more data or another split"
+        )
     gen = torch.Generator().manual_seed(config.seed)
     sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values
     model, dev, pre = session.model, session.device, session.preprocess
@@ -222,9 +249,11 @@ def rank(
     params = dict(model.named_parameters())
     weight_norm = np.array([float(sum(params[p].detach().double().pow(2).sum() for p in g.param_names)) ** 0.5 for g in found])
     m = Matrices(
-        err.sq_norms.numpy() @ assign, cor.sq_norms.numpy() @ assign,
+        err.sq_norms.numpy() @ assign,
+        cor.sq_norms.numpy() @ assign,
         err.dots.numpy() @ assign if err.dots is not None else np.zeros((wrong.numel(), len(found))),
-        np.array([g.numel for g in found], dtype=float), weight_norm,
+        np.array([g.numel for g in found], dtype=float),
+        weight_norm,
     )
     values = scores(m)
     if direction is None:
@@ -235,9 +264,17 @@ def rank(
     total = sum(p.numel() for p in model.parameters())
     rows = [
         GroupScore(
-            g.name, g.numel, g.numel / total, {k: float(v[j]) for k, v in values.items()}, float(main[j]), int(rk[j]), bool(fl[j]),
-            float(stab.p_flagged[j]) if stab else float(fl[j]), float(stab.rank_lo[j]) if stab else float(rk[j]),
-            float(stab.rank_hi[j]) if stab else float(rk[j]), float(stab.score_lo[j]) if stab else float(main[j]),
+            g.name,
+            g.numel,
+            g.numel / total,
+            {k: float(v[j]) for k, v in values.items()},
+            float(main[j]),
+            int(rk[j]),
+            bool(fl[j]),
+            float(stab.p_flagged[j]) if stab else float(fl[j]),
+            float(stab.rank_lo[j]) if stab else float(rk[j]),
+            float(stab.rank_hi[j]) if stab else float(rk[j]),
+            float(stab.score_lo[j]) if stab else float(main[j]),
             float(stab.score_hi[j]) if stab else float(main[j]),
         )
         for j, g in enumerate(found)
@@ -247,8 +284,23 @@ def rank(
         load, labels = shares(m.errors), ds.labels[wrong].numpy()
         by_class = {ds.class_names[c]: {g.name: float(load[labels == c, j].mean()) for j, g in enumerate(found)} for c in np.unique(labels)}
     return Ranking(
-        str(session.ckpt.path), session.ckpt.sha256, ds.spec, ds.split, data.limit, config, len(ds), preds.accuracy,
-        tuple(int(i) for i in wrong), int(sample.numel()), tuple(sorted(rows, key=lambda r: r.rank)),
+        str(session.ckpt.path),
+        session.ckpt.sha256,
+        ds.spec,
+        ds.split,
+        data.limit,
+        config,
+        len(ds),
+        preds.accuracy,
+        tuple(int(i) for i in wrong),
+        int(sample.numel()),
+        tuple(sorted(rows, key=lambda r: r.rank)),
         tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
-        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (), tuple(g.name for g in found), by_class, drift, session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))), m, preds,
+        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (),
+        tuple(g.name for g in found),
+        by_class,
+        drift,
+        session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))),
+        m,
+        preds,
     )

@@ -30,7 +30,16 @@ from beta_diag.limits import MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_NAME
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 DEFAULT_SIZE = (32, 32)  # an ImageFolder's images, when no model names a size
 
@@ -46,7 +55,10 @@ class Decoded:
     notes: tuple[str, ...] = ()
 
 
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _fashion_mnist_file(root: Path, name: str) -> list[Path]:
@@ -84,7 +96,9 @@ def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) 
         try:
             ds = FashionMNIST(tmp, train=split == "train", download=False)
         except Exception as exc:  # noqa: BLE001 - torchvision raises many types for damaged files
-            raise DataError(f"fashion-mnist: idx files in {root} are corrupt ({type(exc).__name__}): reinstall dataset-fashion-mnist") from None
+            raise DataError(
+                f"fashion-mnist: idx files in {root} are corrupt ({type(exc).__name__}): reinstall dataset-fashion-mnist"
+            ) from None
         return Decoded(ds.data.unsqueeze(1).clone(), ds.targets.long().clone(), FASHION_MNIST_CLASSES)
 
 
@@ -92,8 +106,12 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays, lists and dicts only: a CIFAR batch cannot run code."""
 
     ALLOWED: ClassVar[set[tuple[str, str]]] = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
     }
 
     def find_class(self, module: str, name: str) -> object:
@@ -115,14 +133,22 @@ def _unpickle(path: Path) -> dict:
 
 def _cifar(kind: str, root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
     folder, files, meta, key, names_key = {
-        "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, "batches.meta", "labels", "label_names"),
+        "cifar10": (
+            "cifar-10-batches-py",
+            {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+            "batches.meta",
+            "labels",
+            "label_names",
+        ),
         "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_labels", "fine_label_names"),
     }[kind]
     base = root / folder if (root / folder).is_dir() else root
     paths = [base / f for f in files[split]]
     missing = [p.name for p in paths + [base / meta] if not p.is_file()]
     if missing:
-        raise DataError(f"{kind}:{root}: missing {', '.join(missing)}: pass the folder holding {folder}/ (extracted from the python tarball)")
+        raise DataError(
+            f"{kind}:{root}: missing {', '.join(missing)}: pass the folder holding {folder}/ (extracted from the python tarball)"
+        )
     images, labels = [], []
     for p in paths:
         batch = _unpickle(p)
@@ -130,8 +156,10 @@ def _cifar(kind: str, root: Path, split: str, size: tuple[int, int] | None) -> D
             raise DataError(f"{p}: batch has no 'data'/'{key}': re-extract the {kind} tarball")
         rows = torch.as_tensor(batch["data"])
         if rows.dim() != 2 or rows.shape[1] != 3 * 32 * 32 or rows.dtype != torch.uint8 or len(batch[key]) != rows.shape[0]:
-            raise DataError(f"{p}: 'data' must be uint8 rows of 3,072 pixels, one per label; got {rows.dtype} {tuple(rows.shape)} for "
-                            f"{len(batch[key])} labels: re-extract the {kind} tarball")
+            raise DataError(
+                f"{p}: 'data' must be uint8 rows of 3,072 pixels, one per label; got {rows.dtype} {tuple(rows.shape)} for "
+                f"{len(batch[key])} labels: re-extract the {kind} tarball"
+            )
         images.append(rows.reshape(-1, 3, 32, 32))
         labels.append(torch.as_tensor(list(batch[key]), dtype=torch.long))
     names = tuple(str(n.decode() if isinstance(n, bytes) else n) for n in _unpickle(base / meta).get(names_key, []))
@@ -156,8 +184,10 @@ def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[
         raise DataError(f"imagefolder:{root}: cannot list {top} ({exc.strerror}): check the folder and its permissions") from None
     linked = sorted(e.name for e in entries if e.is_symlink())
     if linked:
-        raise DataError(f"imagefolder:{root}: class folder(s) {', '.join(linked[:5])} are links: links are never followed; "
-                        "copy or move the images into the folder")
+        raise DataError(
+            f"imagefolder:{root}: class folder(s) {', '.join(linked[:5])} are links: links are never followed; "
+            "copy or move the images into the folder"
+        )
     classes = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
     if not classes:
         raise DataError(f"imagefolder:{root}: no class sub-folders in {top}: use one sub-folder per class")
@@ -195,7 +225,9 @@ def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decode
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
                     if img.width * img.height > MAX_IMAGE_PIXELS:
-                        raise DataError(f"{path}: {img.width}x{img.height} pixels, beyond {MAX_IMAGE_PIXELS:,}: downscale or remove the image")
+                        raise DataError(
+                            f"{path}: {img.width}x{img.height} pixels, beyond {MAX_IMAGE_PIXELS:,}: downscale or remove the image"
+                        )
                     resized += img.size != (size[1], size[0])
                     coloured += img.mode != "RGB"
                     img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
@@ -205,7 +237,8 @@ def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decode
     labels = torch.tensor([t for _, t in samples], dtype=torch.long)
     n, where = len(images), f"imagefolder:{root} ({split})"
     notes = ([f"{where}: {resized} of {n} images resized to {size[0]}x{size[1]} when read (bilinear)"] if resized else []) + (
-        [f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else [])
+        [f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else []
+    )
     return Decoded(torch.stack(images), labels, classes, tuple(notes))
 
 
@@ -233,7 +266,9 @@ def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
     except (json.JSONDecodeError, RecursionError):
         names = []
     if not isinstance(names, list) or len(names) > MAX_CLASSES or not all(isinstance(n, str) and len(n) <= MAX_NAME for n in names):
-        raise DataError(f"{path}: 'class_names' must be a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters: re-create it")
+        raise DataError(
+            f"{path}: 'class_names' must be a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters: re-create it"
+        )
     return Decoded(images, labels.long(), tuple(names))
 
 

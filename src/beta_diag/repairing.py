@@ -93,15 +93,31 @@ class RepairConfig:
     def train_config(self, device: str) -> TrainConfig:
         """The shared training loop's configuration: no warm-up, no augmentation (so features can be cached)."""
         return TrainConfig(
-            epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, optimizer=self.optimizer, momentum=self.momentum,
-            weight_decay=self.weight_decay, warmup_epochs=0.0, augment=False, seed=self.seed, device=device,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            warmup_epochs=0.0,
+            augment=False,
+            seed=self.seed,
+            device=device,
         )
 
     def to_dict(self) -> dict[str, Any]:
         shared = {k: v for k, v in self.train_config("auto").to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
-        return {**shared, "focus": self.focus, "baseline": self.baseline, "cache_features": self.cache_features,
-                "distill": self.distill, "distill_temperature": Anchor.temperature, "auto_layers": AutoLayers(self.auto_layers).value,
-                "val_fraction": self.val_fraction, "accept_p": self.accept_p}
+        return {
+            **shared,
+            "focus": self.focus,
+            "baseline": self.baseline,
+            "cache_features": self.cache_features,
+            "distill": self.distill,
+            "distill_temperature": Anchor.temperature,
+            "auto_layers": AutoLayers(self.auto_layers).value,
+            "val_fraction": self.val_fraction,
+            "accept_p": self.accept_p,
+        }
 
     def check(self) -> None:
         self.train_config("cpu").check()
@@ -121,7 +137,9 @@ def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
     unknown = sorted(n for n in layers if n not in known)
     if unknown:
         valid = ", ".join(g.name for g in groups.layer_groups(model))
-        raise ConfigError(f"--layers: unknown name(s) {', '.join(unknown)}: use groups ({valid}), or their blocks/modules (see beta-diag rank --granularity module)")
+        raise ConfigError(
+            f"--layers: unknown name(s) {', '.join(unknown)}: use groups ({valid}), or their blocks/modules (see beta-diag rank --granularity module)"
+        )
     return sorted({p for n in layers for p in known[n].param_names}, key=list(dict(model.named_parameters())).index)
 
 
@@ -168,13 +186,17 @@ class Plan:
         c = self.config
         val_from = "given (--val-data)" if self.val_given else f"{c.val_fraction:g} of the training data (seed {c.seed})"
         return {
-            "groups": list(self.groups), "trainable": self.trainable, "total": self.total,
+            "groups": list(self.groups),
+            "trainable": self.trainable,
+            "total": self.total,
             "train_data": {"spec": self.train.spec, "split": self.train.split, "examples": len(self.train), "focus": c.focus},
             "val_data": {"spec": self.val.spec, "split": self.val.split, "examples": len(self.val), "from": val_from},
             "verify_data": {"spec": self.verify.spec, "split": self.verify.split, "examples": len(self.verify)},
             "config": {**c.to_dict(), "lr_schedule": "cosine", "batchnorm": "chosen groups train, frozen groups eval"},
-            "steps": self.steps, "cached_prefix": self.cut.prefix_name if self.cut else None,
-            "estimated_seconds": self.estimated_seconds, "fraction": self.fraction,
+            "steps": self.steps,
+            "cached_prefix": self.cut.prefix_name if self.cut else None,
+            "estimated_seconds": self.estimated_seconds,
+            "fraction": self.fraction,
         }
 
 
@@ -206,9 +228,16 @@ def _saved_ranking(session: Session, saved: str | Path | None, verify: DataChoic
 
 
 def plan(
-    ckpt: str | Path | Session, layers: list[str] | str = "auto", train: DataChoice = DataChoice(), verify: DataChoice = DataChoice(),
-    config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(), saved_ranking: str | Path | None = None,
-    device: str = "auto", progress: Progress | None = None, val: DataChoice | None = None,
+    ckpt: str | Path | Session,
+    layers: list[str] | str = "auto",
+    train: DataChoice = DataChoice(),
+    verify: DataChoice = DataChoice(),
+    config: RepairConfig = RepairConfig(),
+    rank_config: RankConfig = RankConfig(),
+    saved_ranking: str | Path | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    val: DataChoice | None = None,
 ) -> Plan:
     """What ``apply`` will do (groups, parameters, training/validation/verification data, the cut), without training."""
     config.check()
@@ -253,8 +282,21 @@ def plan(
     elif config.focus != "all":
         raise ConfigError(f"--focus {config.focus}: use all or errors")
     steps = config.epochs * -(-len(train_ds) // config.batch_size)
-    return Plan(session, tuple(names), tuple(params), train_ds, val_ds, verify_ds, val is not None, cut, config, steps,
-                prefix.estimate_seconds(session, train_ds, steps, config.batch_size), before, cached)
+    return Plan(
+        session,
+        tuple(names),
+        tuple(params),
+        train_ds,
+        val_ds,
+        verify_ds,
+        val is not None,
+        cut,
+        config,
+        steps,
+        prefix.estimate_seconds(session, train_ds, steps, config.batch_size),
+        before,
+        cached,
+    )
 
 
 def _focus(before: Predictions, seed: int, where: str) -> torch.Tensor:
@@ -269,8 +311,13 @@ def _focus(before: Predictions, seed: int, where: str) -> torch.Tensor:
 
 
 def _fine_tune(
-    p: Plan, params: tuple[str, ...], feats: dict[str, Dataset], before: dict[str, Predictions], anchor: Anchor | None,
-    shortcut: bool, progress: Progress | None,
+    p: Plan,
+    params: tuple[str, ...],
+    feats: dict[str, Dataset],
+    before: dict[str, Predictions],
+    anchor: Anchor | None,
+    shortcut: bool,
+    progress: Progress | None,
 ) -> tuple[nn.Module, prefix.Split | None, list[dict], Gate, float]:
     """Copy the model and train only ``params`` (their modules in train mode, the rest eval), through the
     plan's cut on cached features when there are any; after each epoch score it on validation and keep
@@ -302,7 +349,9 @@ def _fine_tune(
         history = fit(model, p.train, None, session.preprocess, tc, progress=progress, anchor=anchor, on_epoch=on_epoch)
     losses = [h["train_loss"] for h in history]
     if not all(math.isfinite(v) for v in losses):
-        raise ConfigError(f"the repair diverged: training loss {losses[-1]} after {len(losses)} epoch(s): nothing written; lower --lr or --distill")
+        raise ConfigError(
+            f"the repair diverged: training loss {losses[-1]} after {len(losses)} epoch(s): nothing written; lower --lr or --distill"
+        )
     gate = choose(curve, config.accept_p)
     model.load_state_dict(kept["state"] if gate.best_epoch else session.model.state_dict())
     for param in model.parameters():
@@ -327,8 +376,10 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     for k, ds in sets.items():
         if p.cut is not None and k not in feats and (k == "train" or (shortcut and k not in p.before)):
             feats[k] = prefix.cache(p.cut, ds, session.preprocess, session.device)
-    before = {k: p.before[k] if k in p.before else _predict(session, session.model, p.cut if shortcut or k == "train" else None, feats.get(k), ds)
-              for k, ds in sets.items()}
+    before = {
+        k: p.before[k] if k in p.before else _predict(session, session.model, p.cut if shortcut or k == "train" else None, feats.get(k), ds)
+        for k, ds in sets.items()
+    }
     anchor = Anchor(before["train"].logits, before["train"].correct.float() * config.distill) if config.distill else None
     arms, repaired = [], session.model
     every = tuple(p.sizes)  # every parameter, in model order
@@ -336,21 +387,36 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
         surgical = params is p.params
         mine = feats if surgical else {}
         model, cut, history, gate, seconds = _fine_tune(p, params, mine, before, anchor, shortcut, progress)
-        after = {k: before[k] if gate.best_epoch == 0 else _predict(session, model, cut if shortcut or k == "train" else None, mine.get(k), sets[k])
-                 for k in ("verify", "train")}  # the original kept: its predictions are known
-        arms.append(Arm(p.groups if surgical else ("all",), p.trainable if surgical else p.total, seconds,
-                        verdict(before["verify"], after["verify"], p.verify.class_names), verdict(before["train"], after["train"], p.train.class_names),
-                        tuple(history), gate))
+        after = {
+            k: before[k]
+            if gate.best_epoch == 0
+            else _predict(session, model, cut if shortcut or k == "train" else None, mine.get(k), sets[k])
+            for k in ("verify", "train")
+        }  # the original kept: its predictions are known
+        arms.append(
+            Arm(
+                p.groups if surgical else ("all",),
+                p.trainable if surgical else p.total,
+                seconds,
+                verdict(before["verify"], after["verify"], p.verify.class_names),
+                verdict(before["train"], after["train"], p.train.class_names),
+                tuple(history),
+                gate,
+            )
+        )
         repaired = model if surgical else repaired
-    notes = session.ckpt.notes + tuple(dict.fromkeys(
-        n for d in sets.values() for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:])))))
+    notes = session.ckpt.notes + tuple(
+        dict.fromkeys(n for d in sets.values() for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:]))))
+    )
     plan_dict = p.to_dict()
     if not arms[0].gate.accepted:
         return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, None, None, session.ckpt.sha256, notes)
     state = repaired.state_dict()
     diverged = list(checkpoint.nonfinite(state))
     if diverged:
-        raise ConfigError(f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill")
+        raise ConfigError(
+            f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill"
+        )
     sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, arms[0]), force=force, inputs=inputs)
     return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
 
@@ -369,21 +435,44 @@ def _metadata(session: Session, out: Path, plan_dict: dict[str, Any], arm: Arm) 
     """The parent's metadata with its data re-pointed from the output's folder, and the repair recorded."""
     parent_dir = session.ckpt.path.parent
     data_for_out = {
-        split: {**rec, "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else str(DataSpec.parse(rec["spec"]).resolved(parent_dir))}
-        for split, rec in session.ckpt.metadata.data.items() if isinstance(rec, dict) and "spec" in rec
+        split: {
+            **rec,
+            "spec": rec["spec"] if out.parent.resolve() == parent_dir.resolve() else str(DataSpec.parse(rec["spec"]).resolved(parent_dir)),
+        }
+        for split, rec in session.ckpt.metadata.data.items()
+        if isinstance(rec, dict) and "spec" in rec
     }
-    return replace(session.ckpt.metadata, data=data_for_out, repair={
-        "parent_sha256": session.ckpt.sha256, "parent": session.ckpt.path.name, "groups": list(plan_dict["groups"]),
-        "trainable_fraction": plan_dict["fraction"], "config": plan_dict["config"], "train_data": plan_dict["train_data"],
-        "val_data": plan_dict["val_data"], "verify_data": plan_dict["verify_data"], "verify": arm.verify.to_dict(),
-        "gate": arm.gate.to_dict(), "history": without_timing(arm.history),
-    })
+    return replace(
+        session.ckpt.metadata,
+        data=data_for_out,
+        repair={
+            "parent_sha256": session.ckpt.sha256,
+            "parent": session.ckpt.path.name,
+            "groups": list(plan_dict["groups"]),
+            "trainable_fraction": plan_dict["fraction"],
+            "config": plan_dict["config"],
+            "train_data": plan_dict["train_data"],
+            "val_data": plan_dict["val_data"],
+            "verify_data": plan_dict["verify_data"],
+            "verify": arm.verify.to_dict(),
+            "gate": arm.gate.to_dict(),
+            "history": without_timing(arm.history),
+        },
+    )
 
 
 def repair(
-    ckpt: str | Path | Session, layers: list[str] | str = "auto", output: str | Path | None = None, train: DataChoice = DataChoice(),
-    verify: DataChoice = DataChoice(), config: RepairConfig = RepairConfig(), rank_config: RankConfig = RankConfig(),
-    saved_ranking: str | Path | None = None, device: str = "auto", force: bool = False, progress: Progress | None = None,
+    ckpt: str | Path | Session,
+    layers: list[str] | str = "auto",
+    output: str | Path | None = None,
+    train: DataChoice = DataChoice(),
+    verify: DataChoice = DataChoice(),
+    config: RepairConfig = RepairConfig(),
+    rank_config: RankConfig = RankConfig(),
+    saved_ranking: str | Path | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: Progress | None = None,
     val: DataChoice | None = None,
 ) -> RepairReport:
     """``apply(plan(...))``: fine-tune only the named (or flagged) layer groups, keep the best epoch on
@@ -392,7 +481,10 @@ def repair(
     Example: ``r = repair('sgd.safetensors', 'auto'); r.accepted, r.surgical.verify.net``.
     """
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
-    given = (session.ckpt.path, *([Path(saved_ranking)] if saved_ranking else []),
-             *(f for c in (train, verify, val) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()))
+    given = (
+        session.ckpt.path,
+        *([Path(saved_ranking)] if saved_ranking else []),
+        *(f for c in (train, verify, val) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()),
+    )
     outputs.check_output(_output_path(session, output), force, given, checkpoint_file=True)  # before any work
     return apply(plan(session, layers, train, verify, config, rank_config, saved_ranking, device, progress, val), output, force, progress)

@@ -61,8 +61,13 @@ def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
         yield None
         return
     bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     )
     tasks: dict[str, Any] = {}
 
@@ -88,7 +93,9 @@ def info_table(info: dict[str, Any]) -> None:
             table.add_row(key, json.dumps(meta[key], sort_keys=True))
     out.print(table)
     if info.get("groups"):
-        groups = Table("group", "parameters", "share", title=f"{info['parameters']:,} parameters in {len(info['groups'])} groups", title_justify="left")
+        groups = Table(
+            "group", "parameters", "share", title=f"{info['parameters']:,} parameters in {len(info['groups'])} groups", title_justify="left"
+        )
         for g in info["groups"]:
             groups.add_row(g["name"], f"{g['numel']:,}", f"{100 * g['share']:.2f}%")
         out.print(groups)
@@ -110,8 +117,13 @@ def schedule_table(schedules: list[dict[str, Any]]) -> None:
         for h in sched["epochs"]:
             acc = h.get("test_acc")
             table.add_row(
-                str(h["epoch"]), f"{h['lr']:.5f}", f"{h['momentum']:.4f}", f"{h['mu_c']:.4f}", f"{h['zeta']:.3f}",
-                f"[{REGIME_STYLE[h['regime']]}]{h['regime']}[/]", "" if acc is None else f"{100 * acc:.2f}%",
+                str(h["epoch"]),
+                f"{h['lr']:.5f}",
+                f"{h['momentum']:.4f}",
+                f"{h['mu_c']:.4f}",
+                f"{h['zeta']:.3f}",
+                f"[{REGIME_STYLE[h['regime']]}]{h['regime']}[/]",
+                "" if acc is None else f"{100 * acc:.2f}%",
             )
         out.print(table)
         out.print("regimes: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sched["regimes"].items()))
@@ -133,7 +145,16 @@ def rank_table(ranking: Any) -> None:
     drift = ranking.drift if ranking.drift is not None and ranking.drift.available else None
     boot = ranking.config.bootstrap > 0  # without replicates there is no P(flagged) or interval to show
     table = Table(
-        "rank", "group", "params", metric, "norm", "contrast", "flagged", "P(flagged)", "rank 90% CI", *(["drift"] if drift else []),
+        "rank",
+        "group",
+        "params",
+        metric,
+        "norm",
+        "contrast",
+        "flagged",
+        "P(flagged)",
+        "rank 90% CI",
+        *(["drift"] if drift else []),
         title=f"ranked by {metric} ({ranking.config.granularity.value}s, {ranking.config.bootstrap} bootstrap replicates)"
         + ("; drift: the largest part of a BatchNorm's input drift charged to the group, over the drift before it" if drift else ""),
         title_justify="left",
@@ -142,9 +163,16 @@ def rank_table(ranking: Any) -> None:
         style = "bold red" if g.flagged else None
         extra = [drift_cell(drift, g.name)] if drift else []
         table.add_row(
-            str(g.rank), g.name, f"{100 * g.param_share:.2f}%", f"{g.score:.4g}", f"{g.scores['norm']:.4g}", f"{g.scores['contrast']:.3g}",
-            "yes" if g.flagged else "", *((f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}") if boot else ("not computed",) * 2),
-            *extra, style=style,
+            str(g.rank),
+            g.name,
+            f"{100 * g.param_share:.2f}%",
+            f"{g.score:.4g}",
+            f"{g.scores['norm']:.4g}",
+            f"{g.scores['contrast']:.3g}",
+            "yes" if g.flagged else "",
+            *((f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}") if boot else ("not computed",) * 2),
+            *extra,
+            style=style,
         )
     out.print(table)
     if ranking.by_class:
@@ -180,19 +208,37 @@ def compare_table(comparison: Any) -> None:
         rows = [r.group(name) for r in comparison.rankings]
         table.add_row(name, *[str(g.rank) for g in rows], *[f"{g.score:.4g}" for g in rows], *["yes" if g.flagged else "" for g in rows])
     out.print(table)
-    pairs = Table("pair", "overlap@k (90% CI)", "P(by chance)", "overlap with parameter share", "Jaccard", "Spearman", "Kendall", "P(same flags)",
-                  title="pairwise; P(by chance): drawing k of the groups at random twice overlaps at least this much", title_justify="left")
+    pairs = Table(
+        "pair",
+        "overlap@k (90% CI)",
+        "P(by chance)",
+        "overlap with parameter share",
+        "Jaccard",
+        "Spearman",
+        "Kendall",
+        "P(same flags)",
+        title="pairwise; P(by chance): drawing k of the groups at random twice overlaps at least this much",
+        title_justify="left",
+    )
     for p in comparison.pairs:
-        overlaps = ", ".join(
-            f"@{k} {v:.2f}" + (f" ({comparison_ci(p, k)})" if k in p.overlap_ci else "") for k, v in p.overlap.items()
-        )
+        overlaps = ", ".join(f"@{k} {v:.2f}" + (f" ({comparison_ci(p, k)})" if k in p.overlap_ci else "") for k, v in p.overlap.items())
         chance = ", ".join(f"@{k} {v:.2g}" for k, v in p.p_chance.items())
         share = ", ".join(f"@{k} {a:.2f}/{b:.2f}" for k, (a, b) in p.share_overlap.items())
-        pairs.add_row(f"{labels[p.a]} vs {labels[p.b]}", overlaps, chance, share, f"{p.jaccard:.2f}", f"{p.spearman:.2f}", f"{p.kendall:.2f}",
-                      "n/a" if p.p_same_flags is None else f"{p.p_same_flags:.2f}")
+        pairs.add_row(
+            f"{labels[p.a]} vs {labels[p.b]}",
+            overlaps,
+            chance,
+            share,
+            f"{p.jaccard:.2f}",
+            f"{p.spearman:.2f}",
+            f"{p.kendall:.2f}",
+            "n/a" if p.p_same_flags is None else f"{p.p_same_flags:.2f}",
+        )
     out.print(pairs)
     if len(comparison.rankings) > 2:
-        out.print(f"flagged by all: {', '.join(comparison.flagged_by_all) or 'none'}; by a majority: {', '.join(comparison.flagged_by_majority) or 'none'}")
+        out.print(
+            f"flagged by all: {', '.join(comparison.flagged_by_all) or 'none'}; by a majority: {', '.join(comparison.flagged_by_majority) or 'none'}"
+        )
     out.print(f"[bold]{comparison.verdict}[/]")
 
 
@@ -212,7 +258,9 @@ def plan_table(plan: dict[str, Any]) -> None:
     table.add_row("validation data", f"{v['spec']} ({v['split']}, {v['examples']} examples: {v['from']})")
     table.add_row("verification data", f"{w['spec']} ({w['split']}, {w['examples']} examples)")
     c = plan["config"]
-    table.add_row("schedule", f"{c['epochs']} epochs, {plan['steps']} steps, {c['optimizer']} with {c['momentum']} momentum, cosine LR from {c['lr']}")
+    table.add_row(
+        "schedule", f"{c['epochs']} epochs, {plan['steps']} steps, {c['optimizer']} with {c['momentum']} momentum, cosine LR from {c['lr']}"
+    )
     table.add_row("gate", f"keep the best epoch on validation; write it only if its gain has p <= {c['accept_p']:g}")
     table.add_row("frozen prefix cached", plan["cached_prefix"] or "no")
     table.add_row("estimated time", f"at most {plan['estimated_seconds']:.0f} s")
@@ -221,31 +269,68 @@ def plan_table(plan: dict[str, Any]) -> None:
 
 def repair_summary(r: Any) -> None:
     out = stdout()
-    table = Table("arm", "groups", "trained", "seconds", "held-out accuracy", "fixed", "broken", "net (95%)", "p", "train-data net",
-                  title=f"verified on {r.plan['verify_data']['spec']} ({r.plan['verify_data']['split']}, never trained on)"
-                  + ("" if r.accepted else ": the kept epoch, not written"), title_justify="left")
+    table = Table(
+        "arm",
+        "groups",
+        "trained",
+        "seconds",
+        "held-out accuracy",
+        "fixed",
+        "broken",
+        "net (95%)",
+        "p",
+        "train-data net",
+        title=f"verified on {r.plan['verify_data']['spec']} ({r.plan['verify_data']['split']}, never trained on)"
+        + ("" if r.accepted else ": the kept epoch, not written"),
+        title_justify="left",
+    )
     for name, arm in (("surgical", r.surgical), ("full fine-tune", r.baseline)):
         if arm is None:
             continue
         v = arm.verify
         lo, hi = v.net_interval
-        table.add_row(name, ", ".join(arm.groups), f"{100 * arm.trainable / r.plan['total']:.1f}%", f"{arm.seconds:.1f}",
-                      f"{100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%", str(v.fixed), str(v.broken),
-                      f"{v.net:+d} ({lo:+.0f} to {hi:+.0f})", f"{v.p_value:.2g}", f"{arm.train.net:+d}")
+        table.add_row(
+            name,
+            ", ".join(arm.groups),
+            f"{100 * arm.trainable / r.plan['total']:.1f}%",
+            f"{arm.seconds:.1f}",
+            f"{100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%",
+            str(v.fixed),
+            str(v.broken),
+            f"{v.net:+d} ({lo:+.0f} to {hi:+.0f})",
+            f"{v.p_value:.2g}",
+            f"{arm.train.net:+d}",
+        )
     out.print(table)
     per = Table("class", "errors before", "errors after", "fixed", "broken", title="held-out, per class (surgical)", title_justify="left")
     for cls, row in r.surgical.verify.per_class.items():
         per.add_row(cls, str(row["errors_before"]), str(row["errors_after"]), str(row["fixed"]), str(row["broken"]))
     out.print(per)
     if r.compute_saving is not None:
-        out.print(f"training time saved by the surgical repair: {100 * r.compute_saving:.0f}% of the full fine-tune's "
-                  "(a frozen prefix runs once, in the evaluation both need)")
+        out.print(
+            f"training time saved by the surgical repair: {100 * r.compute_saving:.0f}% of the full fine-tune's "
+            "(a frozen prefix runs once, in the evaluation both need)"
+        )
     g = r.surgical.gate
-    curve = Table("epoch", "val loss", "val accuracy", "fixed", "broken", "net", title=f"validation ({g.examples} examples, never verified on)",
-                  title_justify="left")
+    curve = Table(
+        "epoch",
+        "val loss",
+        "val accuracy",
+        "fixed",
+        "broken",
+        "net",
+        title=f"validation ({g.examples} examples, never verified on)",
+        title_justify="left",
+    )
     for point in g.curve:
         mark = " (kept)" if point["epoch"] == g.best_epoch else ""
-        curve.add_row(f"{point['epoch']}{mark}", f"{point['val_loss']:.4f}", f"{100 * point['val_acc']:.2f}%", str(point["val_fixed"]),
-                      str(point["val_broken"]), f"{point['val_net']:+d}")
+        curve.add_row(
+            f"{point['epoch']}{mark}",
+            f"{point['val_loss']:.4f}",
+            f"{100 * point['val_acc']:.2f}%",
+            str(point["val_fixed"]),
+            str(point["val_broken"]),
+            f"{point['val_net']:+d}",
+        )
     out.print(curve)
     out.print(f"[bold]{r.verdict}[/]")

@@ -82,8 +82,13 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, ds: Dataset, preprocess: Preprocess, device: torch.device, batch_size: int = 128,
-    progress: Progress | None = None, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    model: nn.Module,
+    ds: Dataset,
+    preprocess: Preprocess,
+    device: torch.device,
+    batch_size: int = 128,
+    progress: Progress | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Predictions:
     """Eval-mode logits for every example, streamed in batches; float32 even on CUDA, so that the
     errors rank diagnoses and the fixed/broken counts of repair do not depend on autocast.

@@ -132,8 +132,13 @@ def epoch_record(lrs: list[float], mus: list[float]) -> dict[str, float | str]:
 
 
 def plan(
-    schedule: MomentumSchedule, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
-    optimizer: str = "sgd", constant: float = CONSTANT,
+    schedule: MomentumSchedule,
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    optimizer: str = "sgd",
+    constant: float = CONSTANT,
 ) -> list[dict[str, float | str]]:
     """The per-epoch LR/momentum/zeta/regime a training run would follow, without training.
 
@@ -141,7 +146,9 @@ def plan(
     """
     param = torch.zeros(1, requires_grad=True)
     opt: Optimizer = (
-        torch.optim.SGD([param], lr=lr, momentum=constant) if optimizer == "sgd" else torch.optim.Adam([param], lr=lr, betas=(constant, 0.999))
+        torch.optim.SGD([param], lr=lr, momentum=constant)
+        if optimizer == "sgd"
+        else torch.optim.Adam([param], lr=lr, betas=(constant, 0.999))
     )
     total = epochs * steps_per_epoch
     sched = lr_scheduler(opt, schedule, total, round(warmup_epochs * steps_per_epoch))
@@ -183,8 +190,9 @@ MAX_PLANNED_STEPS = 1_000_000  # a 200-epoch ImageNet run; planning one takes ab
 PLANNED = (MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid)  # what `schedule` plans by default
 
 
-def planned_runs(momenta: Iterable[MomentumSchedule], lr: float, epochs: int, steps_per_epoch: int, warmup: float = 0.0,
-                 optimizer: str = "sgd") -> list[dict[str, Any]]:
+def planned_runs(
+    momenta: Iterable[MomentumSchedule], lr: float, epochs: int, steps_per_epoch: int, warmup: float = 0.0, optimizer: str = "sgd"
+) -> list[dict[str, Any]]:
     """``schedule`` without a checkpoint: per momentum schedule, the planned epochs and their regime shares."""
     if not (math.isfinite(lr) and math.isfinite(warmup)):
         raise ConfigError(f"--lr {lr}, --warmup {warmup}: pass finite numbers")

@@ -115,9 +115,19 @@ def bootstrap(m: Matrices, metric: Metric, top_k: int | None, replicates: int, s
     rng = np.random.default_rng(seed)
     ne, nc = m.errors.shape[0], m.correct.shape[0]
     ew = np.stack([np.bincount(rng.integers(0, ne, ne), minlength=ne) for _ in range(replicates)]).astype(float)
-    cw = np.stack([np.bincount(rng.integers(0, nc, nc), minlength=nc) for _ in range(replicates)]).astype(float) if nc else np.zeros((replicates, 0))
+    cw = (
+        np.stack([np.bincount(rng.integers(0, nc, nc), minlength=nc) for _ in range(replicates)]).astype(float)
+        if nc
+        else np.zeros((replicates, 0))
+    )
     values = scores(m, ew, cw)[Metric(metric).value]
     rk, fl = ranks(values), flags(values, top_k)
     return Stability(
-        fl.mean(0), np.percentile(rk, 5, axis=0), np.percentile(rk, 95, axis=0), np.percentile(values, 5, axis=0), np.percentile(values, 95, axis=0), fl, rk,
+        fl.mean(0),
+        np.percentile(rk, 5, axis=0),
+        np.percentile(rk, 95, axis=0),
+        np.percentile(values, 5, axis=0),
+        np.percentile(values, 95, axis=0),
+        fl,
+        rk,
     )

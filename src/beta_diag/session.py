@@ -72,7 +72,10 @@ def preprocess_for(ckpt: Checkpoint) -> Preprocess:
 
 
 def open_session(
-    path: str | Path | Checkpoint, device: str = "auto", arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+    path: str | Path | Checkpoint,
+    device: str = "auto",
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> Session:
     """Load a checkpoint, build its model on the device, and derive its preprocessing.
 
@@ -86,8 +89,9 @@ def open_session(
     width = output_width(ckpt, model, pre.input_shape, dev)
     names = ckpt.metadata.class_names
     if names and len(names) != width:
-        raise CheckpointError(f"{ckpt.path}: metadata names {len(names)} classes but the model has {width} outputs: "
-                              "fix or remove 'class_names'")
+        raise CheckpointError(
+            f"{ckpt.path}: metadata names {len(names)} classes but the model has {width} outputs: fix or remove 'class_names'"
+        )
     return Session(ckpt, model, pre, dev, width)
 
 
@@ -100,10 +104,14 @@ def output_width(ckpt: Checkpoint, model: nn.Module, shape: tuple[int, int, int]
             out = model(torch.zeros(1, *shape, device=device))
     except Exception as exc:  # noqa: BLE001 - any failure here means the input does not fit the model
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{ckpt.path}: the model does not accept {shape_text} inputs ({first}): pass --input-size with "
-                              "the side it was trained at (torchvision's ImageNet models: 224)") from None
+        raise CheckpointError(
+            f"{ckpt.path}: the model does not accept {shape_text} inputs ({first}): pass --input-size with "
+            "the side it was trained at (torchvision's ImageNet models: 224)"
+        ) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
         got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CheckpointError(f"{ckpt.path}: the model returns {got} on one {shape_text} input, not (batch, classes) logits: "
-                              "make its forward return the logits")
+        raise CheckpointError(
+            f"{ckpt.path}: the model returns {got} on one {shape_text} input, not (batch, classes) logits: "
+            "make its forward return the logits"
+        )
     return int(out.shape[1])

@@ -121,8 +121,14 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def fit(
-    model: nn.Module, train_ds: Dataset, test_ds: Dataset | None, preprocess: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig,
-    progress: Progress | None = None, anchor: Anchor | None = None, on_epoch: Callable[[nn.Module], dict[str, Any]] | None = None,
+    model: nn.Module,
+    train_ds: Dataset,
+    test_ds: Dataset | None,
+    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    config: TrainConfig,
+    progress: Progress | None = None,
+    anchor: Anchor | None = None,
+    on_epoch: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> list[dict]:
     """Train the parameters that have ``requires_grad``; return the per-epoch history. ``on_epoch(model)``
     runs after each epoch (eval mode, e.g. repair's validation) and adds its figures to the epoch's record.
@@ -161,7 +167,9 @@ def fit(
         set_train_mode(model)
         lrs, mus, loss_sum, pull_sum, seen, hits = [], [], 0.0, 0.0, 0, 0
         for step, (x, y, idx) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
-            if world.size > 1 and y.numel() < 2 * world.size:  # a last global batch too small to slice (BatchNorm needs 2): skipped, on schedule
+            if (
+                world.size > 1 and y.numel() < 2 * world.size
+            ):  # a last global batch too small to slice (BatchNorm needs 2): skipped, on schedule
                 mom.step()
                 sched.step()
                 continue
@@ -226,8 +234,13 @@ class TrainResult:
 
 
 def train(
-    arch: str, data: str = "fashion-mnist", test_data: str | None = None, arch_kwargs: dict | None = None,
-    config: TrainConfig = TrainConfig(), limit: int | None = None, test_limit: int | None = None,
+    arch: str,
+    data: str = "fashion-mnist",
+    test_data: str | None = None,
+    arch_kwargs: dict | None = None,
+    config: TrainConfig = TrainConfig(),
+    limit: int | None = None,
+    test_limit: int | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
     """Train ``arch`` on the train split of ``data``, testing each epoch on ``test_data`` (default: its test split).
@@ -264,12 +277,26 @@ def train(
     if diverged:
         raise ConfigError(f"training diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr")
     meta = Metadata(
-        arch=arch, arch_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"}, num_classes=num_classes,
-        input_shape=preprocess.input_shape, mean=mean, std=std, class_names=train_ds.class_names,
+        arch=arch,
+        arch_kwargs={k: v for k, v in kwargs.items() if k != "num_classes"},
+        num_classes=num_classes,
+        input_shape=preprocess.input_shape,
+        mean=mean,
+        std=std,
+        class_names=train_ds.class_names,
         dataset=train_spec.name,
-        data={"train": {"spec": str(train_spec.resolved()), "split": "train"}, "test": {"spec": str(DataSpec.parse(test_spec).resolved()), "split": "test"}},
-        training={**config.to_dict(), "limit": limit, "test_limit": test_limit, "train_examples": len(train_ds), "test_examples": len(test_ds),
-                  "torch": torch.__version__},
+        data={
+            "train": {"spec": str(train_spec.resolved()), "split": "train"},
+            "test": {"spec": str(DataSpec.parse(test_spec).resolved()), "split": "test"},
+        },
+        training={
+            **config.to_dict(),
+            "limit": limit,
+            "test_limit": test_limit,
+            "train_examples": len(train_ds),
+            "test_examples": len(test_ds),
+            "torch": torch.__version__,
+        },
         history=tuple(without_timing(history)),  # type: ignore[arg-type]
     )
     return TrainResult(model.cpu().eval(), meta, sum(h["seconds"] for h in history))

@@ -52,8 +52,12 @@ def verdict(before: Predictions, after: Predictions, class_names: tuple[str, ...
     per_class = {}
     for c in torch.unique(before.labels).tolist():
         m = before.labels == c
-        per_class[class_names[c]] = {"fixed": int((~b & a & m).sum()), "broken": int((b & ~a & m).sum()), "errors_before": int((~b & m).sum()),
-                                     "errors_after": int((~a & m).sum())}
+        per_class[class_names[c]] = {
+            "fixed": int((~b & a & m).sum()),
+            "broken": int((b & ~a & m).sum()),
+            "errors_before": int((~b & m).sum()),
+            "errors_after": int((~a & m).sum()),
+        }
     return Verdict(len(b), before.accuracy, after.accuracy, int((~b & a).sum()), int((b & ~a).sum()), per_class)
 
 
@@ -111,7 +115,14 @@ def validation_record(before: Predictions, after: Predictions) -> dict[str, Any]
     b, a = before.correct, after.correct
     fixed, broken = int((~b & a).sum()), int((b & ~a).sum())
     loss = float(torch.nn.functional.cross_entropy(after.logits.float(), after.labels))
-    return {"val_loss": loss, "val_acc": after.accuracy, "val_fixed": fixed, "val_broken": broken, "val_net": fixed - broken, "examples": len(b)}
+    return {
+        "val_loss": loss,
+        "val_acc": after.accuracy,
+        "val_fixed": fixed,
+        "val_broken": broken,
+        "val_net": fixed - broken,
+        "examples": len(b),
+    }
 
 
 @dataclass(frozen=True)
@@ -129,8 +140,15 @@ class Arm:
     gate: Gate
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": list(self.groups), "trainable": self.trainable, "seconds": self.seconds, "verify": self.verify.to_dict(),
-                "train": self.train.to_dict(), "history": list(self.history), "gate": self.gate.to_dict()}
+        return {
+            "groups": list(self.groups),
+            "trainable": self.trainable,
+            "seconds": self.seconds,
+            "verify": self.verify.to_dict(),
+            "train": self.train.to_dict(),
+            "history": list(self.history),
+            "gate": self.gate.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -157,10 +175,21 @@ class RepairReport:
             return f"nothing to repair: the original is kept ({self.surgical.gate.reason})"
         v = self.surgical.verify
         lo, hi = v.net_interval
-        return (f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch}): fixed {v.fixed}, broke {v.broken}, "
-                f"net {v.net:+d} (95% {math.floor(lo):+d} to {math.ceil(hi):+d}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}")
+        return (
+            f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch}): fixed {v.fixed}, broke {v.broken}, "
+            f"net {v.net:+d} (95% {math.floor(lo):+d} to {math.ceil(hi):+d}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan, "surgical": self.surgical.to_dict(), "baseline": self.baseline.to_dict() if self.baseline else None,
-                "accepted": self.accepted, "verdict": self.verdict, "output": self.output, "sha256": self.sha256,
-                "parent_sha256": self.parent_sha256, "notes": list(self.notes), "compute_saving": self.compute_saving}
+        return {
+            "plan": self.plan,
+            "surgical": self.surgical.to_dict(),
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "accepted": self.accepted,
+            "verdict": self.verdict,
+            "output": self.output,
+            "sha256": self.sha256,
+            "parent_sha256": self.parent_sha256,
+            "notes": list(self.notes),
+            "compute_saving": self.compute_saving,
+        }
