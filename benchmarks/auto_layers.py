@@ -26,7 +26,7 @@ from planted_repair import arm_row
 
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import RankConfig, rank
-from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, repair
+from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, auto_groups, repair, repair_training
 from beta_diag.session import DataChoice, open_session
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     names = [g.name for g in layer_groups(session.model)]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else args.kinds.split(",")
-    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs)
+    config = RepairConfig(repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
     train = DataChoice(limit=1000 if args.quick else None)
     policies = [p.value for p in AutoLayers]
     rows = []

@@ -27,7 +27,7 @@ from pathlib import Path
 from planted_faults import SGD, calibrate
 
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import AutoLayers, RepairConfig, repair
+from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, repair, repair_training
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import Arm
 
@@ -57,14 +57,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--distill", type=float, default=RepairConfig.distill, help="repair --distill weight for every arm")
     parser.add_argument(
-        "--lr", type=float, default=RepairConfig.lr, help="repair --lr for every arm (the figures before 2026-11-24 used 0.01)"
+        "--lr", type=float, default=REPAIR_TRAINING.lr, help="repair --lr for every arm (the figures before 2026-11-24 used 0.01)"
     )
     args = parser.parse_args()
     print(
         "command: python benchmarks/planted_repair.py"
         + (" --quick" if args.quick else f" --seeds {args.seeds}")
         + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
-        + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else ""),
+        + (f" --lr {args.lr:g}" if args.lr != REPAIR_TRAINING.lr else ""),
         flush=True,
     )
     start = time.perf_counter()
@@ -76,7 +76,10 @@ def main() -> None:
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     # auto = the flags, as in the recorded figures (before --auto-layers suspect became the default; auto_layers.py compares them)
     config = RepairConfig(
-        epochs=1 if args.quick else RepairConfig.epochs, lr=args.lr, baseline="full", distill=args.distill, auto_layers=AutoLayers.flags
+        repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.lr),
+        baseline="full",
+        distill=args.distill,
+        auto_layers=AutoLayers.flags,
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

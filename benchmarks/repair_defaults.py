@@ -34,7 +34,7 @@ from planted_faults import SGD, calibrate
 
 from beta_diag import data, readers
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import AutoLayers, RepairConfig, repair
+from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, repair, repair_training
 from beta_diag.session import DataChoice, Session, open_session
 from beta_diag.verdicts import Verdict
 
@@ -84,8 +84,8 @@ def main() -> int:
         return 0
     start = time.perf_counter()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
-    epochs = 1 if args.quick else RepairConfig.epochs
-    grid = [OLD_DEFAULT, (RepairConfig.lr, RepairConfig.distill)] if args.quick else GRID
+    epochs = 1 if args.quick else REPAIR_TRAINING.epochs
+    grid = [OLD_DEFAULT, (REPAIR_TRAINING.lr, RepairConfig.distill)] if args.quick else GRID
     limit = 1_000 if args.quick else None
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=limit)
@@ -98,7 +98,9 @@ def main() -> int:
         out = Path(tmp) / "r.safetensors"
 
         def verdict_of(ckpt: Session, layers: list[str] | str, choice: DataChoice, variant: Variant, seed: int = 0) -> Verdict:
-            config = RepairConfig(epochs=epochs, lr=variant[0], distill=variant[1], seed=seed, auto_layers=AutoLayers.flags)  # as recorded
+            config = RepairConfig(
+                repair_training(epochs=epochs, lr=variant[0], seed=seed), distill=variant[1], auto_layers=AutoLayers.flags
+            )  # as recorded
             return repair(ckpt, layers, out, verify=choice, config=config, device="cpu", force=True).surgical.verify
 
         print(
@@ -132,7 +134,7 @@ def main() -> int:
             nets[variant] = [verdict_of(session, ["layer4", "fc"], DataChoice(str(selection), "test"), variant, seed).net for seed in seeds]
             print(row(f"lr {variant[0]:g}, distill {variant[1]:g}", nets[variant]), flush=True)
         chosen = choose(recovered, nets)
-        default = (RepairConfig.lr, RepairConfig.distill)
+        default = (REPAIR_TRAINING.lr, RepairConfig.distill)
         print(
             f"chosen: lr {chosen[0]:g}, distill {chosen[1]:g} (recovery within {100 * RECOVERY_SLACK:.0f} points of the best "
             f"{100 * max(recovered.values()):.0f}%, then the highest worst-seed net); "

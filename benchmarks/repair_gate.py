@@ -31,7 +31,7 @@ from shifts import SHIFTS
 
 from beta_diag import data
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import RepairConfig, repair
+from beta_diag.repairing import REPAIR_TRAINING, RepairConfig, repair, repair_training
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import RepairReport
 
@@ -61,7 +61,7 @@ def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
     for name, path in (("sgd", SGD), ("adam", ADAM))[: 1 if quick else 2]:
         session = open_session(path, "cpu")
         for seed in seeds:
-            config = RepairConfig(seed=seed, epochs=1 if quick else RepairConfig.epochs)
+            config = RepairConfig(repair_training(seed=seed, epochs=1 if quick else REPAIR_TRAINING.epochs))
             r = repair(
                 session,
                 "auto",
@@ -110,7 +110,7 @@ def shifts(seeds: list[int], shift_names: list[str], quick: bool, tmp: Path) -> 
             clean_train = session.load_data(DataChoice(limit=1000, seed=seed), default_split="train")
             data.save_bundle(train_file, replace(SHIFTS[shift](clean_train, 2 + seed), split="train"))
             train = DataChoice(str(train_file), "train")
-            config = RepairConfig(seed=seed, epochs=1 if quick else RepairConfig.epochs)
+            config = RepairConfig(repair_training(seed=seed, epochs=1 if quick else REPAIR_TRAINING.epochs))
 
             def run(layers: list[str] | str) -> dict:
                 r = repair(session, layers, tmp / "s.safetensors", train=train, verify=verify, config=config, device="cpu", force=True)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import RepairConfig, RepairReport, repair
+from beta_diag.repairing import REPAIR_TRAINING, RepairConfig, RepairReport, repair, repair_training
 from beta_diag.session import DataChoice, open_session
 
 SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--interpolate", action="store_true")
     parser.add_argument("--distill", type=float, default=RepairConfig.distill)
-    parser.add_argument("--lr", type=float, default=RepairConfig.lr, help="repair --lr (the figures before 2026-11-24 used 0.01)")
+    parser.add_argument("--lr", type=float, default=REPAIR_TRAINING.lr, help="repair --lr (the figures before 2026-11-24 used 0.01)")
     parser.add_argument(
         "--repeats", type=int, default=1, help="time layer4 + fc vs the full fine-tune this often, interleaved; print the median"
     )
@@ -61,15 +61,17 @@ def main() -> None:
         + (" --interpolate" if args.interpolate else "")
         + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
         + (f" --repeats {args.repeats}" if args.repeats > 1 else "")
-        + (f" --lr {args.lr:g}" if args.lr != RepairConfig.lr else "")
+        + (f" --lr {args.lr:g}" if args.lr != REPAIR_TRAINING.lr else "")
     )
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     verify = DataChoice(limit=1000 if args.quick else None)
-    epochs = 1 if args.quick else RepairConfig.epochs
+    epochs = 1 if args.quick else REPAIR_TRAINING.epochs
     with tempfile.TemporaryDirectory() as tmp:
         ratios = []
         for _ in range(args.repeats):
-            config = RepairConfig(epochs=epochs, lr=args.lr, baseline="full", distill=args.distill, accept_p=1.0)  # timing, not the gate
+            config = RepairConfig(
+                repair_training(epochs=epochs, lr=args.lr), baseline="full", distill=args.distill, accept_p=1.0
+            )  # timing, not the gate
             r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=config, device="cpu", force=True)
             s, f = r.surgical, r.baseline
             assert f is not None
@@ -94,7 +96,7 @@ def main() -> None:
                 layers,
                 Path(tmp) / "e.safetensors",
                 verify=verify,
-                config=RepairConfig(epochs=epochs, lr=args.lr, distill=args.distill),
+                config=RepairConfig(repair_training(epochs=epochs, lr=args.lr), distill=args.distill),
                 device="cpu",
                 force=True,
             )
@@ -111,7 +113,7 @@ def main() -> None:
                 "auto",
                 Path(tmp) / f"s{seed}.safetensors",
                 verify=choice,
-                config=RepairConfig(epochs=epochs, lr=args.lr, seed=seed, distill=args.distill),
+                config=RepairConfig(repair_training(epochs=epochs, lr=args.lr, seed=seed), distill=args.distill),
                 device="cpu",
             )
             v = r.surgical.verify

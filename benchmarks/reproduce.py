@@ -25,7 +25,7 @@ from pathlib import Path
 from beta_diag import checkpoint, data
 from beta_diag.comparison import compare
 from beta_diag.ranking import RankConfig
-from beta_diag.repairing import RepairConfig, repair
+from beta_diag.repairing import REPAIR_TRAINING, RepairConfig, repair, repair_training
 from beta_diag.schedules import MomentumSchedule, regime_fractions
 from beta_diag.session import DataChoice, open_session
 from beta_diag.training import OptimizerName, TrainConfig, train
@@ -102,13 +102,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--figures", type=Path)
     parser.add_argument(
-        "--repair-lr", type=float, default=RepairConfig.lr, help="LR of the default repair (the recorded run used 0.01, the default then)"
+        "--repair-lr",
+        type=float,
+        default=REPAIR_TRAINING.lr,
+        help="LR of the default repair (the recorded run used 0.01, the default then)",
     )
     args = parser.parse_args()
     print(
         "command: python benchmarks/reproduce.py"
         + (" --quick" if args.quick else f" --seeds {args.seeds}")
-        + (f" --repair-lr {args.repair_lr:g}" if args.repair_lr != RepairConfig.lr else ""),
+        + (f" --repair-lr {args.repair_lr:g}" if args.repair_lr != REPAIR_TRAINING.lr else ""),
         flush=True,
     )
     start = time.perf_counter()
@@ -143,7 +146,7 @@ def main() -> None:
             work / f"beta_s{seed}.repaired.safetensors",
             train=DataChoice(spec=str(REPAIR_BUNDLE)),
             verify=verify,
-            config=RepairConfig(epochs=1 if args.quick else RepairConfig.epochs, lr=args.repair_lr, seed=seed),
+            config=RepairConfig(repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.repair_lr, seed=seed)),
             device="cpu",
             force=True,
         )

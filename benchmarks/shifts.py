@@ -37,7 +37,7 @@ from beta_diag import data
 from beta_diag.data import Dataset
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import RankConfig, rank
-from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, repair
+from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, auto_groups, repair, repair_training
 from beta_diag.session import DataChoice, open_session
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     clean_acc = session.evaluate(clean_test).accuracy
     groups = layer_groups(session.model)
     names = [g.name for g in groups]
-    config = RepairConfig(epochs=1 if args.quick else RepairConfig.epochs)
+    config = RepairConfig(repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shift in ["invert"] if args.quick else args.shifts.split(","):

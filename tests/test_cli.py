@@ -346,8 +346,8 @@ def test_cli_defaults_are_the_librarys() -> None:
     TrainConfig for Adam gets Adam's learning rate, as the command line does."""
     import inspect
 
-    from beta_diag import cli
-    from beta_diag.repairing import RepairConfig
+    from beta_diag import cli, schedules
+    from beta_diag.repairing import REPAIR_TRAINING, RepairConfig
     from beta_diag.training import DEFAULT_LR, OptimizerName, TrainConfig
 
     train_params = inspect.signature(cli.train).parameters
@@ -364,12 +364,9 @@ def test_cli_defaults_are_the_librarys() -> None:
         assert train_params[option].default == getattr(TrainConfig, field), option
     assert train_params["lr"].default is None and TrainConfig(optimizer=OptimizerName.adam).lr == DEFAULT_LR[OptimizerName.adam] == 0.001
     repair_params = inspect.signature(cli.repair).parameters
+    for option in ("epochs", "lr", "batch_size", "optimizer", "momentum", "seed"):
+        assert repair_params[option].default == getattr(REPAIR_TRAINING, option) == getattr(RepairConfig().training, option), option
     for option in (
-        "epochs",
-        "lr",
-        "batch_size",
-        "optimizer",
-        "momentum",
         "distill",
         "auto_layers",
         "val_fraction",
@@ -378,3 +375,6 @@ def test_cli_defaults_are_the_librarys() -> None:
         "baseline",
     ):
         assert repair_params[option].default == getattr(RepairConfig, option), option
+    schedule_params, planned = inspect.signature(cli.schedule).parameters, inspect.signature(schedules.planned_runs).parameters
+    for option in ("lr", "epochs", "steps_per_epoch", "warmup", "optimizer"):
+        assert schedule_params[option].default == planned[option].default, option

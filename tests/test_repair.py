@@ -12,7 +12,7 @@ from beta_diag.cli import app
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError
-from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, plan, repair
+from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, plan, repair, repair_training
 from beta_diag.runtime import Predictions
 from beta_diag.session import DataChoice, open_session
 from beta_diag.training import Anchor, TrainConfig, fit, seeded
@@ -20,7 +20,7 @@ from beta_diag.verdicts import choose, verdict
 from tests.conftest import make_images, sha
 
 runner = CliRunner()
-FAST = RepairConfig(epochs=2, batch_size=64, lr=0.02)
+FAST = RepairConfig(repair_training(epochs=2, batch_size=64, lr=0.02))
 
 
 def test_verdict_equals_hand_count() -> None:
@@ -49,7 +49,7 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
             tiny["damaged"],
             ["layer4", "fc"],
             out,
-            config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=cache),
+            config=RepairConfig(repair_training(epochs=2, batch_size=64, lr=0.02), cache_features=cache),
             device="cpu",
         )
     finally:
@@ -81,7 +81,7 @@ def test_cached_and_uncached_repairs_agree(tiny: dict[str, Path], tmp_path: Path
         tiny["damaged"],
         ["layer3", "layer4", "fc"],
         tmp_path / "b.safetensors",
-        config=RepairConfig(epochs=2, batch_size=64, lr=0.02, cache_features=False),
+        config=RepairConfig(repair_training(epochs=2, batch_size=64, lr=0.02), cache_features=False),
         device="cpu",
     )
     wa, wb = checkpoint.load(tmp_path / "a.safetensors").state_dict, checkpoint.load(tmp_path / "b.safetensors").state_dict
@@ -273,7 +273,13 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
     weights = {}
     for weight in (0.0, 1.0):
         out = tmp_path / f"d{weight}.safetensors"
-        repair(tiny["damaged"], ["layer4", "fc"], out, config=RepairConfig(epochs=1, batch_size=64, lr=0.02, distill=weight), device="cpu")
+        repair(
+            tiny["damaged"],
+            ["layer4", "fc"],
+            out,
+            config=RepairConfig(repair_training(epochs=1, batch_size=64, lr=0.02), distill=weight),
+            device="cpu",
+        )
         weights[weight] = checkpoint.load(out).state_dict["fc.weight"]
         assert checkpoint.load(out).metadata.repair["config"]["distill"] == weight
     assert not torch.equal(weights[0.0], weights[1.0])
@@ -282,7 +288,16 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
             repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(distill=bad), device="cpu")
     for bad in ("-1", "inf", "1e308"):
         r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "fc", "--distill", bad])
-        assert r.exit_code == 2 and not (tiny["root"] / "tiny.repaired.safetensors").exists(), (bad, r.stderr)
+        assert r.exit_code == 1 and r.stderr.startswith(f"Error: --distill {float(bad)}: pass a weight from 0"), (bad, r.stderr)
+        assert not (tiny["root"] / "tiny.repaired.safetensors").exists()
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_repair_training_is_repairs_own_and_refuses_what_repair_cannot_do(tiny: dict[str, Path], tmp_path: Path) -> None:
+    assert RepairConfig().training == repair_training() and repair_training(epochs=1).lr == 0.003
+    for training in (repair_training(augment=True), repair_training(warmup_epochs=1.0)):
+        with pytest.raises(ConfigError, match="without warm-up or augmentation"):
+            repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(training), device="cpu")
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "Ranking": "beta_diag.ranking",
     "Comparison": "beta_diag.comparison",
     "RepairConfig": "beta_diag.repairing",
+    "REPAIR_TRAINING": "beta_diag.repairing",
+    "repair_training": "beta_diag.repairing",
     "Plan": "beta_diag.repairing",
     "RepairReport": "beta_diag.verdicts",
     "Verdict": "beta_diag.verdicts",

@@ -20,12 +20,16 @@ returned too: ``coherence`` needs <g_i, S> for the errors' summed gradient S.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from beta_diag import data as data_mod
 from beta_diag import distributed
@@ -33,6 +37,14 @@ from beta_diag.data import Dataset, Preprocess
 from beta_diag.runtime import Progress
 
 Direction = dict[str, torch.Tensor]
+LinearOrConv = nn.Linear | nn.Conv2d  # the layers whose per-example weight gradients are factored (``_fast``)
+
+
+def _total(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """t1 + t2 + ... in order (``sum`` without its leading 0)."""
+    return functools.reduce(operator.add, tensors)
+
+
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -48,11 +60,12 @@ class ParamNorms:
 
 def _conv_unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, groups, C/groups * kh * kw, L) patches, as the convolution sees them."""
-    u = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    padding = cast(tuple[int, int], module.padding)  # zero padding given as numbers: ``_fast`` sends the rest to the fallback
+    u = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
     return u.view(x.shape[0], module.groups, -1, u.shape[-1])
 
 
-def _weight_terms(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _weight_terms(module: LinearOrConv, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-example (activation, output-gradient) factors: the weight gradient of example b is
     sum_l g[b, :, :, l] x[b, :, :, l]^T per group. Returns x (B, G, I, L), g (B, G, O, L), bias grad (B, O)."""
     if isinstance(module, nn.Linear):
@@ -73,7 +86,7 @@ def _conv_per_example_grads(module: nn.Conv2d, x: torch.Tensor, g: torch.Tensor)
     x: (B, C, H, W), g: (B, O, H', W') -> (B, O*C*kh*kw)."""
     b, c, h, w = x.shape
     o = g.shape[1]
-    grads = torch.nn.grad.conv2d_weight(
+    grads = conv2d_weight(
         x.reshape(1, b * c, h, w),
         (b * o, c, *module.kernel_size),
         g.reshape(1, b * o, *g.shape[2:]),
@@ -100,7 +113,9 @@ def _sq_norm_weight(xs: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
     return _materialise(xs, gs).pow(2).sum((1, 2, 3))
 
 
-def _norm_affine_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_affine_grads(
+    module: nn.LayerNorm | nn.GroupNorm | nn.modules.batchnorm._BatchNorm, x: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example weight and bias gradients (B, C) of an eval-mode normalisation layer."""
     if isinstance(module, nn.LayerNorm):
         shape = tuple(module.normalized_shape)
@@ -114,7 +129,8 @@ def _norm_affine_grads(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> t
         xhat = F.group_norm(x, module.num_groups, eps=module.eps)
     else:  # BatchNorm in eval mode: running statistics
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        xhat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        mean, var = cast(torch.Tensor, module.running_mean), cast(torch.Tensor, module.running_var)  # eval mode: ``_fast`` checked
+        xhat = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
     dims = tuple(range(2, x.dim()))
     return ((g * xhat).sum(dims) if dims else g * xhat), (g.sum(dims) if dims else g)
 
@@ -167,9 +183,9 @@ def _module_terms(module: nn.Module, calls: list[list[torch.Tensor]], direction:
     d_w, d_b = direction.get(f"{prefix}weight"), direction.get(f"{prefix}bias")
     if isinstance(module, NORMS):
         grads = [_norm_affine_grads(module, x, g) for x, g in calls]
-        out = {"weight": _flat_terms(sum(w for w, _ in grads), d_w)} if getattr(module, "weight", None) is not None else {}
+        out = {"weight": _flat_terms(_total(w for w, _ in grads), d_w)} if getattr(module, "weight", None) is not None else {}
         if getattr(module, "bias", None) is not None:
-            out["bias"] = _flat_terms(sum(b for _, b in grads), d_b)
+            out["bias"] = _flat_terms(_total(b for _, b in grads), d_b)
         return out
     if len(calls) == 1 and isinstance(module, nn.Conv2d) and module.groups == 1 and calls[0][1][0, 0].numel() >= GROUPED_CONV_MIN_OUTPUT:
         x, g = calls[0]
@@ -177,23 +193,24 @@ def _module_terms(module: nn.Module, calls: list[list[torch.Tensor]], direction:
         if module.bias is not None:
             out["bias"] = _flat_terms(g.sum((2, 3)), d_b)
         return out
-    terms = [_weight_terms(module, x, g) for x, g in calls]
+    layer = cast(LinearOrConv, module)
+    terms = [_weight_terms(layer, x, g) for x, g in calls]
     if len(terms) == 1:
         xs, gs, _ = terms[0]
         # <sum_l g_l x_l^T, D> = sum_l g_l^T D x_l: a projection, never the per-example gradient itself
-        dot_w = None if d_w is None else torch.einsum("goi,bgil,bgol->b", _as_grouped(module, d_w), xs, gs)
+        dot_w = None if d_w is None else torch.einsum("goi,bgil,bgol->b", _as_grouped(layer, d_w), xs, gs)
         out = {"weight": (_sq_norm_weight(xs, gs), dot_w)}
     else:  # called more than once: the per-call gradients add up before the norm
         full = _materialise(terms[0][0], terms[0][1])
         for xs, gs, _ in terms[1:]:
             full += _materialise(xs, gs)
-        out = {"weight": _flat_terms(full, None if d_w is None else _as_grouped(module, d_w))}
-    if module.bias is not None:
-        out["bias"] = _flat_terms(sum(t[2] for t in terms), d_b)
+        out = {"weight": _flat_terms(full, None if d_w is None else _as_grouped(layer, d_w))}
+    if layer.bias is not None:
+        out["bias"] = _flat_terms(_total(cast(torch.Tensor, t[2]) for t in terms), d_b)
     return out
 
 
-def _as_grouped(module: nn.Module, weight_like: torch.Tensor) -> torch.Tensor:
+def _as_grouped(module: LinearOrConv, weight_like: torch.Tensor) -> torch.Tensor:
     """A weight-shaped tensor in the (G, O, I) layout of ``_materialise``."""
     if isinstance(module, nn.Linear):
         return weight_like.reshape(1, *weight_like.shape)
@@ -293,9 +310,10 @@ def per_example_norms(
     finally:
         recorder.remove()
     if world.size > 1 and index.numel():  # this process filled its rows only: gather every process's, in order
-        sq, losses = (world.gather_rows([(r.start, t[r]) for r in mine], index.numel()) for t in (sq, losses))
+        # some process owns rows, so every gather is a tensor
+        sq, losses = (cast(torch.Tensor, world.gather_rows([(r.start, t[r]) for r in mine], index.numel())) for t in (sq, losses))
         dots = None if dots is None else world.gather_rows([(r.start, dots[r]) for r in mine], index.numel())
-    return ParamNorms(tuple(names), sq, dots, losses)  # type: ignore[arg-type]
+    return ParamNorms(tuple(names), sq, dots, losses)
 
 
 def summed_gradient(
@@ -318,7 +336,7 @@ def summed_gradient(
     owned = data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns)
     for _ in range(0, -(-index.numel() // batch_size), world.size):
         batch = next(owned, None)
-        grads = None
+        grads: Sequence[torch.Tensor | None] | None = None
         if batch is not None:
             _, x, y, _ = batch
             loss = F.cross_entropy(model(preprocess(x)).float(), y, reduction="sum")

@@ -111,7 +111,7 @@ class Metadata:
         shape = v.get("input_shape")
         check(
             "input_shape",
-            _int_list(shape, 3) and shape[0] <= MAX_CHANNELS and max(shape[1:]) <= MAX_INPUT_SIDE,
+            _int_list(shape, 3) and shape is not None and shape[0] <= MAX_CHANNELS and max(shape[1:]) <= MAX_INPUT_SIDE,
             f"a list of 3 positive integers [C, H, W], C up to {MAX_CHANNELS} and sides up to {MAX_INPUT_SIDE}",
         )
         check("mean", _num_list(v.get("mean")), "a list of finite numbers")
@@ -188,7 +188,7 @@ class Checkpoint:
             if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in input_size):
                 raise CheckpointError(f"--input-size {input_size}: pass sides from 1 to {MAX_INPUT_SIDE} pixels, e.g. --input-size 28")
             meta = replace(meta, input_shape=(channels, *input_size))
-        for name, values in (("mean", mean), ("std", std)):
+        for name, values in (("mean", mean), ("std", std)):  # checked, then one per channel
             if values is None:
                 continue
             if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
@@ -196,7 +196,8 @@ class Checkpoint:
                     f"--{name} {','.join(map(str, values))}: pass one finite number or {channels} (one per input channel)"
                     + (", all positive" if name == "std" else "")
                 )
-            meta = replace(meta, **{name: tuple(values) * (channels if len(values) == 1 else 1)})
+            per_channel = tuple(values) * (channels if len(values) == 1 else 1)
+            meta = replace(meta, mean=per_channel) if name == "mean" else replace(meta, std=per_channel)
         if arch is not None:
             return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True, resolved=False)
         return self if meta == self.metadata else replace(self, metadata=meta, resolved=False)
@@ -212,7 +213,8 @@ class Checkpoint:
         where nothing says (``infer.fill_in``); each inference and assumption is added to ``notes``."""
         if self.resolved:
             return self
-        may_build = bool(self.metadata.arch) and (":" not in self.metadata.arch or self.arch_from_user)
+        arch = self.metadata.arch or ""
+        may_build = bool(arch) and (":" not in arch or self.arch_from_user)
         meta, notes = infer.fill_in(self.metadata, self.state_dict, may_build)
         return replace(self, metadata=meta, notes=self.notes + tuple(notes), resolved=True)
 

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import typer
 
 from beta_diag import checkpoint, distributed, models, outputs, plots, report, schedules
+from beta_diag import options as opt
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.groups import Granularity
-from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, Metric, RankConfig
-from beta_diag.repairing import MAX_DISTILL, AutoLayers, Baseline, Focus, RepairConfig, default_output
-from beta_diag.schedules import MomentumSchedule
+from beta_diag.options import data_files, load_checkpoint, parse_arch_args, rank_config
+from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, RankConfig
+from beta_diag.repairing import REPAIR_TRAINING, Baseline, Focus, RepairConfig, default_output
 from beta_diag.session import DataChoice
 from beta_diag.training import OptimizerName, TrainConfig
 
@@ -33,37 +31,6 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON only on stdout.")]
-TimingsOpt = Annotated[bool, typer.Option("--timings", help="Include wall-clock seconds in --json (then it differs run to run).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show the traceback of an error (for bug reports).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")]
-ArchOpt = Annotated[
-    str | None, typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")
-]
-ArchArgOpt = Annotated[
-    list[str] | None, typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")
-]
-InputSizeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr)."
-    ),
-]
-MeanOpt = Annotated[
-    str | None, typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")
-]
-StdOpt = Annotated[str | None, typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
-StateKeyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net)."
-    ),
-]
-CkptArg = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
-PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure to this path.")]
 
 
 def handle_errors(func: F) -> F:
@@ -103,67 +70,6 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def data_files(*specs: str | None) -> tuple[Path, ...]:
-    """The files data specs name (bundles), which no output may replace; a malformed spec is left to the command to refuse."""
-    from beta_diag.readers import DataSpec
-
-    found: list[Path] = []
-    for spec in specs:
-        with contextlib.suppress(BetaDiagError):
-            found += DataSpec.parse(spec).files() if spec else []
-    return tuple(found)
-
-
-def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
-    """``["width=16", "name=x"]`` -> ``{"width": 16, "name": "x"}`` (values parsed as JSON when they can be)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--arch-arg '{item}' is not KEY=VALUE: write e.g. --arch-arg width=16")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
-    if text is None:
-        return None
-    try:
-        return tuple(kind(v) for v in re.split(r"[,x]" if kind is int else ",", text.strip()) if v.strip())  # sizes: 224x224
-    except ValueError:
-        raise ConfigError(f"{option} {text}: pass numbers separated by commas (sizes: 28 or 224x224)") from None
-
-
-def load_checkpoint(
-    path: Path,
-    arch: str | None,
-    arch_args: list[str] | None,
-    input_size: str | None = None,
-    mean: str | None = None,
-    std: str | None = None,
-    state_key: str | None = None,
-) -> checkpoint.Checkpoint:
-    """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
-    size = _numbers("--input-size", input_size, int)
-    if size is not None and len(size) not in (1, 2):
-        raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")
-    ckpt = (
-        checkpoint.load(path, state_key)
-        .with_overrides(
-            arch,
-            parse_arch_args(arch_args),
-            None if size is None else (size[0], size[-1]),
-            _numbers("--mean", mean, float),
-            _numbers("--std", std, float),
-        )
-        .inferred()
-    )
-    return ckpt
-
-
 def say_notes(source: object, notes: tuple[str, ...] | list[str]) -> None:
     """What opening a checkpoint assumed or converted, once on stderr, after the command succeeded
     (a failing command prints its one error line only)."""
@@ -175,30 +81,28 @@ def say_notes(source: object, notes: tuple[str, ...] | list[str]) -> None:
 @app.command()
 @handle_errors
 def train(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")],
-    arch: Annotated[str, typer.Option("--arch", "--model", help="Architecture name or package.module:factory.")] = "resnet18_cifar",
-    arch_arg: ArchArgOpt = None,
-    data: Annotated[
-        str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")
-    ] = "fashion-mnist",
-    test_data: Annotated[str | None, typer.Option("--test-data", help="Test data spec (default: the test split of --data).")] = None,
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = TrainConfig.optimizer,
-    momentum: Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule.")] = TrainConfig.momentum,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = TrainConfig.epochs,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 0.05 for sgd, 0.001 for adam/adamw).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = TrainConfig.batch_size,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = TrainConfig.weight_decay,
-    warmup: Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")] = TrainConfig.warmup_epochs,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")] = TrainConfig.augment,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1)] = TrainConfig.seed,
-    device: DeviceOpt = "auto",
-    limit: Annotated[int | None, typer.Option("--limit", help="Train on a seeded subset of N images.")] = None,
-    test_limit: Annotated[int | None, typer.Option("--test-limit", help="Test on a seeded subset of N images.")] = None,
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
-    timings: TimingsOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    output: opt.TrainOutput,
+    arch: opt.TrainArch = "resnet18_cifar",
+    arch_arg: opt.ArchArg = None,
+    data: opt.TrainData = "fashion-mnist",
+    test_data: opt.TestData = None,
+    optimizer: opt.Optimizer = TrainConfig.optimizer,
+    momentum: opt.Momentum = TrainConfig.momentum,
+    epochs: opt.Epochs = TrainConfig.epochs,
+    lr: opt.Lr = None,
+    batch_size: opt.BatchSize = TrainConfig.batch_size,
+    weight_decay: opt.WeightDecay = TrainConfig.weight_decay,
+    warmup: opt.Warmup = TrainConfig.warmup_epochs,
+    augment: opt.Augment = TrainConfig.augment,
+    seed: opt.Seed = TrainConfig.seed,
+    device: opt.Device = "auto",
+    limit: opt.Limit = None,
+    test_limit: opt.TestLimit = None,
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    timings: opt.Timings = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Train a model with a momentum schedule and save it with its per-epoch history."""
     from beta_diag.training import train as train_model
@@ -206,7 +110,7 @@ def train(
     outputs.check_output(output, force, data_files(data, test_data), checkpoint_file=True)
     config = TrainConfig(
         epochs=epochs,
-        lr=lr,
+        lr=lr,  # type: ignore[arg-type]  # None: the optimizer's default LR (TrainConfig fills it in)
         batch_size=batch_size,
         optimizer=optimizer,
         momentum=momentum,
@@ -233,15 +137,15 @@ def train(
 @app.command()
 @handle_errors
 def info(
-    ckpt: CkptArg,
-    arch: ArchOpt = None,
-    arch_arg: ArchArgOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    state_key: StateKeyOpt = None,
-    as_json: JsonOpt = False,
-    verbose: VerboseOpt = False,
+    ckpt: opt.Ckpt,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    as_json: opt.Json = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
     result = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key).describe()
@@ -252,17 +156,17 @@ def info(
 @app.command()
 @handle_errors
 def schedule(
-    ckpt: Annotated[Path | None, typer.Argument(help="Checkpoint whose training history to show (omit to plan a schedule).")] = None,
-    momentum: Annotated[list[MomentumSchedule] | None, typer.Option("--momentum", help="Schedule(s) to plan; repeatable.")] = None,
-    lr: Annotated[float, typer.Option("--lr", min=1e-12, help="Peak learning rate of the planned schedule.")] = 0.1,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 200,
-    steps_per_epoch: Annotated[int, typer.Option("--steps-per-epoch", min=1)] = 391,
-    warmup: Annotated[float, typer.Option("--warmup", min=0.0)] = 0.0,
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = OptimizerName.sgd,
-    plot: PlotOpt = None,
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
-    verbose: VerboseOpt = False,
+    ckpt: opt.HistoryCkpt = None,
+    momentum: opt.PlannedMomenta = None,
+    lr: opt.Lr = schedules.PLANNED_LR,
+    epochs: opt.Epochs = schedules.PLANNED_EPOCHS,
+    steps_per_epoch: opt.StepsPerEpoch = schedules.PLANNED_STEPS_PER_EPOCH,
+    warmup: opt.Warmup = 0.0,
+    optimizer: opt.Optimizer = OptimizerName.sgd,
+    plot: opt.Plot = None,
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """LR, momentum, critical momentum, damping ratio and regime per epoch: of a checkpoint, or planned."""
     if ckpt is not None:
@@ -276,59 +180,33 @@ def schedule(
     report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)
 
 
-DataOpt = Annotated[str | None, typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
-SplitOpt = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
-MetricOpt = Annotated[Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
-GranularityOpt = Annotated[
-    Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
-]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
-BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
-SeedOpt = Annotated[
-    int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of --limit, the correct-example sample and the bootstrap.")
-]
-GroupsOpt = Annotated[
-    str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")
-]
-
-
-def rank_config(
-    metric: Metric, granularity: Granularity, top_k: int | None, bootstrap: int, seed: int, by_class: bool, groups_glob: str | None
-) -> RankConfig:
-    include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
-    if groups_glob is not None and not include:
-        raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
-    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include)
-
-
 @app.command()
 @handle_errors
 def rank(
-    ckpt: CkptArg,
-    data: DataOpt = None,
-    split: SplitOpt = None,
-    limit: LimitOpt = None,
-    metric: MetricOpt = DEFAULT_METRIC,
-    granularity: GranularityOpt = Granularity.group,
-    top_k: TopKOpt = None,
-    bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP,
-    seed: SeedOpt = 0,
-    by_class: Annotated[bool, typer.Option("--by-class", help="Also show which true classes' errors load each group.")] = False,
-    groups_glob: GroupsOpt = None,
-    arch: ArchOpt = None,
-    arch_arg: ArchArgOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    state_key: StateKeyOpt = None,
-    device: DeviceOpt = "auto",
-    out: Annotated[Path | None, typer.Option("--out", help="Save the ranking as JSON for compare and repair.")] = None,
-    plot: PlotOpt = None,
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    ckpt: opt.Ckpt,
+    data: opt.Data = None,
+    split: opt.Split = None,
+    limit: opt.Limit = None,
+    metric: opt.Metric = DEFAULT_METRIC,
+    granularity: opt.Granularity = Granularity.group,
+    top_k: opt.TopK = None,
+    bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
+    seed: opt.Seed = 0,
+    by_class: opt.ByClass = False,
+    groups_glob: opt.Groups = None,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    device: opt.Device = "auto",
+    out: opt.RankingOut = None,
+    plot: opt.Plot = None,
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Rank layer groups by gradient attribution over the misclassified examples; flag the problem layers.
 
@@ -357,28 +235,28 @@ def rank(
 @app.command()
 @handle_errors
 def compare(
-    inputs: Annotated[list[Path], typer.Argument(help="Two or more checkpoints (or rankings saved by rank --out).")],
-    data: DataOpt = None,
-    split: SplitOpt = None,
-    limit: LimitOpt = None,
-    metric: MetricOpt = DEFAULT_METRIC,
-    granularity: GranularityOpt = Granularity.group,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups in each, and report overlap@K.")] = None,
-    bootstrap: BootstrapOpt = DEFAULT_BOOTSTRAP,
-    seed: SeedOpt = 0,
-    groups_glob: GroupsOpt = None,
-    arch: ArchOpt = None,
-    arch_arg: ArchArgOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    state_key: StateKeyOpt = None,
-    device: DeviceOpt = "auto",
-    plot: PlotOpt = None,
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    inputs: opt.CompareInputs,
+    data: opt.Data = None,
+    split: opt.Split = None,
+    limit: opt.Limit = None,
+    metric: opt.Metric = DEFAULT_METRIC,
+    granularity: opt.Granularity = Granularity.group,
+    top_k: opt.OverlapTopK = None,
+    bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
+    seed: opt.Seed = 0,
+    groups_glob: opt.Groups = None,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    device: opt.Device = "auto",
+    plot: opt.Plot = None,
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Do the same layer groups carry the errors in each checkpoint (e.g. SGD- vs Adam-trained)?
 
@@ -403,76 +281,45 @@ def compare(
 @app.command()
 @handle_errors
 def repair(
-    ckpt: CkptArg,
-    layers: Annotated[
-        str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")
-    ] = "auto",
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")
-    ] = None,
-    auto_layers: Annotated[
-        AutoLayers,
-        typer.Option(
-            "--auto-layers",
-            help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).",
-        ),
-    ] = RepairConfig.auto_layers,
-    ranking_file: Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")] = None,
-    train_data: Annotated[
-        str | None, typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")
-    ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")] = None,
-    split: SplitOpt = None,
-    limit: LimitOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = RepairConfig.epochs,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = RepairConfig.lr,
-    momentum: Annotated[MomentumSchedule, typer.Option("--momentum")] = RepairConfig.momentum,
-    optimizer: Annotated[OptimizerName, typer.Option("--optimizer")] = RepairConfig.optimizer,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = RepairConfig.batch_size,
-    focus: Annotated[
-        Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")
-    ] = Focus.all,
-    baseline: Annotated[
-        Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")
-    ] = Baseline.none,
-    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")] = True,
-    distill: Annotated[
-        float,
-        typer.Option(
-            "--distill",
-            min=0.0,
-            max=MAX_DISTILL,
-            help="Weight of the pull towards the original's predictions on the training examples it gets right (0: off).",
-        ),
-    ] = RepairConfig.distill,
-    val_data: Annotated[
-        str | None, typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")
-    ] = None,
-    val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")
-    ] = RepairConfig.val_fraction,
-    accept_p: Annotated[
-        float,
-        typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain)."),
-    ] = RepairConfig.accept_p,
-    metric: MetricOpt = DEFAULT_METRIC,
-    granularity: GranularityOpt = Granularity.group,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = 0,
-    arch: ArchOpt = None,
-    arch_arg: ArchArgOpt = None,
-    input_size: InputSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    state_key: StateKeyOpt = None,
-    device: DeviceOpt = "auto",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
-    plot: PlotOpt = None,
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
-    timings: TimingsOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
+    ckpt: opt.Ckpt,
+    layers: opt.Layers = "auto",
+    output: opt.RepairOutput = None,
+    auto_layers: opt.AutoLayersChoice = RepairConfig.auto_layers,
+    ranking_file: opt.RankingFile = None,
+    train_data: opt.RepairTrainData = None,
+    data: opt.VerifyData = None,
+    split: opt.Split = None,
+    limit: opt.Limit = None,
+    epochs: opt.Epochs = REPAIR_TRAINING.epochs,
+    lr: opt.Lr = REPAIR_TRAINING.lr,
+    momentum: opt.Momentum = REPAIR_TRAINING.momentum,
+    optimizer: opt.Optimizer = REPAIR_TRAINING.optimizer,
+    batch_size: opt.BatchSize = REPAIR_TRAINING.batch_size,
+    focus: opt.FocusChoice = Focus.all,
+    baseline: opt.BaselineChoice = Baseline.none,
+    cache: opt.Cache = True,
+    distill: opt.Distill = RepairConfig.distill,
+    val_data: opt.ValData = None,
+    val_fraction: opt.ValFraction = RepairConfig.val_fraction,
+    accept_p: opt.AcceptP = RepairConfig.accept_p,
+    metric: opt.Metric = DEFAULT_METRIC,
+    granularity: opt.Granularity = Granularity.group,
+    top_k: opt.TopK = None,
+    seed: opt.Seed = 0,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    device: opt.Device = "auto",
+    dry_run: opt.DryRun = False,
+    plot: opt.Plot = None,
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    timings: opt.Timings = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Fine-tune only the flagged (or named) layers with beta-scheduled momentum; verify on held-out data."""
     from beta_diag.repairing import plan as plan_fn
@@ -485,14 +332,17 @@ def repair(
             if path is not None:
                 outputs.check_output(path, force, repair_inputs, checkpoint_file=path is output)
     chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
+    training = replace(
+        REPAIR_TRAINING,
+        epochs=epochs,
+        lr=REPAIR_TRAINING.lr if lr is None else lr,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        momentum=momentum,
+        seed=seed,
+    )
     config = RepairConfig(
-        epochs,
-        lr,
-        batch_size,
-        optimizer,
-        momentum,
-        RepairConfig.weight_decay,
-        seed,
+        training,
         focus.value,
         baseline.value,
         cache,
@@ -527,7 +377,7 @@ def repair(
 
 @app.command()
 @handle_errors
-def archs(as_json: JsonOpt = False, verbose: VerboseOpt = False) -> None:
+def archs(as_json: opt.Json = False, verbose: opt.Verbose = False) -> None:
     """List the architecture names --arch accepts."""
     names = models.available()
     report.print_json(names) if as_json else report.stdout().print("\n".join(names))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from beta_diag import checkpoint, ranking
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.runtime import Progress
-from beta_diag.session import DataChoice, open_session
+from beta_diag.session import DataChoice, Openable, open_session
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -227,7 +228,7 @@ def _load_saved(path: Path) -> Ranking:
 
 
 def compare(
-    inputs: list[str | Path | checkpoint.Checkpoint],
+    inputs: Sequence[Openable],
     data: DataChoice = DataChoice(),
     config: RankConfig = RankConfig(),
     device: str = "auto",

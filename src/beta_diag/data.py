@@ -38,6 +38,9 @@ class Dataset:
         return replace(self, images=self.images[index], labels=self.labels[index])
 
 
+ToInput = Callable[[torch.Tensor], torch.Tensor]  # a stored batch (or cached features) -> model input; a Preprocess is one
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """uint8 batch -> normalised float model input of ``input_shape`` (C, H, W)."""

@@ -58,6 +58,13 @@ def _tracks(module: nn.Module) -> bool:
     return isinstance(module, RUNNING_STATS_NORMS) and module.track_running_stats and module.running_mean is not None
 
 
+def _buffer(module: nn.modules.batchnorm._NormBase, name: str) -> torch.Tensor:
+    """A tracked BatchNorm's running statistic, detached, in float64 (``_tracks`` saw that it exists)."""
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor)
+    return value.detach().double()
+
+
 def unavailable_reason(model: nn.Module) -> str | None:
     """Why drift cannot be measured on ``model``, or None when it can."""
     if any(_tracks(m) for m in model.modules()):
@@ -221,7 +228,7 @@ class Recorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.norms = {name: m for name, m in model.named_modules() if name and _tracks(m)}
+        self.norms: dict[str, nn.modules.batchnorm._NormBase] = {name: m for name, m in model.named_modules() if name and _tracks(m)}
         self.order: list[str] = []
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.repeated: set[str] = set()
@@ -271,11 +278,12 @@ class Recorder:
             self.layout = list(self.pending)
             for h in self.order_handles:  # the call order is known after one batch
                 h.remove()
-            self.running_means = torch.cat([self.norms[n].running_mean.detach().double() for n in self.layout])
+            self.running_means = torch.cat([_buffer(self.norms[n], "running_mean") for n in self.layout])
         elif list(self.pending) != self.layout:
             self.irregular = True
         if not self.irregular:
             mean = torch.cat([self.pending[n][0] for n in self.layout], 1).double()  # (B, sum C)
+            assert self.running_means is not None  # set with the layout
             m1 = mean - self.running_means
             m2 = (
                 torch.cat([self.pending[n][1] for n in self.layout], 1).double()
@@ -328,7 +336,9 @@ class Recorder:
         for name in [n for n in self.order if n in sums and n not in self.repeated]:
             module = self.norms[name]
             feeder = next((n for n in reversed(self.order[: self.order.index(name)]) if n not in self.norms), None)
-            (mean, var, mean_noise, var_noise), err = _parts(module, sums[name][0]), _parts(module, sums[name][1])
+            parts, err = _parts(module, sums[name][0]), _parts(module, sums[name][1])
+            assert parts is not None  # a layer in the layout saw every evaluated example
+            mean, var, mean_noise, var_noise = parts
             layers.append(
                 LayerDrift(
                     name,
@@ -354,7 +364,7 @@ class Recorder:
         return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), rule, downstream)
 
 
-def _parts(module: nn.Module, sums: torch.Tensor) -> tuple[float, float, float, float] | None:
+def _parts(module: nn.modules.batchnorm._NormBase, sums: torch.Tensor) -> tuple[float, float, float, float] | None:
     """Channel-averaged mean part, variance part and their sampling noise from ``sums`` (6, C); None without examples.
 
     KL(N(mu, s2) || N(m, v)) with mu - m = E[m1], s2 = E[m2] - E[m1]^2. Noise: what sampling adds to
@@ -363,7 +373,7 @@ def _parts(module: nn.Module, sums: torch.Tensor) -> tuple[float, float, float, 
     n = float(sums[0, 0])
     if n == 0:
         return None
-    ref = module.running_var.detach().double().cpu() + module.eps  # (C,)
+    ref = _buffer(module, "running_var").cpu() + module.eps  # (C,)
     m1, m2, q1, q2, q12 = (sums[i] / n for i in range(1, 6))  # m1 = mu - m
     var = (m2 - m1.square()).clamp_min(0.0)
     r = (var + module.eps) / ref

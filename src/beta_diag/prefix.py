@@ -44,7 +44,7 @@ class Split:
 
 def _touches(node: fx.Node, model: nn.Module, chosen: set[str]) -> bool:
     if node.op == "call_module":
-        return any(f"{node.target}.{n}" in chosen for n, _ in model.get_submodule(node.target).named_parameters())
+        return any(f"{node.target}.{n}" in chosen for n, _ in model.get_submodule(str(node.target)).named_parameters())
     if node.op == "get_attr":
         return str(node.target) in chosen
     return False
@@ -65,7 +65,7 @@ def split(model: nn.Module, chosen: set[str]) -> Split | None:
     if len(crossing) != 1 or crossing[0].op == "placeholder":
         return None
     live = crossing[0]
-    prefix_graph, env = fx.Graph(), {}
+    prefix_graph, env = fx.Graph(), dict[fx.Node, fx.Node]()
     for n in nodes[:cut]:
         env[n] = prefix_graph.node_copy(n, lambda a: env[a])
     prefix_graph.output(env[live])

@@ -37,7 +37,7 @@ from beta_diag.scores import (  # noqa: F401  (re-exported for callers of rankin
     scores,
     shares,
 )
-from beta_diag.session import DataChoice, Session, open_session
+from beta_diag.session import DataChoice, Openable, Session, open_session
 
 FORMAT = "beta-diag-ranking"
 
@@ -208,7 +208,7 @@ def _select_groups(every: list, config: RankConfig) -> list:
 
 
 def rank(
-    ckpt: str | Path | Session,
+    ckpt: Openable | Session,
     data: DataChoice = DataChoice(),
     config: RankConfig = RankConfig(),
     device: str = "auto",

@@ -230,8 +230,7 @@ def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decode
                         )
                     resized += img.size != (size[1], size[0])
                     coloured += img.mode != "RGB"
-                    img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-                    images.append(pil_to_tensor(img))
+                    images.append(pil_to_tensor(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)))
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DataError(f"{path}: cannot decode image ({type(exc).__name__}): remove or replace the file") from None
     labels = torch.tensor([t for _, t in samples], dtype=torch.long)
@@ -272,6 +271,13 @@ def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
     return Decoded(images, labels.long(), tuple(names))
 
 
+def _named(path: Path | None) -> Path:
+    """The path of a spec whose reader ``needs_path`` (``DataSpec.parse`` refused the spec without one)."""
+    if path is None:
+        raise DataError("this data kind needs a path: write KIND:PATH, e.g. imagefolder:DIR")
+    return path
+
+
 @dataclass(frozen=True)
 class Reader:
     """A data format: ``read(path, split, size)``; whether the spec must name a path; whether a file is
@@ -285,10 +291,10 @@ class Reader:
 
 READERS: dict[str, Reader] = {
     "fashion-mnist": Reader(_fashion_mnist, needs_path=False),
-    "cifar10": Reader(lambda root, split, size: _cifar("cifar10", root, split, size)),
-    "cifar100": Reader(lambda root, split, size: _cifar("cifar100", root, split, size)),
-    "imagefolder": Reader(_imagefolder, labels_by_folder=True),
-    "bundle": Reader(_bundle, one_split=True),  # named by its file: FILE.safetensors
+    "cifar10": Reader(lambda root, split, size: _cifar("cifar10", _named(root), split, size)),
+    "cifar100": Reader(lambda root, split, size: _cifar("cifar100", _named(root), split, size)),
+    "imagefolder": Reader(lambda root, split, size: _imagefolder(_named(root), split, size), labels_by_folder=True),
+    "bundle": Reader(lambda path, split, size: _bundle(_named(path), split, size), one_split=True),  # named by its file: FILE.safetensors
 }
 SPECS_HELP = "fashion-mnist, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR or FILE.safetensors"
 

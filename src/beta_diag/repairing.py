@@ -30,7 +30,7 @@ from beta_diag.ranking import RankConfig, Ranking
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Predictions, Progress, without_timing
 from beta_diag.schedules import MomentumSchedule
-from beta_diag.session import DataChoice, Session, open_session
+from beta_diag.session import DataChoice, Openable, Session, open_session
 from beta_diag.training import Anchor, OptimizerName, TrainConfig, fit
 from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
 
@@ -67,21 +67,25 @@ def auto_groups(r: Ranking, policy: AutoLayers | str = AutoLayers.flags) -> list
     return [suspect] + [g for g in r.flagged if g != suspect]
 
 
+REPAIR_TRAINING = TrainConfig(epochs=3, lr=0.003, batch_size=128, optimizer=OptimizerName.sgd, momentum=MomentumSchedule.beta)
+"""Repair's training: SGD, beta momentum on a cosine LR from 0.003, 3 epochs, no warm-up or augmentation
+(the LR was chosen by ``benchmarks/repair_defaults.py``, first on damaged models, then on a healthy one)."""
+
+
+def repair_training(**changes: Any) -> TrainConfig:
+    """Repair's training with some values changed, e.g. ``RepairConfig(repair_training(epochs=1))``
+    (a bare ``TrainConfig()`` carries ``train``'s defaults: 5 epochs at LR 0.05)."""
+    return replace(REPAIR_TRAINING, **changes)
+
+
 @dataclass(frozen=True)
 class RepairConfig:
-    """How to fine-tune. Defaults: SGD, beta momentum on a cosine LR from 0.003, 3 epochs. ``distill``
-    > 0 adds a pull towards the original's predictions on the training examples it already gets
-    right (``training.Anchor``). The LR and the pull (off) were chosen by ``benchmarks/repair_defaults.py``:
-    first on damaged models (the share of the damage won back on the verification data), then on a
-    healthy one, scored on images disjoint from the repair's training and verification data."""
+    """How to repair: the ``training`` of the chosen layers (the one training loop's configuration; its
+    device is the repair's), plus what only repair has. ``distill`` > 0 adds a pull towards the
+    original's predictions on the training examples it already gets right (``training.Anchor``); it is
+    off by default (``benchmarks/repair_defaults.py``, scored on images disjoint from the repair's)."""
 
-    epochs: int = 3
-    lr: float = 0.003
-    batch_size: int = 128
-    optimizer: OptimizerName = OptimizerName.sgd
-    momentum: MomentumSchedule = MomentumSchedule.beta
-    weight_decay: float = 5e-4
-    seed: int = 0
+    training: TrainConfig = REPAIR_TRAINING
     focus: str = "all"  # or "errors"
     baseline: str = "none"  # or "full"
     cache_features: bool = True
@@ -91,22 +95,11 @@ class RepairConfig:
     accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
 
     def train_config(self, device: str) -> TrainConfig:
-        """The shared training loop's configuration: no warm-up, no augmentation (so features can be cached)."""
-        return TrainConfig(
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            warmup_epochs=0.0,
-            augment=False,
-            seed=self.seed,
-            device=device,
-        )
+        """The shared training loop's configuration, on the repair's device."""
+        return replace(self.training, device=device)
 
     def to_dict(self) -> dict[str, Any]:
-        shared = {k: v for k, v in self.train_config("auto").to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
+        shared = {k: v for k, v in self.training.to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
         return {
             **shared,
             "focus": self.focus,
@@ -120,7 +113,9 @@ class RepairConfig:
         }
 
     def check(self) -> None:
-        self.train_config("cpu").check()
+        self.training.check()
+        if self.training.warmup_epochs or self.training.augment:
+            raise ConfigError("repair trains without warm-up or augmentation (the frozen prefix's features are cached): leave both off")
         if not 0 <= self.distill <= MAX_DISTILL:
             raise ConfigError(f"--distill {self.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
         if not 0 < self.val_fraction <= 0.5:
@@ -184,7 +179,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
-        val_from = "given (--val-data)" if self.val_given else f"{c.val_fraction:g} of the training data (seed {c.seed})"
+        val_from = "given (--val-data)" if self.val_given else f"{c.val_fraction:g} of the training data (seed {c.training.seed})"
         return {
             "groups": list(self.groups),
             "trainable": self.trainable,
@@ -228,7 +223,7 @@ def _saved_ranking(session: Session, saved: str | Path | None, verify: DataChoic
 
 
 def plan(
-    ckpt: str | Path | Session,
+    ckpt: Openable | Session,
     layers: list[str] | str = "auto",
     train: DataChoice = DataChoice(),
     verify: DataChoice = DataChoice(),
@@ -266,7 +261,7 @@ def plan(
         n_val = max(1, round(config.val_fraction * len(pool)))
         if len(pool) - n_val < 2:
             raise ConfigError(f"{len(pool)} training examples leave too few to train on after validation: pass more --train-data")
-        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed))
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.training.seed))
         val_ds, train_idx = pool.subset(perm[:n_val].sort().values), perm[n_val:].sort().values
     train_ds = pool if train_idx is None else pool.subset(train_idx)
     cut = prefix.split(session.model, set(params)) if config.cache_features else None
@@ -275,13 +270,13 @@ def plan(
         if cut is not None:
             cached["train"] = prefix.cache(cut, train_ds, session.preprocess, session.device)
         before["train"] = _predict(session, session.model, cut, cached.get("train"), train_ds)
-        keep = _focus(before["train"], config.seed, f"{train_ds.spec} ({train_ds.split})")
+        keep = _focus(before["train"], config.training.seed, f"{train_ds.spec} ({train_ds.split})")
         train_ds, before["train"] = train_ds.subset(keep), _take(before["train"], keep)
         if cut is not None:
             cached["train"] = cached["train"].subset(keep)
     elif config.focus != "all":
         raise ConfigError(f"--focus {config.focus}: use all or errors")
-    steps = config.epochs * -(-len(train_ds) // config.batch_size)
+    steps = config.training.epochs * -(-len(train_ds) // config.training.batch_size)
     return Plan(
         session,
         tuple(names),
@@ -293,7 +288,7 @@ def plan(
         cut,
         config,
         steps,
-        prefix.estimate_seconds(session, train_ds, steps, config.batch_size),
+        prefix.estimate_seconds(session, train_ds, steps, config.training.batch_size),
         before,
         cached,
     )
@@ -462,7 +457,7 @@ def _metadata(session: Session, out: Path, plan_dict: dict[str, Any], arm: Arm) 
 
 
 def repair(
-    ckpt: str | Path | Session,
+    ckpt: Openable | Session,
     layers: list[str] | str = "auto",
     output: str | Path | None = None,
     train: DataChoice = DataChoice(),

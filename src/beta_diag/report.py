@@ -10,7 +10,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,6 +20,12 @@ from beta_diag import distributed
 from beta_diag.drift import times
 from beta_diag.runtime import Progress as ProgressFn
 from beta_diag.runtime import without_timing
+
+if TYPE_CHECKING:  # the renderers' inputs, named for the type checker only (report imports no model code)
+    from beta_diag.comparison import Comparison, Pair
+    from beta_diag.drift import Drift
+    from beta_diag.ranking import Ranking
+    from beta_diag.verdicts import RepairReport
 
 REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
 
@@ -134,7 +140,7 @@ def train_summary(result: dict[str, Any]) -> None:
     stdout().print(f"wrote {result['path']} (sha256 {result['sha256'][:16]}...) in {result['seconds']:.1f} s")
 
 
-def rank_table(ranking: Any) -> None:
+def rank_table(ranking: Ranking) -> None:
     """The ranking as a table plus a one-line verdict."""
     out = stdout()
     metric = ranking.config.metric.value
@@ -179,13 +185,13 @@ def rank_table(ranking: Any) -> None:
         names = list(ranking.group_names)
         by = Table("class", *names, title="mean share of the squared error gradient, by true class", title_justify="left")
         for cls, row in ranking.by_class.items():
-            top = max(row, key=row.get)
+            top = max(row, key=lambda n: row[n])
             by.add_row(cls, *[f"[bold]{row[n]:.2f}[/]" if n == top else f"{row[n]:.2f}" for n in names])
         out.print(by)
     out.print(f"[bold]{ranking.verdict}[/]")
 
 
-def drift_cell(drift: Any, name: str) -> str:
+def drift_cell(drift: Drift, name: str) -> str:
     """A group's charged drift jump, the suspect marked; blank for a group no BatchNorm is charged to."""
     value = (drift.groups or {}).get(name)
     if value is None:
@@ -194,7 +200,7 @@ def drift_cell(drift: Any, name: str) -> str:
     return f"[bold]{text} suspect[/]" if name == drift.suspect else text
 
 
-def compare_table(comparison: Any) -> None:
+def compare_table(comparison: Comparison) -> None:
     """Side by side per group, the pairwise figures, and a verdict."""
     out = stdout()
     labels = [f"[{i + 1}]" for i in range(len(comparison.labels))]
@@ -242,7 +248,7 @@ def compare_table(comparison: Any) -> None:
     out.print(f"[bold]{comparison.verdict}[/]")
 
 
-def comparison_ci(pair: Any, k: int) -> str:
+def comparison_ci(pair: Pair, k: int) -> str:
     lo, hi = pair.overlap_ci[k]
     return f"{lo:.2f}-{hi:.2f}"
 
@@ -267,7 +273,7 @@ def plan_table(plan: dict[str, Any]) -> None:
     out.print(table)
 
 
-def repair_summary(r: Any) -> None:
+def repair_summary(r: RepairReport) -> None:
     out = stdout()
     table = Table(
         "arm",

@@ -15,7 +15,7 @@ from torch import nn
 
 from beta_diag import data as data_mod
 from beta_diag import distributed
-from beta_diag.data import Dataset, Preprocess
+from beta_diag.data import Dataset, ToInput
 from beta_diag.errors import ConfigError
 
 Progress = Callable[[str, int, int], None]  # (task description, completed, total)
@@ -84,7 +84,7 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
 def evaluate(
     model: nn.Module,
     ds: Dataset,
-    preprocess: Preprocess,
+    preprocess: ToInput,
     device: torch.device,
     batch_size: int = 128,
     progress: Progress | None = None,

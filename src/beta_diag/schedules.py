@@ -176,7 +176,7 @@ def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
     """A training history in a few figures: epochs, final and best test accuracy, seconds, regime shares."""
     if not history:
         return {}
-    accs = [h.get("test_acc") for h in history if h.get("test_acc") is not None]
+    accs = [h["test_acc"] for h in history if h.get("test_acc") is not None]
     return {
         "epochs": len(history),
         "final_test_acc": accs[-1] if accs else None,
@@ -186,20 +186,38 @@ def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
     }
 
 
+PLANNED_LR, PLANNED_EPOCHS, PLANNED_STEPS_PER_EPOCH = 0.1, 200, 391  # the paper's CIFAR-10 run: 50,000 images in batches of 128
 MAX_PLANNED_STEPS = 1_000_000  # a 200-epoch ImageNet run; planning one takes about half a minute
 PLANNED = (MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid)  # what `schedule` plans by default
 
 
+def check_lr(lr: float) -> None:
+    """The one check of a peak learning rate (``train``, ``repair`` and ``schedule``): finite and positive."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr {lr}: pass a finite positive learning rate, e.g. --lr 0.05")
+
+
 def planned_runs(
-    momenta: Iterable[MomentumSchedule], lr: float, epochs: int, steps_per_epoch: int, warmup: float = 0.0, optimizer: str = "sgd"
+    momenta: Iterable[MomentumSchedule] = PLANNED,
+    lr: float | None = PLANNED_LR,
+    epochs: int = PLANNED_EPOCHS,
+    steps_per_epoch: int = PLANNED_STEPS_PER_EPOCH,
+    warmup: float = 0.0,
+    optimizer: str = "sgd",
 ) -> list[dict[str, Any]]:
-    """``schedule`` without a checkpoint: per momentum schedule, the planned epochs and their regime shares."""
-    if not (math.isfinite(lr) and math.isfinite(warmup)):
-        raise ConfigError(f"--lr {lr}, --warmup {warmup}: pass finite numbers")
+    """``schedule`` without a checkpoint: per momentum schedule, the planned epochs and their regime shares
+    (``lr`` None: the planned default)."""
+    lr = PLANNED_LR if lr is None else lr
+    check_lr(lr)
+    if not (math.isfinite(warmup) and warmup >= 0):
+        raise ConfigError(f"--warmup {warmup}: pass a finite number of epochs, 0 or more")
     if epochs * steps_per_epoch > MAX_PLANNED_STEPS:
         raise ConfigError(f"--epochs {epochs} x --steps-per-epoch {steps_per_epoch}: plan at most {MAX_PLANNED_STEPS:,} steps")
-    runs = [{"name": MomentumSchedule(m).value, "epochs": plan(m, lr, epochs, steps_per_epoch, warmup, optimizer)} for m in momenta]
-    return [{**run, "regimes": regime_fractions(run["epochs"])} for run in runs]
+    runs = []
+    for m in momenta:
+        planned = plan(m, lr, epochs, steps_per_epoch, warmup, optimizer)
+        runs.append({"name": MomentumSchedule(m).value, "epochs": planned, "regimes": regime_fractions(planned)})
+    return runs
 
 
 def recorded_run(name: str, history: Iterable[dict[str, Any]]) -> dict[str, Any]:

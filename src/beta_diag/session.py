@@ -71,8 +71,11 @@ def preprocess_for(ckpt: Checkpoint) -> Preprocess:
     return Preprocess(meta.input_shape, meta.mean, meta.std)
 
 
+Openable = str | Path | Checkpoint  # what ``open_session`` opens: a checkpoint's path or a loaded checkpoint
+
+
 def open_session(
-    path: str | Path | Checkpoint,
+    path: Openable,
     device: str = "auto",
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,

@@ -17,11 +17,11 @@ from torch import nn
 from beta_diag import data as data_mod
 from beta_diag import distributed
 from beta_diag.checkpoint import Metadata, nonfinite
-from beta_diag.data import Dataset, Preprocess
+from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device, without_timing
-from beta_diag.schedules import MomentumSchedule, MomentumScheduler, epoch_record, lr_scheduler
+from beta_diag.schedules import MomentumSchedule, MomentumScheduler, check_lr, epoch_record, lr_scheduler
 
 
 class OptimizerName(str, Enum):
@@ -61,8 +61,7 @@ class TrainConfig:
         """Refuse values no training can use: a non-finite or non-positive LR, non-finite decay or warm-up."""
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be positive: check --epochs and --batch-size")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr {self.lr}: pass a finite positive learning rate, e.g. --lr 0.05")
+        check_lr(self.lr)
         for option, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup_epochs)):
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{option} {value}: pass a finite number, 0 or more")
@@ -124,7 +123,7 @@ def fit(
     model: nn.Module,
     train_ds: Dataset,
     test_ds: Dataset | None,
-    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    preprocess: ToInput,
     config: TrainConfig,
     progress: Progress | None = None,
     anchor: Anchor | None = None,
@@ -165,7 +164,7 @@ def fit(
     for epoch in range(config.epochs):
         start = time.perf_counter()
         set_train_mode(model)
-        lrs, mus, loss_sum, pull_sum, seen, hits = [], [], 0.0, 0.0, 0, 0
+        lrs, mus, loss_sum, pull_sum, seen, hits = [], [], 0.0, 0.0, 0.0, 0.0
         for step, (x, y, idx) in enumerate(data_mod.batches(train_ds, config.batch_size, device, shuffle=True, generator=gen)):
             if (
                 world.size > 1 and y.numel() < 2 * world.size

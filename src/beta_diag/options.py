@@ -1,0 +1,214 @@
+"""The command line's shared options, each declared once (typer's ``Annotated`` pattern), and their
+parsing into library values. Policies and checks live in the library; these only name and convert."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from beta_diag import checkpoint, groups, ranking
+from beta_diag.errors import BetaDiagError, ConfigError
+from beta_diag.ranking import RankConfig
+from beta_diag.repairing import MAX_DISTILL, AutoLayers, Baseline, Focus
+from beta_diag.schedules import MomentumSchedule
+from beta_diag.training import OptimizerName
+
+# every command
+Json = Annotated[bool, typer.Option("--json", help="Print JSON only on stdout.")]
+Timings = Annotated[bool, typer.Option("--timings", help="Include wall-clock seconds in --json (then it differs run to run).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Show the traceback of an error (for bug reports).")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu or cuda.")]
+Arch = Annotated[
+    str | None, typer.Option("--arch", "--model", help="Architecture name or package.module:factory (overrides the metadata).")
+]
+ArchArg = Annotated[
+    list[str] | None, typer.Option("--arch-arg", help="Architecture keyword argument KEY=VALUE, repeatable (e.g. width=16).")
+]
+InputSize = Annotated[
+    str | None,
+    typer.Option(
+        "--input-size", help="Model input height x width in pixels, e.g. 28 or 224x224 (default: the metadata's; else 32, said on stderr)."
+    ),
+]
+Mean = Annotated[
+    str | None, typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")
+]
+Std = Annotated[str | None, typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
+StateKey = Annotated[
+    str | None,
+    typer.Option(
+        "--state-key", help="Key of a .pt/.pth dict that holds the weights (default: state_dict, model_state_dict, model or net)."
+    ),
+]
+Ckpt = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
+Plot = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure to this path.")]
+
+# training, shared by train, repair and schedule; their defaults are each command's library defaults
+Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Epochs to train (schedule: to plan).")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (train without it: 0.05 for sgd, 0.001 for adam/adamw).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per step.")]
+Optimizer = Annotated[OptimizerName, typer.Option("--optimizer", help="sgd (heavy-ball momentum), adam or adamw.")]
+Momentum = Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule (beta: mu(t) = 1 - 2 sqrt(lr(t))).")]
+Warmup = Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")]
+Seed = Annotated[
+    int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of every random choice: subsets, samples, the bootstrap, training.")
+]
+
+# rank, compare and repair
+Data = Annotated[str | None, typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
+Split = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
+Limit = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
+Metric = Annotated[ranking.Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
+Granularity = Annotated[
+    groups.Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
+]
+TopK = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
+Bootstrap = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
+Groups = Annotated[str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
+
+
+# train
+TrainOutput = Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")]
+TrainArch = Annotated[str, typer.Option("--arch", "--model", help="Architecture name or package.module:factory.")]
+TrainData = Annotated[str, typer.Option("--data", help="Data spec: fashion-mnist, cifar10:DIR, imagefolder:DIR, FILE.safetensors.")]
+TestData = Annotated[str | None, typer.Option("--test-data", help="Test data spec (default: the test split of --data).")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0.0)]
+Augment = Annotated[bool, typer.Option("--augment/--no-augment", help="Random 2-pixel crops and flips.")]
+TestLimit = Annotated[int | None, typer.Option("--test-limit", help="Test on a seeded subset of N images.")]
+
+# schedule
+HistoryCkpt = Annotated[Path | None, typer.Argument(help="Checkpoint whose training history to show (omit to plan a schedule).")]
+PlannedMomenta = Annotated[list[MomentumSchedule] | None, typer.Option("--momentum", help="Schedule(s) to plan; repeatable.")]
+StepsPerEpoch = Annotated[int, typer.Option("--steps-per-epoch", min=1)]
+
+# rank
+ByClass = Annotated[bool, typer.Option("--by-class", help="Also show which true classes' errors load each group.")]
+RankingOut = Annotated[Path | None, typer.Option("--out", help="Save the ranking as JSON for compare and repair.")]
+
+# compare
+CompareInputs = Annotated[list[Path], typer.Argument(help="Two or more checkpoints (or rankings saved by rank --out).")]
+OverlapTopK = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups in each, and report overlap@K.")]
+
+# repair
+Layers = Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")]
+RepairOutput = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")
+]
+AutoLayersChoice = Annotated[
+    AutoLayers,
+    typer.Option(
+        "--auto-layers",
+        help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).",
+    ),
+]
+RankingFile = Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")]
+RepairTrainData = Annotated[str | None, typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")]
+VerifyData = Annotated[str | None, typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")]
+FocusChoice = Annotated[
+    Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")
+]
+BaselineChoice = Annotated[
+    Baseline, typer.Option("--baseline", help="full: also fine-tune the whole model with the same budget, for comparison.")
+]
+Cache = Annotated[bool, typer.Option("--cache/--no-cache", help="Compute the frozen prefix's output once.")]
+Distill = Annotated[
+    float,
+    typer.Option(
+        "--distill",
+        help=f"Weight of the pull towards the original's predictions on the training examples it gets right (0: off; at most {MAX_DISTILL:g}).",
+    ),
+]
+ValData = Annotated[
+    str | None, typer.Option("--val-data", help="Validation data spec for the gate (default: --val-fraction of the training data).")
+]
+ValFraction = Annotated[
+    float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")
+]
+AcceptP = Annotated[
+    float,
+    typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain)."),
+]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")]
+
+
+def rank_config(
+    metric: ranking.Metric,
+    granularity: groups.Granularity,
+    top_k: int | None,
+    bootstrap: int,
+    seed: int,
+    by_class: bool,
+    groups_glob: str | None,
+) -> RankConfig:
+    include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
+    if groups_glob is not None and not include:
+        raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
+    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include)
+
+
+def data_files(*specs: str | None) -> tuple[Path, ...]:
+    """The files data specs name (bundles), which no output may replace; a malformed spec is left to the command to refuse."""
+    from beta_diag.readers import DataSpec
+
+    found: list[Path] = []
+    for spec in specs:
+        with contextlib.suppress(BetaDiagError):
+            found += DataSpec.parse(spec).files() if spec else []
+    return tuple(found)
+
+
+def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
+    """``["width=16", "name=x"]`` -> ``{"width": 16, "name": "x"}`` (values parsed as JSON when they can be)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--arch-arg '{item}' is not KEY=VALUE: write e.g. --arch-arg width=16")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in re.split(r"[,x]" if kind is int else ",", text.strip()) if v.strip())  # sizes: 224x224
+    except ValueError:
+        raise ConfigError(f"{option} {text}: pass numbers separated by commas (sizes: 28 or 224x224)") from None
+
+
+def load_checkpoint(
+    path: Path,
+    arch: str | None,
+    arch_args: list[str] | None,
+    input_size: str | None = None,
+    mean: str | None = None,
+    std: str | None = None,
+    state_key: str | None = None,
+) -> checkpoint.Checkpoint:
+    """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
+    size = _numbers("--input-size", input_size, int)
+    if size is not None and len(size) not in (1, 2):
+        raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")
+    ckpt = (
+        checkpoint.load(path, state_key)
+        .with_overrides(
+            arch,
+            parse_arch_args(arch_args),
+            None if size is None else (size[0], size[-1]),
+            _numbers("--mean", mean, float),
+            _numbers("--std", std, float),
+        )
+        .inferred()
+    )
+    return ckpt
