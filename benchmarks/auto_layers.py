@@ -82,7 +82,7 @@ def main() -> None:
                                 Path(tmp) / "x.safetensors",
                                 train=train,
                                 verify=verify,
-                                config=replace(config, seed=seed),
+                                config=replace(config, training=replace(config.training, seed=seed)),
                                 device="cpu",
                                 force=True,
                             )

@@ -87,7 +87,7 @@ def main() -> None:
             for seed in seeds:
                 _, model, drop = calibrate(session, ds, group, "noise", seed, base)
                 damaged = replace(session, model=model)
-                cfg = replace(config, seed=seed)
+                cfg = replace(config, training=replace(config.training, seed=seed))
                 auto = repair(damaged, "auto", Path(tmp) / "auto.safetensors", verify=verify, config=cfg, device="cpu", force=True)
                 pick = random.Random(f"{group}/{seed}").choice(names)
                 rand = repair(
