@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from beta_diag.attribution import summed_gradient
+from beta_diag import data as data_mod
 from beta_diag.groups import Group, layer_groups
 from beta_diag.ranking import Metric, RankConfig, Ranking, flags, rank, ranks
 from beta_diag.session import DataChoice, Session, open_session
@@ -103,7 +104,12 @@ def damage(model: nn.Module, group: str, kind: str, scale: float, seed: int) -> 
 
 def auto_rgn(session: Session, ds: object, groups: list[Group]) -> np.ndarray:
     """||sum of gradients over every example||_g / ||theta_g|| per group."""
-    grad = summed_gradient(session.model, ds, torch.arange(len(ds)), session.preprocess, session.device)  # type: ignore[arg-type]
+    session.model.eval()
+    grad = {n: torch.zeros_like(p) for n, p in session.model.named_parameters()}
+    for _, x, y, _ in data_mod.numbered_batches(ds, 128, session.device):  # type: ignore[arg-type]
+        loss = F.cross_entropy(session.model(session.preprocess(x)).float(), y, reduction="sum")
+        for (n, _), g in zip(session.model.named_parameters(), torch.autograd.grad(loss, list(session.model.parameters()))):
+            grad[n] += g
     params = dict(session.model.named_parameters())
     sq = [
         (
@@ -191,7 +197,7 @@ def main() -> None:
         base = session.evaluate(calib).accuracy
         groups = layer_groups(session.model)
         names = [g.name for g in groups]
-        whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
+        whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True), dataset=ds)
         healthy[sample] = {"accuracy": whole.accuracy, "drift": whole.drift.to_dict() if whole.drift else None}
         print(f"{sample} undamaged: accuracy {100 * whole.accuracy:.1f}%; {whole.drift.finding if whole.drift else ''}", flush=True)
         for kind in kinds:
@@ -201,7 +207,7 @@ def main() -> None:
                     if model is None:
                         continue
                     damaged = replace(session, model=model)
-                    r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0), dataset=ds)
+                    r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True), dataset=ds)
                     baseline = auto_rgn(damaged, ds, groups)
                     ranks, firsts, hit_flagged = {}, {}, {}
                     for m in metrics:
@@ -233,7 +239,7 @@ def main() -> None:
                         mat = r.matrices
                         assert mat is not None
                         arrays.update(
-                            {f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "dots", "numel", "weight_norm")}
+                            {f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "summed_norm", "numel", "weight_norm")}
                         )
                     print(
                         f"{sample} {kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "

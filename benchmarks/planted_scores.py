@@ -24,7 +24,16 @@ Score = Callable[[Matrices], np.ndarray]
 
 
 def summed_norm(m: Matrices) -> np.ndarray:
-    return np.sqrt(np.maximum(m.dots.sum(0), 0))  # ||S_g||, S = sum of the errors' gradients
+    return m.summed_norm  # ||S_g||, S = sum of the errors' gradients
+
+
+def load(arrays: np.lib.npyio.NpzFile, i: int) -> Matrices:
+    """One damaged model's matrices; files written before rank's one pass hold the exact dots instead of ||S_g||."""
+    get = {k: arrays[f"{i}/{k}"] for k in ("errors", "correct", "numel", "weight_norm")}
+    if f"{i}/summed_norm" in arrays:
+        return Matrices(get["errors"], get["correct"], arrays[f"{i}/summed_norm"], get["numel"], get["weight_norm"])
+    dots = arrays[f"{i}/dots"]
+    return Matrices(get["errors"], get["correct"], np.sqrt(np.maximum(dots.sum(0), 0)), get["numel"], get["weight_norm"], dots)
 
 
 CANDIDATES: dict[str, Score] = {
@@ -49,7 +58,7 @@ def main() -> None:
     names = json.loads(args.results.read_text())["groups"]
     arrays = np.load(args.matrices)
     chosen = {int(s) for s in args.choose.split(",")}
-    mats = [Matrices(*(arrays[f"{i}/{k}"] for k in ("errors", "correct", "dots", "numel", "weight_norm"))) for i in range(len(rows))]
+    mats = [load(arrays, i) for i in range(len(rows))]
     print(f"{'score':44s} {'choose: hits@1':>15s} {'mean rank':>10s} {'held out: hits@1':>17s} {'mean rank':>10s}")
     for label, fn in CANDIDATES.items():
         out = []

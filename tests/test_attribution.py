@@ -1,12 +1,13 @@
 """Per-example group gradient norms equal a plain per-example autograd loop."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 
 from beta_diag import data, groups, models
-from beta_diag.attribution import per_example_norms, summed_gradient
+from beta_diag.attribution import per_example_norms
 from tests.conftest import make_images
 
 CPU = torch.device("cpu")
@@ -71,8 +72,8 @@ def test_group_norms_equal_per_example_loop(case: str) -> None:
     ds = data.Dataset(images, labels, tuple("abcd"), "synthetic", "test")
     pre = data.Preprocess((channels, size, size), (0.3,) * channels, (0.3,) * channels)
     index = torch.arange(10)
-    direction = summed_gradient(model, ds, index, pre, CPU)
-    got = per_example_norms(model, ds, index, pre, CPU, batch_size=4, direction=direction)
+    sketched = groups.layer_groups(model, "block")
+    got = per_example_norms(model, ds, index, pre, CPU, batch_size=4, sketch_groups=[g.param_names for g in sketched])
     ref = loop_reference(model, ds, pre)
     col = {n: j for j, n in enumerate(got.names)}
     assert set(col) == set(ref)
@@ -81,9 +82,18 @@ def test_group_norms_equal_per_example_loop(case: str) -> None:
             want = sum(ref[p].pow(2).sum(1) for p in g.param_names)
             have = sum(got.sq_norms[:, col[p]] for p in g.param_names)
             assert torch.allclose(have, want, rtol=1e-4, atol=1e-10), (granularity, g.name)
-            want_dot = sum(ref[p] @ direction[p].double().flatten() for p in g.param_names)
-            have_dot = sum(got.dots[:, col[p]] for p in g.param_names)
-            assert torch.allclose(have_dot, want_dot, rtol=1e-4, atol=1e-6 * float(want_dot.abs().max())), (granularity, g.name)
+    for n, per in ref.items():  # the same pass sums the gradient
+        want_sum = per.sum(0)
+        assert torch.allclose(got.summed[n].double().flatten(), want_sum, rtol=1e-4, atol=1e-6 * float(want_sum.abs().max())), n
+    # the sketch: exact (up to its bfloat16 storage) for a group of at most K parameters
+    assert got.sketch is not None
+    summed_sq = np.array([sum(float(ref[p].sum(0).pow(2).sum()) for p in g.param_names) for g in sketched])
+    dots = got.sketch.dots(summed_sq)
+    for j, g in enumerate(sketched):
+        want_dot = sum(ref[p] @ ref[p].sum(0) for p in g.param_names).numpy()
+        if g.numel <= got.sketch.k:
+            assert np.allclose(dots[:, j], want_dot, rtol=2e-2, atol=1e-2 * np.abs(want_dot).max()), g.name
+        assert dots[:, j].sum() == pytest.approx(summed_sq[j], rel=1e-9)  # scaled to ||S_g||^2 exactly
 
 
 def test_module_called_twice_sums_its_gradients() -> None:

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from beta_diag import checkpoint, data, groups, models
-from beta_diag.attribution import per_example_norms, summed_gradient
+from beta_diag.attribution import per_example_norms
 from beta_diag.cli import app
 from tests.conftest import make_images, write_bundle
 from tests.test_attribution import loop_reference, randomise_bn
@@ -64,7 +64,7 @@ def test_norms_equal_a_plain_loop_and_groups_carry_signal(family: str) -> None:
     ds = data.Dataset(images, labels, tuple("abcd"), "synthetic", "test")
     pre = data.Preprocess((3, side, side), (0.4,) * 3, (0.3,) * 3)
     index = torch.arange(6)
-    got = per_example_norms(model, ds, index, pre, CPU, batch_size=4, direction=summed_gradient(model, ds, index, pre, CPU))
+    got = per_example_norms(model, ds, index, pre, CPU, batch_size=4, sketch_groups=[g.param_names for g in groups.layer_groups(model)])
     ref = loop_reference(model, ds, pre)
     col = {n: j for j, n in enumerate(got.names)}
     assert set(col) == set(ref)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,10 @@ def test_scores_by_hand() -> None:
     m = Matrices(
         errors=np.array([[9.0, 16.0], [1.0, 4.0]]),
         correct=np.array([[1.0, 1.0], [4.0, 0.0]]),
-        dots=np.array([[6.0, 10.0], [3.0, 6.0]]),
+        summed_norm=np.array([3.0, 4.0]),
         numel=np.array([4.0, 16.0]),
         weight_norm=np.array([2.0, 0.5]),
+        dots=np.array([[6.0, 10.0], [3.0, 6.0]]),
     )
     s = ranking.scores(m)
     assert s["norm"].tolist() == [2.0, 3.0]  # mean(3, 1), mean(4, 2)
@@ -46,8 +48,13 @@ def test_scores_by_hand() -> None:
     assert np.allclose(s["share"], [0.4, 0.6])
     # shares: errors (9/25, 16/25), (1/5, 4/5); correct (1/2, 1/2), (1, 0)
     assert np.allclose(s["specific"], [(9 / 25 + 1 / 5) / 2 - 0.75, (16 / 25 + 4 / 5) / 2 - 0.25])
-    # ||S_g|| = sqrt(sum of dots) = 3 and 4; coherence = ||S|| / sum of norms
+    # ||S_g|| = 3 and 4 (the dots sum to its square); coherence = ||S|| / sum of norms
     assert np.allclose(s["coherence"], [3.0 / 4.0, 4.0 / 6.0])
+    # a bootstrap replicate projects on S: weights (2, 0) give (2 * 6 / 3) / (2 * 3) and (2 * 10 / 4) / (2 * 4)
+    assert np.allclose(ranking.scores(m, np.array([[2.0, 0.0]]), np.ones((1, 2)))["coherence"], [[4.0 / 6.0, 5.0 / 8.0]])
+    # without the correct sample, the scores that need it are not computed
+    bare = ranking.scores(replace(m, correct=np.zeros((0, 2))))
+    assert all(np.isnan(bare[k]).all() for k in ("contrast", "specific", "norm_correct")) and np.allclose(bare["coherence"], s["coherence"])
 
 
 def test_rank_api_and_saved_round_trip(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ layer type yields its per-example weight-gradient norm without a Python loop ove
   owned by the root, a module called twice) falls back to torch.func's vmap(grad) for exactly
   those parameters, or the materialised sum over calls for modules called more than once.
 
-Optionally, with ``direction`` (a gradient-shaped dict), each example's dot product with it is
-returned too: ``coherence`` needs <g_i, S> for the errors' summed gradient S.
+The same pass sums the gradient over the examples (exactly: ``coherence`` needs the errors' summed
+gradient S), and, given layer groups, sketches each example's gradient per group (``sketch``) so
+that the bootstrap gets <g_i, S> without a second pass.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from beta_diag import data as data_mod
 from beta_diag import distributed
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.runtime import Progress
+from beta_diag.sketch import GroupSketch
 
-Direction = dict[str, torch.Tensor]
 LinearOrConv = nn.Linear | nn.Conv2d  # the layers whose per-example weight gradients are factored (``_fast``)
 
 
@@ -50,12 +51,13 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupN
 
 @dataclass(frozen=True)
 class ParamNorms:
-    """Per-example squared gradient norms per parameter (and optional dot products with a direction)."""
+    """Per-example squared gradient norms per parameter, the summed gradient, and the optional sketches."""
 
     names: tuple[str, ...]
     sq_norms: torch.Tensor  # (N, P) float64
-    dots: torch.Tensor | None  # (N, P) float64: <g_i, direction> per parameter
     losses: torch.Tensor  # (N,) float64
+    summed: dict[str, torch.Tensor]  # parameter name -> sum_i g_i, in the parameter's shape (float32, CPU)
+    sketch: GroupSketch | None = None  # per-example sketches of the groups asked for
 
 
 def _conv_unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -169,62 +171,52 @@ class _Recorder:
             h.remove()
 
 
-Terms = tuple[torch.Tensor, torch.Tensor | None]  # per-example (squared norm, dot with direction), each (B,)
+@dataclass(frozen=True)
+class _Grad:
+    """One parameter's share of a batch: per-example squared norms, the batch's summed gradient, and
+    the per-example gradients themselves when they were kept (for the sketch)."""
+
+    sq: torch.Tensor  # (B,)
+    total: torch.Tensor  # the parameter's shape
+    each: torch.Tensor | None  # (B, numel)
 
 
-def _flat_terms(grads: torch.Tensor, d: torch.Tensor | None) -> Terms:
-    """Terms of materialised per-example gradients ``grads`` (B, P)."""
-    grads = grads.flatten(1)
-    return torch.linalg.vecdot(grads, grads), None if d is None else grads @ d.reshape(-1)
+def _from_each(grads: torch.Tensor, shape: torch.Size, keep: bool) -> _Grad:
+    """A ``_Grad`` from materialised per-example gradients ``grads`` (B, ...)."""
+    flat = grads.flatten(1)
+    return _Grad(torch.linalg.vecdot(flat, flat), flat.sum(0).reshape(shape), flat if keep else None)
 
 
-def _module_terms(module: nn.Module, calls: list[list[torch.Tensor]], direction: Direction, prefix: str) -> dict[str, Terms]:
-    """Per-example (squared norm, dot with direction) for each parameter of one module."""
-    d_w, d_b = direction.get(f"{prefix}weight"), direction.get(f"{prefix}bias")
+def _module_grads(module: nn.Module, calls: list[list[torch.Tensor]], keep: bool) -> dict[str, _Grad]:
+    """Per-example squared norms and the summed gradient of each parameter of one module."""
+    out: dict[str, _Grad] = {}
     if isinstance(module, NORMS):
         grads = [_norm_affine_grads(module, x, g) for x, g in calls]
-        out = {"weight": _flat_terms(_total(w for w, _ in grads), d_w)} if getattr(module, "weight", None) is not None else {}
+        if getattr(module, "weight", None) is not None:
+            out["weight"] = _from_each(_total(w for w, _ in grads), module.weight.shape, keep)
         if getattr(module, "bias", None) is not None:
-            out["bias"] = _flat_terms(_total(b for _, b in grads), d_b)
-        return out
-    if len(calls) == 1 and isinstance(module, nn.Conv2d) and module.groups == 1 and calls[0][1][0, 0].numel() >= GROUPED_CONV_MIN_OUTPUT:
-        x, g = calls[0]
-        out = {"weight": _flat_terms(_conv_per_example_grads(module, x, g), d_w)}
-        if module.bias is not None:
-            out["bias"] = _flat_terms(g.sum((2, 3)), d_b)
+            out["bias"] = _from_each(_total(b for _, b in grads), module.bias.shape, keep)
         return out
     layer = cast(LinearOrConv, module)
+    if len(calls) == 1 and isinstance(layer, nn.Conv2d) and layer.groups == 1 and calls[0][1][0, 0].numel() >= GROUPED_CONV_MIN_OUTPUT:
+        x, g = calls[0]
+        out["weight"] = _from_each(_conv_per_example_grads(layer, x, g), layer.weight.shape, keep)
+        if layer.bias is not None:
+            out["bias"] = _from_each(g.sum((2, 3)), layer.bias.shape, keep)
+        return out
     terms = [_weight_terms(layer, x, g) for x, g in calls]
-    if len(terms) == 1:
-        xs, gs, _ = terms[0]
-        # <sum_l g_l x_l^T, D> = sum_l g_l^T D x_l: a projection, never the per-example gradient itself
-        dot_w = None if d_w is None else torch.einsum("goi,bgil,bgol->b", _as_grouped(layer, d_w), xs, gs)
-        out = {"weight": (_sq_norm_weight(xs, gs), dot_w)}
-    else:  # called more than once: the per-call gradients add up before the norm
-        full = _materialise(terms[0][0], terms[0][1])
-        for xs, gs, _ in terms[1:]:
-            full += _materialise(xs, gs)
-        out = {"weight": _flat_terms(full, None if d_w is None else _as_grouped(layer, d_w))}
+    if len(terms) == 1 and not keep:
+        xs, gs, _ = terms[0]  # the norm identity where it is cheaper; the sum is the batch's weight gradient
+        out["weight"] = _Grad(_sq_norm_weight(xs, gs), torch.einsum("bgil,bgol->goi", xs, gs).reshape(layer.weight.shape), None)
+    else:  # kept, or called more than once: the per-call gradients add up before the norm
+        out["weight"] = _from_each(_total(_materialise(xs, gs) for xs, gs, _ in terms), layer.weight.shape, keep)
     if layer.bias is not None:
-        out["bias"] = _flat_terms(_total(cast(torch.Tensor, t[2]) for t in terms), d_b)
+        out["bias"] = _from_each(_total(cast(torch.Tensor, t[2]) for t in terms), layer.bias.shape, keep)
     return out
 
 
-def _as_grouped(module: LinearOrConv, weight_like: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor in the (G, O, I) layout of ``_materialise``."""
-    if isinstance(module, nn.Linear):
-        return weight_like.reshape(1, *weight_like.shape)
-    return weight_like.reshape(module.groups, weight_like.shape[0] // module.groups, -1)
-
-
-def _fallback(
-    model: nn.Module,
-    names: list[str],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    direction: Direction,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per-example gradients of the named parameters with torch.func (materialised, chunked)."""
+def _fallback(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, keep: bool) -> dict[str, _Grad]:
+    """Per-example gradients of the named parameters with torch.func (materialised, in chunks of 8)."""
     from torch.func import functional_call, grad, vmap
 
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -235,16 +227,8 @@ def _fallback(
         return F.cross_entropy(logits.float(), yi.unsqueeze(0))
 
     sub = {n: params[n] for n in names}
-    per: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    dots: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    for start in range(0, x.shape[0], 8):
-        grads = vmap(grad(loss), in_dims=(None, 0, 0))(sub, x[start : start + 8], y[start : start + 8])
-        for n in names:
-            flat = grads[n].flatten(1)
-            per[n].append(flat.pow(2).sum(1))
-            if n in direction:
-                dots[n].append(flat @ direction[n].reshape(-1))
-    return {n: (torch.cat(per[n]), torch.cat(dots[n]) if dots[n] else None) for n in names}
+    chunks = [vmap(grad(loss), in_dims=(None, 0, 0))(sub, x[start : start + 8], y[start : start + 8]) for start in range(0, x.shape[0], 8)]
+    return {n: _from_each(torch.cat([c[n].flatten(1) for c in chunks]), params[n].shape, keep) for n in names}
 
 
 def per_example_norms(
@@ -254,97 +238,94 @@ def per_example_norms(
     preprocess: Preprocess,
     device: torch.device,
     batch_size: int = 64,
-    direction: Direction | None = None,
+    sketch_groups: Sequence[Sequence[str]] | None = None,
     progress: Progress | None = None,
+    seed: int = 0,
 ) -> ParamNorms:
-    """Squared per-example gradient norms of CE(f(x_i), y_i) for every trainable parameter.
+    """Squared per-example gradient norms of CE(f(x_i), y_i) for every trainable parameter, and their sum.
 
-    Args: ``index`` selects the examples of ``ds``; ``direction`` (optional, param name -> tensor)
-    adds per-example dot products. Example: ``per_example_norms(model, ds, errors, pre, cpu)``.
-    Under torchrun each process computes its share of the batches; every process gets all rows.
+    Args: ``index`` selects the examples of ``ds``; ``sketch_groups`` (optional, lists of parameter
+    names) also sketches each example's gradient per group (``sketch.GroupSketch``, signs from ``seed``).
+    Example: ``per_example_norms(model, ds, errors, pre, cpu)``. Under torchrun each process computes
+    its share of the batches and every process gets all rows; the batches' sums are added in batch
+    order on every process, so the summed gradient is bit-identical to one process's.
     """
     model.eval()
     world = distributed.current()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
     modules = dict(model.named_modules())
-    direction = {k: v.to(device) for k, v in (direction or {}).items()}
     col = {n: j for j, n in enumerate(names)}
     sq = torch.zeros(index.numel(), len(names), dtype=torch.float64)
-    dots = torch.zeros_like(sq) if direction else None
     losses = torch.zeros(index.numel(), dtype=torch.float64)
+    summed = {n: torch.zeros_like(p, device="cpu", dtype=torch.float32) for n, p in params.items()}
+    sketch = None
+    if sketch_groups is not None:
+        sketch = GroupSketch(sketch_groups, {n: p.numel() for n, p in params.items()}, index.numel(), device, seed)
     recorder = _Recorder(model)
     mine: list[slice] = []
+    owned = data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns)
     try:
-        for row, x, y, _ in data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns):
-            recorder.calls.clear()
-            inputs = preprocess(x).requires_grad_(True)  # backward to the input reaches every hooked output
-            logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), y, reduction="none")
-            rows = slice(row, row + y.numel())
-            mine.append(rows)
-            losses[rows] = loss.detach().double().cpu()
-            if recorder.calls:
-                torch.autograd.grad(loss.sum(), inputs)  # weight gradients are never computed: only the hooks' output gradients
-            covered: set[str] = set()
-            for mname, calls in recorder.calls.items():
-                if any(len(c) != 2 for c in calls):
-                    continue  # output did not reach the loss: leave to the fallback
-                prefix = f"{mname}."
-                for pname, (s, d) in _module_terms(modules[mname], calls, direction, prefix).items():
-                    full = prefix + pname
-                    if full in col:
-                        sq[rows, col[full]] = s.double().cpu()
-                        if dots is not None and d is not None:
-                            dots[rows, col[full]] = d.double().cpu()
-                        covered.add(full)
-            rest = [n for n in names if n not in covered]
-            if rest:
-                recorder.active = False
-                for n, (s, d) in _fallback(model, rest, inputs.detach(), y, direction).items():
-                    sq[rows, col[n]] = s.double().cpu()
-                    if dots is not None and d is not None:
-                        dots[rows, col[n]] = d.double().cpu()
-                recorder.active = True
-            if progress:
-                progress("attribution", min(rows.stop * world.size, index.numel()), index.numel())
+        for _ in range(0, -(-index.numel() // batch_size), world.size):
+            batch = next(owned, None)
+            totals: list[torch.Tensor] | None = None
+            if batch is not None:
+                row, x, y, _ = batch
+                rows = slice(row, row + y.numel())
+                mine.append(rows)
+                grads = _batch_grads(model, modules, recorder, names, preprocess(x), y, losses, rows, keep=sketch is not None)
+                if sketch is not None:
+                    sketch.start(y.numel(), device)
+                for n, gr in grads.items():
+                    sq[rows, col[n]] = gr.sq.double().cpu()
+                    if sketch is not None and gr.each is not None:
+                        sketch.add(n, gr.each)
+                if sketch is not None:
+                    sketch.finish(rows)
+                totals = [grads[n].total.float().cpu() for n in names]
+                if progress:
+                    progress("attribution", min(rows.stop * world.size, index.numel()), index.numel())
+            for batch_totals in world.round(totals):  # every process adds the round's batches in batch order
+                for n, t in zip(names, cast(list[torch.Tensor], batch_totals or [])):
+                    summed[n] += t
     finally:
         recorder.remove()
     if world.size > 1 and index.numel():  # this process filled its rows only: gather every process's, in order
         # some process owns rows, so every gather is a tensor
         sq, losses = (cast(torch.Tensor, world.gather_rows([(r.start, t[r]) for r in mine], index.numel())) for t in (sq, losses))
-        dots = None if dots is None else world.gather_rows([(r.start, dots[r]) for r in mine], index.numel())
-    return ParamNorms(tuple(names), sq, dots, losses)
+        if sketch is not None:
+            sketch.rows = cast(torch.Tensor, world.gather_rows([(r.start, sketch.rows[r]) for r in mine], index.numel()))
+    return ParamNorms(tuple(names), sq, losses, summed, sketch)
 
 
-def summed_gradient(
+def _batch_grads(
     model: nn.Module,
-    ds: Dataset,
-    index: torch.Tensor,
-    preprocess: Preprocess,
-    device: torch.device,
-    batch_size: int = 128,
-) -> Direction:
-    """sum_i d CE(f(x_i), y_i) / d theta over the selected examples (eval mode), per parameter.
-
-    Batch sums are added in batch order; under torchrun each process computes one batch per round
-    and every process adds the round's batches in that same order, so the sum is bit-identical.
-    """
-    model.eval()
-    world = distributed.current()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    owned = data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns)
-    for _ in range(0, -(-index.numel() // batch_size), world.size):
-        batch = next(owned, None)
-        grads: Sequence[torch.Tensor | None] | None = None
-        if batch is not None:
-            _, x, y, _ = batch
-            loss = F.cross_entropy(model(preprocess(x)).float(), y, reduction="sum")
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            if world.size > 1:
-                grads = [None if g is None else g.cpu() for g in grads]
-        for batch_grads in world.round(grads):
-            for n, gr in zip(params, batch_grads):  # type: ignore[call-overload]
-                if gr is not None:
-                    total[n] += gr.to(total[n].device)
-    return total
+    modules: dict[str, nn.Module],
+    recorder: _Recorder,
+    names: list[str],
+    inputs: torch.Tensor,
+    y: torch.Tensor,
+    losses: torch.Tensor,
+    rows: slice,
+    keep: bool,
+) -> dict[str, _Grad]:
+    """One forward and one backward over a batch: every trainable parameter's ``_Grad``."""
+    recorder.calls.clear()
+    inputs = inputs.requires_grad_(True)  # backward to the input reaches every hooked output
+    loss = F.cross_entropy(model(inputs).float(), y, reduction="none")
+    losses[rows] = loss.detach().double().cpu()
+    if recorder.calls:
+        torch.autograd.grad(loss.sum(), inputs)  # weight gradients are never computed by autograd: only the hooks' output gradients
+    out: dict[str, _Grad] = {}
+    for mname, calls in recorder.calls.items():
+        if any(len(c) != 2 for c in calls):
+            continue  # output did not reach the loss: leave to the fallback
+        for pname, gr in _module_grads(modules[mname], calls, keep).items():
+            if f"{mname}.{pname}" in names:
+                out[f"{mname}.{pname}"] = gr
+    rest = [n for n in names if n not in out]
+    if rest:
+        recorder.active = False
+        out.update(_fallback(model, rest, inputs.detach(), y, keep))
+        recorder.active = True
+    return out

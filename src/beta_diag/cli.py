@@ -191,6 +191,7 @@ def rank(
     granularity: opt.Granularity = Granularity.group,
     top_k: opt.TopK = None,
     bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
+    contrast: opt.Contrast = False,
     seed: opt.Seed = 0,
     by_class: opt.ByClass = False,
     groups_glob: opt.Groups = None,
@@ -219,7 +220,7 @@ def rank(
     for path in (out, plot):
         if path is not None:
             outputs.check_output(path, force, (ckpt, *data_files(data)))
-    config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob)
+    config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob, contrast)
     session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
@@ -243,6 +244,7 @@ def compare(
     granularity: opt.Granularity = Granularity.group,
     top_k: opt.OverlapTopK = None,
     bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
+    contrast: opt.Contrast = False,
     seed: opt.Seed = 0,
     groups_glob: opt.Groups = None,
     arch: opt.Arch = None,
@@ -266,7 +268,7 @@ def compare(
 
     if plot is not None:
         outputs.check_output(plot, force, (*inputs, *data_files(data)))
-    config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob)
+    config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob, contrast)
     opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key) for p in inputs]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)

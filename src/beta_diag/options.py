@@ -70,6 +70,10 @@ Granularity = Annotated[
     groups.Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
 ]
 TopK = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
+Contrast = Annotated[
+    bool,
+    typer.Option("--contrast", help="Also score as many correct examples as errors: the contrast and specific scores (one more pass)."),
+]
 Bootstrap = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
 Groups = Annotated[str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
 
@@ -146,11 +150,12 @@ def rank_config(
     seed: int,
     by_class: bool,
     groups_glob: str | None,
+    contrast: bool = False,
 ) -> RankConfig:
     include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
     if groups_glob is not None and not include:
         raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
-    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include)
+    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include, contrast=contrast)
 
 
 def data_files(*specs: str | None) -> tuple[Path, ...]:

@@ -17,7 +17,7 @@ import torch
 
 from beta_diag import drift as drift_mod
 from beta_diag import outputs
-from beta_diag.attribution import per_example_norms, summed_gradient
+from beta_diag.attribution import per_example_norms
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
@@ -44,7 +44,9 @@ FORMAT = "beta-diag-ranking"
 
 @dataclass(frozen=True)
 class RankConfig:
-    """How to rank. ``include``: glob patterns restricting the groups (e.g. ``layer3*``)."""
+    """How to rank. ``include``: glob patterns restricting the groups (e.g. ``layer3*``). ``contrast``
+    also scores as many correct examples as there are errors (one more pass; the contrast and
+    specific metrics need it and turn it on)."""
 
     metric: Metric = DEFAULT_METRIC
     granularity: Granularity = Granularity.group
@@ -54,6 +56,12 @@ class RankConfig:
     by_class: bool = False
     include: tuple[str, ...] = ()
     batch_size: int = 64
+    contrast: bool = False
+
+    @property
+    def scores_correct(self) -> bool:
+        """Whether a sample of correct examples is scored: asked for, or the metric needs it."""
+        return self.contrast or Metric(self.metric) in (Metric.contrast, Metric.specific)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,7 +75,7 @@ class GroupScore:
     name: str
     numel: int
     param_share: float
-    scores: dict[str, float]  # every metric, plus norm_correct
+    scores: dict[str, float | None]  # every metric, plus norm_correct; None where not computed
     score: float  # the ranking metric's value
     rank: int
     flagged: bool
@@ -237,27 +245,28 @@ def rank(
             f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) correctly: nothing to rank; use more data or another split"
         )
     gen = torch.Generator().manual_seed(config.seed)
-    sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values
+    sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values if config.scores_correct else right[:0]
     model, dev, pre = session.model, session.device, session.preprocess
-    direction = summed_gradient(model, ds, wrong, pre, dev) if Metric(config.metric) is Metric.coherence else None
-    err = per_example_norms(model, ds, wrong, pre, dev, config.batch_size, direction, progress)
-    cor = per_example_norms(model, ds, sample, pre, dev, config.batch_size, None, progress)
+    sketch = config.bootstrap > 0 and Metric(config.metric) is Metric.coherence  # the bootstrap of coherence needs <g_i, S>
+    sketch_groups = [list(g.param_names) for g in found] if sketch else None
+    err = per_example_norms(model, ds, wrong, pre, dev, config.batch_size, sketch_groups, progress, config.seed)  # one pass
+    cor = per_example_norms(model, ds, sample, pre, dev, config.batch_size, None, progress) if sample.numel() else None
     col = {n: j for j, n in enumerate(err.names)}
     assign = np.zeros((len(err.names), len(found)))  # (P, G): which parameter belongs to which group
     for j, g in enumerate(found):
         assign[[col[p] for p in g.param_names if p in col], j] = 1.0
     params = dict(model.named_parameters())
     weight_norm = np.array([float(sum(params[p].detach().double().pow(2).sum() for p in g.param_names)) ** 0.5 for g in found])
+    summed_sq = np.array([sum(float(err.summed[p].double().pow(2).sum()) for p in g.param_names if p in err.summed) for g in found])
     m = Matrices(
         err.sq_norms.numpy() @ assign,
-        cor.sq_norms.numpy() @ assign,
-        err.dots.numpy() @ assign if err.dots is not None else np.zeros((wrong.numel(), len(found))),
+        cor.sq_norms.numpy() @ assign if cor is not None else np.zeros((0, len(found))),
+        np.sqrt(summed_sq),
         np.array([g.numel for g in found], dtype=float),
         weight_norm,
+        err.sketch.dots(summed_sq) if err.sketch is not None else None,
     )
     values = scores(m)
-    if direction is None:
-        values[Metric.coherence.value] = np.full(len(found), np.nan)
     main = values[Metric(config.metric).value]
     rk, fl = ranks(main), flags(main, config.top_k)
     stab = bootstrap(m, config.metric, config.top_k, config.bootstrap, config.seed) if config.bootstrap else None
@@ -267,7 +276,7 @@ def rank(
             g.name,
             g.numel,
             g.numel / total,
-            {k: float(v[j]) for k, v in values.items()},
+            {k: None if np.isnan(v[j]) else float(v[j]) for k, v in values.items()},  # None: not computed (contrast without --contrast)
             float(main[j]),
             int(rk[j]),
             bool(fl[j]),

@@ -146,8 +146,10 @@ def rank_table(ranking: Ranking) -> None:
     metric = ranking.config.metric.value
     out.print(
         f"{ranking.checkpoint}: {ranking.examples} examples of {ranking.data} ({ranking.split}), accuracy {100 * ranking.accuracy:.2f}%, "
-        f"{len(ranking.error_index)} errors, {ranking.correct_sampled} correct examples for contrast"
+        f"{len(ranking.error_index)} errors"
+        + (f", {ranking.correct_sampled} correct examples for contrast" if ranking.correct_sampled else "")
     )
+    contrast = ranking.correct_sampled > 0  # scored with --contrast (or a metric that needs it)
     drift = ranking.drift if ranking.drift is not None and ranking.drift.available else None
     boot = ranking.config.bootstrap > 0  # without replicates there is no P(flagged) or interval to show
     table = Table(
@@ -156,7 +158,7 @@ def rank_table(ranking: Ranking) -> None:
         "params",
         metric,
         "norm",
-        "contrast",
+        *(["contrast"] if contrast else []),
         "flagged",
         "P(flagged)",
         "rank 90% CI",
@@ -174,7 +176,7 @@ def rank_table(ranking: Ranking) -> None:
             f"{100 * g.param_share:.2f}%",
             f"{g.score:.4g}",
             f"{g.scores['norm']:.4g}",
-            f"{g.scores['contrast']:.3g}",
+            *([f"{g.scores['contrast']:.3g}"] if contrast else []),
             "yes" if g.flagged else "",
             *((f"{g.p_flagged:.2f}", f"{g.rank_lo:.0f}-{g.rank_hi:.0f}") if boot else ("not computed",) * 2),
             *extra,

@@ -1,8 +1,9 @@
 """Per-example gradient norms -> group scores, ranks, flags and bootstrap stability (pure numpy).
 
-Everything here derives from three per-example matrices (examples x groups): squared gradient
-norms on the errors ``E`` and on a same-size sample of correct examples ``C``, and the errors'
-dot products with their own summed gradient ``D`` (for coherence).
+Everything here derives from per-example matrices (examples x groups): squared gradient norms on
+the errors ``E`` and, when asked for, on a same-size sample of correct examples ``C`` (contrast,
+specific); the norms of the errors' summed gradient per group, exact; and, for the bootstrap of
+coherence, the errors' dot products with that summed gradient ``D`` (estimated by ``sketch``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ class Matrices:
     """Per-example inputs of the scores; rows are examples, columns groups."""
 
     errors: np.ndarray  # (Ne, G) squared norms
-    correct: np.ndarray  # (Nc, G) squared norms
-    dots: np.ndarray  # (Ne, G) <g_i, S_g>, S_g = sum of the errors' gradients of group g
+    correct: np.ndarray  # (Nc, G) squared norms; no rows when the correct examples were not scored
+    summed_norm: np.ndarray  # (G,) ||S_g||, S_g = sum of the errors' gradients of group g
     numel: np.ndarray  # (G,) parameters per group
     weight_norm: np.ndarray  # (G,) ||theta_g||
+    dots: np.ndarray | None = None  # (Ne, G) <g_i, S_g>, summing to ||S_g||^2; needed only to bootstrap coherence
 
 
 def shares(sq: np.ndarray) -> np.ndarray:
@@ -45,25 +47,31 @@ def shares(sq: np.ndarray) -> np.ndarray:
 
 
 def scores(m: Matrices, err_w: np.ndarray | None = None, cor_w: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Every metric per group. ``err_w``/``cor_w`` (B, N) resampling weights give (B, G) bootstrap replicates."""
+    """Every metric per group (NaN where its inputs were not computed). ``err_w``/``cor_w`` (B, N)
+    resampling weights give (B, G) bootstrap replicates."""
     ew = np.ones((1, m.errors.shape[0])) if err_w is None else err_w
     cw = np.ones((1, m.correct.shape[0])) if cor_w is None else cor_w
     ne, nc = ew.sum(1, keepdims=True), np.maximum(cw.sum(1, keepdims=True), 1)
     err_norm = np.sqrt(m.errors)
     norm = ew @ err_norm / ne
     norm_c = cw @ np.sqrt(m.correct) / nc
-    s_norm = np.sqrt(np.maximum(m.dots.sum(0), 0))  # ||S_g||, exactly, since sum_i <g_i, S> = ||S||^2
-    # ||S*|| of a resample, to first order: its projection on S. Exact for the full sample.
-    proj = ew @ m.dots / np.where(s_norm > 0, s_norm, 1)
+    s_norm = m.summed_norm
+    if err_w is None:
+        proj = s_norm[None]  # the full sample: ||S|| itself
+    elif m.dots is not None:  # ||S*|| of a resample, to first order: its projection on S
+        proj = ew @ m.dots / np.where(s_norm > 0, s_norm, 1)
+    else:
+        proj = np.full((ew.shape[0], len(s_norm)), np.nan)
+    no_correct = np.nan if m.correct.shape[0] == 0 else 1.0
     out = {
         Metric.norm.value: norm,
         Metric.per_param.value: norm / np.sqrt(m.numel),
         Metric.weight_rel.value: norm / np.where(m.weight_norm > 0, m.weight_norm, 1),
-        Metric.contrast.value: np.divide(norm, norm_c, out=np.zeros_like(norm), where=norm_c > 0),
+        Metric.contrast.value: np.divide(norm, norm_c, out=np.zeros_like(norm), where=norm_c > 0) * no_correct,
         Metric.share.value: norm / np.maximum(norm.sum(1, keepdims=True), 1e-300),
-        Metric.specific.value: ew @ shares(m.errors) / ne - cw @ shares(m.correct) / nc,
+        Metric.specific.value: (ew @ shares(m.errors) / ne - cw @ shares(m.correct) / nc) * no_correct,
         Metric.coherence.value: np.divide(proj, ew @ err_norm, out=np.zeros_like(proj), where=ew @ err_norm > 0),
-        "norm_correct": norm_c,
+        "norm_correct": norm_c * no_correct,
     }
     return out if err_w is not None else {k: v[0] for k, v in out.items()}
 

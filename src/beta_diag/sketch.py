@@ -1,0 +1,83 @@
+"""A count sketch of each error's gradient per layer group: the bootstrap's dot products in one pass.
+
+The bootstrap of coherence needs d_i = <g_i, S_g> for every error i and group g, where S_g is the
+errors' summed gradient, known only once the pass over the errors is over. Instead of a second
+pass, each example's gradient in group g is sketched into K buckets while it is computed:
+coordinate c of the group (its parameters laid end to end) goes to bucket c mod K with a random
+sign s_c (a count sketch, Charikar, Chen and Farach-Colton 2002, here with a strided hash). Sketches
+add up, so sk(S_g) = sum_i sk(g_i) comes free, and <sk(g_i), sk(S_g)> is an unbiased estimate of
+d_i; it is exact for a group of at most K parameters (no two coordinates share a bucket, and the
+signs cancel). The estimates are then scaled so that they sum to ||S_g||^2 exactly (S_g itself is
+summed exactly in the same pass), which keeps the bootstrap centred on the point estimate.
+
+How good it is (``python benchmarks/sketch_accuracy.py``, the samples' 242 and 217 errors, K = 4096):
+the estimates are exact for conv1, bn1 and fc and within 5-9% (L1) for the larger groups, with
+correlations above 0.995; they move a 2,000-replicate bootstrap's P(flagged) by at most 0.010 and
+the ends of its score interval by at most 1.4% of its width, where two default 200-replicate
+bootstraps differ by 0.055-0.095 and 9-19%. ``tests/test_sketch.py`` checks it against exact dot
+products on a small model folded into 256 buckets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAX_BUCKETS = 4096  # per group and example
+MIN_BUCKETS = 256
+BUDGET_BYTES = 64 * 2**20  # the stored sketches (bfloat16) stay under this: K shrinks when the errors are many
+
+
+def buckets(examples: int, groups: int) -> int:
+    """K for ``examples`` x ``groups`` sketches within the budget, a power of two in [256, 4096]."""
+    fit = BUDGET_BYTES // max(1, 2 * examples * groups)
+    k = MAX_BUCKETS
+    while k > MIN_BUCKETS and k > fit:
+        k //= 2
+    return k
+
+
+class GroupSketch:
+    """Per-example sketches (N, G, K) of the gradients of ``groups`` (lists of parameter names)."""
+
+    def __init__(self, groups: Sequence[Sequence[str]], sizes: dict[str, int], examples: int, device: torch.device, seed: int = 0) -> None:
+        self.k = buckets(examples, len(groups))
+        gen = torch.Generator().manual_seed(seed)
+        self.slots: dict[str, tuple[int, int, torch.Tensor]] = {}  # parameter -> (group, first bucket, signs)
+        for j, names in enumerate(groups):
+            offset = 0
+            for name in names:
+                if name in sizes:
+                    signs = torch.randint(0, 2, (sizes[name],), generator=gen).float().mul_(2).sub_(1)
+                    self.slots[name] = (j, offset % self.k, signs.to(device))
+                    offset += sizes[name]
+        self.rows = torch.zeros(examples, len(groups), self.k, dtype=torch.bfloat16)
+        self._batch: torch.Tensor | None = None
+
+    def start(self, batch: int, device: torch.device) -> None:
+        self._batch = torch.zeros(batch, self.rows.shape[1], self.k, device=device)
+
+    def add(self, name: str, each: torch.Tensor) -> None:
+        """Fold one parameter's per-example gradients (B, numel) into its group's buckets."""
+        if name not in self.slots or self._batch is None:
+            return
+        group, first, signs = self.slots[name]
+        v = each.float() * signs
+        right = (-(first + v.shape[1])) % self.k
+        self._batch[:, group] += F.pad(v, (first, right)).reshape(v.shape[0], -1, self.k).sum(1)
+
+    def finish(self, rows: slice) -> None:
+        assert self._batch is not None
+        self.rows[rows] = self._batch.to("cpu", torch.bfloat16)
+        self._batch = None
+
+    def dots(self, summed_sq: np.ndarray) -> np.ndarray:
+        """(N, G) estimates of <g_i, S_g>, scaled to sum to ``summed_sq`` (G,) = ||S_g||^2 exactly."""
+        rows = self.rows.double()
+        total = rows.sum(0)  # (G, K): the sketch of S
+        d = torch.einsum("ngk,gk->ng", rows, total).numpy()
+        sketched = d.sum(0)
+        return d * np.divide(summed_sq, sketched, out=np.ones_like(summed_sq), where=sketched > 0)
