@@ -24,9 +24,10 @@ from pathlib import Path
 from planted_faults import SGD, calibrate
 from planted_repair import arm_row
 
+from beta_diag.configs import REPAIR_TRAINING, AutoLayers, RankConfig, RepairConfig, repair_training
 from beta_diag.groups import layer_groups
-from beta_diag.ranking import RankConfig, rank
-from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, auto_groups, repair, repair_training
+from beta_diag.ranking import rank
+from beta_diag.repairing import auto_groups, repair
 from beta_diag.session import DataChoice, open_session
 
 

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from beta_diag.comparison import compare
-from beta_diag.ranking import RankConfig, rank
+from beta_diag.configs import RankConfig
+from beta_diag.ranking import rank
 from beta_diag.session import DataChoice
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"

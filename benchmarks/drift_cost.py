@@ -19,9 +19,10 @@ from attribution_speed import interleaved_medians
 from rank_cost import CKPT
 
 from beta_diag import readers
+from beta_diag.configs import RankConfig
 from beta_diag.drift import Recorder
 from beta_diag.groups import layer_groups
-from beta_diag.ranking import RankConfig, rank
+from beta_diag.ranking import rank
 from beta_diag.runtime import evaluate
 from beta_diag.session import DataChoice, open_session
 

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from beta_diag import data as data_mod
+from beta_diag.configs import Metric, RankConfig
 from beta_diag.groups import Group, layer_groups
-from beta_diag.ranking import Metric, RankConfig, Ranking, flags, rank, ranks
+from beta_diag.ranking import Ranking, flags, rank, ranks
 from beta_diag.session import DataChoice, Session, open_session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"

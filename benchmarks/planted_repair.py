@@ -26,8 +26,9 @@ from pathlib import Path
 
 from planted_faults import SGD, calibrate
 
+from beta_diag.configs import REPAIR_TRAINING, AutoLayers, RepairConfig, repair_training
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, repair, repair_training
+from beta_diag.repairing import repair
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import Arm
 

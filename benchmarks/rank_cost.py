@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from beta_diag import data as data_mod
 from beta_diag import ranking, readers
 from beta_diag import session as session_mod
-from beta_diag.ranking import RankConfig, rank
+from beta_diag.configs import RankConfig
+from beta_diag.ranking import rank
 from beta_diag.runtime import evaluate
 from beta_diag.session import DataChoice, Session, open_session
 

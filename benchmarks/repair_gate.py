@@ -30,8 +30,9 @@ from planted_faults import SGD, auto_rgn
 from shifts import SHIFTS
 
 from beta_diag import data
+from beta_diag.configs import REPAIR_TRAINING, RepairConfig, repair_training
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import REPAIR_TRAINING, RepairConfig, repair, repair_training
+from beta_diag.repairing import repair
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import RepairReport
 

@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from beta_diag.configs import REPAIR_TRAINING, RepairConfig, repair_training
 from beta_diag.groups import layer_groups
-from beta_diag.repairing import REPAIR_TRAINING, RepairConfig, RepairReport, repair, repair_training
+from beta_diag.repairing import RepairReport, repair
 from beta_diag.session import DataChoice, open_session
 
 SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resnet18w16_sgd_beta.safetensors"

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from beta_diag import checkpoint, data
 from beta_diag.comparison import compare
-from beta_diag.ranking import RankConfig
-from beta_diag.repairing import REPAIR_TRAINING, RepairConfig, repair, repair_training
-from beta_diag.schedules import MomentumSchedule, regime_fractions
+from beta_diag.configs import REPAIR_TRAINING, MomentumSchedule, OptimizerName, RankConfig, RepairConfig, TrainConfig, repair_training
+from beta_diag.repairing import repair
+from beta_diag.schedules import regime_fractions
 from beta_diag.session import DataChoice, open_session
-from beta_diag.training import OptimizerName, TrainConfig, train
+from beta_diag.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 

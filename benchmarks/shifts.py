@@ -34,10 +34,11 @@ from planted_faults import SGD, auto_rgn
 from torchvision.transforms.functional import gaussian_blur
 
 from beta_diag import data
+from beta_diag.configs import REPAIR_TRAINING, AutoLayers, RankConfig, RepairConfig, repair_training
 from beta_diag.data import Dataset
 from beta_diag.groups import layer_groups
-from beta_diag.ranking import RankConfig, rank
-from beta_diag.repairing import REPAIR_TRAINING, AutoLayers, RepairConfig, auto_groups, repair, repair_training
+from beta_diag.ranking import rank
+from beta_diag.repairing import auto_groups, repair
 from beta_diag.session import DataChoice, open_session
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from beta_diag import scores
+from beta_diag import configs, scores
 from beta_diag.attribution import per_example_norms
 from beta_diag.groups import layer_groups
 from beta_diag.session import DataChoice, open_session
@@ -63,7 +63,7 @@ def main() -> None:
             "numel": np.array([g.numel for g in found], float),
             "weight_norm": np.ones(len(found)),
         }
-        B = lambda dots, reps, seed: scores.bootstrap(scores.Matrices(sq, dots=dots, **base), scores.Metric.coherence, None, reps, seed)
+        B = lambda dots, reps, seed: scores.bootstrap(scores.Matrices(sq, dots=dots, **base), configs.Metric.coherence, None, reps, seed)
         a, b, c, d = B(exact, 2000, 0), B(sk, 2000, 0), B(exact, 200, 1), B(exact, 200, 2)
         w = a.score_hi - a.score_lo
         rel = np.abs(sk - exact).sum(0) / np.abs(exact).sum(0)

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from beta_diag import data, models
+from beta_diag.configs import TrainConfig
 from beta_diag.runtime import evaluate, resolve_device
-from beta_diag.training import TrainConfig, fit, seeded
+from beta_diag.training import fit, seeded
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from beta_diag import checkpoint, data
-from beta_diag.training import TrainConfig, train
+from beta_diag.configs import TrainConfig
+from beta_diag.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_checkpoints"

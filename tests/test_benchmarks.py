@@ -111,3 +111,7 @@ def test_repair_defaults_rule() -> None:
     assert choose(recovered, nets) == (0.003, 0.0)  # (0.003, 1) nets best but repairs less; (0.001, 0) is 3 points short
     nets[(0.01, 0.0)] = [0, 20, 10]
     assert choose(recovered, nets) == (0.01, 0.0)  # same worst seed as (0.003, 0): the mean decides
+
+
+def test_cli_startup_quick() -> None:
+    assert "slowest beta-diag answer" in run_script("cli_startup.py")

@@ -347,8 +347,7 @@ def test_cli_defaults_are_the_librarys() -> None:
     import inspect
 
     from beta_diag import cli, schedules
-    from beta_diag.repairing import REPAIR_TRAINING, RepairConfig
-    from beta_diag.training import DEFAULT_LR, OptimizerName, TrainConfig
+    from beta_diag.configs import DEFAULT_LR, REPAIR_TRAINING, OptimizerName, RepairConfig, TrainConfig
 
     train_params = inspect.signature(cli.train).parameters
     for option, field in (

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 from beta_diag import comparison as cmp
 from beta_diag import ranking
 from beta_diag.cli import app
+from beta_diag.configs import RankConfig
 from beta_diag.errors import ConfigError
-from beta_diag.ranking import GroupScore, RankConfig, Ranking
+from beta_diag.ranking import GroupScore, Ranking
 from tests.conftest import sha
 
 runner = CliRunner()

@@ -13,13 +13,13 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint, drift, ranking
 from beta_diag.cli import app
+from beta_diag.configs import Granularity, RankConfig, TrainConfig
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.drift import LayerDrift, Recorder, localise
-from beta_diag.groups import Granularity, layer_groups
-from beta_diag.ranking import RankConfig
+from beta_diag.groups import layer_groups
 from beta_diag.runtime import Predictions, evaluate
 from beta_diag.session import DataChoice, open_session
-from beta_diag.training import TrainConfig, train
+from beta_diag.training import train
 from tests.conftest import SAMPLES, make_images
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"

@@ -211,7 +211,9 @@ def test_non_finite_and_relabelled_values_are_refused(tiny: dict[str, Path], tmp
             f"--lr {lr}: pass a finite positive learning rate",
             [],
         )
-    refused(["schedule", "--lr", "inf"], "pass finite numbers", [])
+    for lr in ("inf", "0", "-1"):  # one LR check for train, repair and schedule
+        refused(["schedule", "--lr", lr], f"--lr {float(lr)}: pass a finite positive learning rate", [])
+    refused(["schedule", "--warmup", "inf"], "--warmup inf: pass a finite number of epochs", [])
     refused(["schedule", "--epochs", "100000", "--steps-per-epoch", "1000"], "plan at most 1,000,000 steps", [])
     assert not out.exists()
 

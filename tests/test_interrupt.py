@@ -85,15 +85,22 @@ def test_interrupted_command_writes_nothing(
     assert list(tmp_path.iterdir()) == []  # no output, no temporary file
 
 
-def test_ctrl_c_while_starting_exits_130_without_a_traceback() -> None:
-    """The package imports nothing heavy; the console script's entry imports the command line (and torch)
-    inside a handler. The child sends itself SIGINT the moment torch starts to load, so the signal lands
-    during the imports on any machine, however fast."""
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        ("typer", "Error: interrupted while starting; nothing was written\n"),  # the command line itself loading: the entry's handler
+        ("torch", "Error: interrupted; no output was written\n"),  # torch loads inside the command: the command's handler
+    ],
+)
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(module: str, message: str) -> None:
+    """The package imports nothing heavy; the console script's entry imports the command line inside a
+    handler, and the command imports torch inside its own. The child sends itself SIGINT the moment
+    ``module`` starts to load, so the signal lands during the imports on any machine, however fast."""
     child = (
         "import builtins, os, signal, sys\n"
         "real = builtins.__import__\n"
         "def hook(name, *args, **kwargs):\n"
-        "    if name == 'torch':\n"
+        f"    if name == {module!r}:\n"
         "        builtins.__import__ = real\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
         "    return real(name, *args, **kwargs)\n"
@@ -104,4 +111,4 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130, proc.stderr
-    assert proc.stderr == "Error: interrupted while starting; nothing was written\n"
+    assert proc.stderr == message

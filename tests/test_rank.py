@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from beta_diag import data, ranking
 from beta_diag.cli import app
-from beta_diag.ranking import Matrices, Metric
+from beta_diag.configs import Metric
+from beta_diag.ranking import Matrices
 from beta_diag.session import open_session
 from tests.conftest import sha
 

@@ -9,13 +9,14 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint, prefix, ranking, schedules, stats
 from beta_diag.cli import app
+from beta_diag.configs import AutoLayers, RepairConfig, TrainConfig, repair_training
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError
-from beta_diag.repairing import AutoLayers, RepairConfig, auto_groups, plan, repair, repair_training
+from beta_diag.repairing import auto_groups, plan, repair
 from beta_diag.runtime import Predictions
 from beta_diag.session import DataChoice, open_session
-from beta_diag.training import Anchor, TrainConfig, fit, seeded
+from beta_diag.training import Anchor, fit, seeded
 from beta_diag.verdicts import choose, verdict
 from tests.conftest import make_images, sha
 

@@ -5,9 +5,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from beta_diag import data, models, schedules
+from beta_diag.configs import MomentumSchedule, OptimizerName, TrainConfig
 from beta_diag.data import Preprocess
-from beta_diag.schedules import MomentumSchedule, Regime, critical_momentum, damping_ratio, regime
-from beta_diag.training import OptimizerName, TrainConfig, fit
+from beta_diag.schedules import Regime, critical_momentum, damping_ratio, regime
+from beta_diag.training import fit
 from tests.conftest import make_images
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from beta_diag import data, groups, models, scores, sketch
+from beta_diag import configs, data, groups, models, scores, sketch
 from beta_diag.attribution import per_example_norms
 from tests.conftest import make_images
 from tests.test_attribution import loop_reference, randomise_bn
@@ -46,10 +46,10 @@ def test_sketched_dots_track_the_exact_ones_and_move_the_bootstrap_less_than_its
         "numel": np.array([g.numel for g in found], float),
         "weight_norm": np.ones(len(found)),
     }
-    a = scores.bootstrap(scores.Matrices(sq, dots=exact, **base), scores.Metric.coherence, None, 2000, 0)
-    b = scores.bootstrap(scores.Matrices(sq, dots=sketched, **base), scores.Metric.coherence, None, 2000, 0)
-    c = scores.bootstrap(scores.Matrices(sq, dots=exact, **base), scores.Metric.coherence, None, 200, 1)
-    d = scores.bootstrap(scores.Matrices(sq, dots=exact, **base), scores.Metric.coherence, None, 200, 2)
+    a = scores.bootstrap(scores.Matrices(sq, dots=exact, **base), configs.Metric.coherence, None, 2000, 0)
+    b = scores.bootstrap(scores.Matrices(sq, dots=sketched, **base), configs.Metric.coherence, None, 2000, 0)
+    c = scores.bootstrap(scores.Matrices(sq, dots=exact, **base), configs.Metric.coherence, None, 200, 1)
+    d = scores.bootstrap(scores.Matrices(sq, dots=exact, **base), configs.Metric.coherence, None, 200, 2)
     width = a.score_hi - a.score_lo
     # the sketch moves the bootstrap (2,000 replicates) less than two default 200-replicate bootstraps differ
     assert np.abs(a.p_flagged - b.p_flagged).max() <= np.abs(c.p_flagged - d.p_flagged).max() + 0.02

@@ -12,15 +12,26 @@ from typing import Any, TypeVar
 
 import typer
 
-from beta_diag import checkpoint, distributed, models, outputs, plots, report, schedules
+from beta_diag import distributed, outputs
 from beta_diag import options as opt
+from beta_diag.configs import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_METRIC,
+    PLANNED,
+    PLANNED_EPOCHS,
+    PLANNED_LR,
+    PLANNED_STEPS_PER_EPOCH,
+    REPAIR_TRAINING,
+    Baseline,
+    Focus,
+    Granularity,
+    OptimizerName,
+    RankConfig,
+    RepairConfig,
+    TrainConfig,
+)
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
-from beta_diag.groups import Granularity
 from beta_diag.options import data_files, load_checkpoint, parse_arch_args, rank_config
-from beta_diag.ranking import DEFAULT_BOOTSTRAP, DEFAULT_METRIC, RankConfig
-from beta_diag.repairing import REPAIR_TRAINING, Baseline, Focus, RepairConfig, default_output
-from beta_diag.session import DataChoice
-from beta_diag.training import OptimizerName, TrainConfig
 
 app = typer.Typer(
     name="beta-diag",
@@ -31,6 +42,11 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@app.callback()
+def _root(version: opt.Version = False) -> None:
+    """Find the layer groups that carry a classifier's errors, compare across optimizers, repair just those."""
 
 
 def handle_errors(func: F) -> F:
@@ -105,6 +121,7 @@ def train(
     verbose: opt.Verbose = False,
 ) -> None:
     """Train a model with a momentum schedule and save it with its per-epoch history."""
+    from beta_diag import checkpoint, report, schedules
     from beta_diag.training import train as train_model
 
     outputs.check_output(output, force, data_files(data, test_data), checkpoint_file=True)
@@ -148,6 +165,8 @@ def info(
     verbose: opt.Verbose = False,
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
+    from beta_diag import report
+
     result = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key).describe()
     say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
@@ -158,9 +177,9 @@ def info(
 def schedule(
     ckpt: opt.HistoryCkpt = None,
     momentum: opt.PlannedMomenta = None,
-    lr: opt.Lr = schedules.PLANNED_LR,
-    epochs: opt.Epochs = schedules.PLANNED_EPOCHS,
-    steps_per_epoch: opt.StepsPerEpoch = schedules.PLANNED_STEPS_PER_EPOCH,
+    lr: opt.Lr = PLANNED_LR,
+    epochs: opt.Epochs = PLANNED_EPOCHS,
+    steps_per_epoch: opt.StepsPerEpoch = PLANNED_STEPS_PER_EPOCH,
     warmup: opt.Warmup = 0.0,
     optimizer: opt.Optimizer = OptimizerName.sgd,
     plot: opt.Plot = None,
@@ -169,12 +188,14 @@ def schedule(
     verbose: opt.Verbose = False,
 ) -> None:
     """LR, momentum, critical momentum, damping ratio and regime per epoch: of a checkpoint, or planned."""
+    from beta_diag import checkpoint, plots, report, schedules
+
     if ckpt is not None:
         if momentum:
             raise ConfigError("--momentum plans a schedule without a checkpoint: drop it, or drop the checkpoint")
         runs = [schedules.recorded_run(str(ckpt), checkpoint.load(ckpt).metadata.history)]
     else:
-        runs = schedules.planned_runs(momentum or list(schedules.PLANNED), lr, epochs, steps_per_epoch, warmup, optimizer.value)
+        runs = schedules.planned_runs(momentum or list(PLANNED), lr, epochs, steps_per_epoch, warmup, optimizer.value)
     if plot is not None:
         plots.schedule(runs, plot, force, inputs=(ckpt,) if ckpt else ())
     report.print_json({"schedules": runs}) if as_json else report.schedule_table(runs)
@@ -213,8 +234,9 @@ def rank(
 
     Exit codes: 0 ranked, 1 error, 2 usage, 3 nothing to rank (every example classified correctly).
     """
+    from beta_diag import plots, report
     from beta_diag.ranking import rank as rank_fn
-    from beta_diag.session import open_session
+    from beta_diag.session import DataChoice, open_session
 
     outputs.distinct(out=out, plot=plot)
     for path in (out, plot):
@@ -264,7 +286,9 @@ def compare(
 
     --arch and --arch-arg apply to every checkpoint given (they must share an architecture to compare).
     """
+    from beta_diag import checkpoint, plots, report
     from beta_diag.comparison import compare as compare_fn
+    from beta_diag.session import DataChoice
 
     if plot is not None:
         outputs.check_output(plot, force, (*inputs, *data_files(data)))
@@ -324,8 +348,11 @@ def repair(
     verbose: opt.Verbose = False,
 ) -> None:
     """Fine-tune only the flagged (or named) layers with beta-scheduled momentum; verify on held-out data."""
+    from beta_diag import plots, report
+    from beta_diag.repairing import default_output
     from beta_diag.repairing import plan as plan_fn
     from beta_diag.repairing import repair as repair_fn
+    from beta_diag.session import DataChoice
 
     repair_inputs = (ckpt, *data_files(data, train_data, val_data), *([ranking_file] if ranking_file else []))
     if not dry_run:
@@ -381,6 +408,8 @@ def repair(
 @handle_errors
 def archs(as_json: opt.Json = False, verbose: opt.Verbose = False) -> None:
     """List the architecture names --arch accepts."""
+    from beta_diag import models, report
+
     names = models.available()
     report.print_json(names) if as_json else report.stdout().print("\n".join(names))
 

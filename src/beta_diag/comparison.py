@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from beta_diag import checkpoint, ranking
+from beta_diag.configs import RankConfig
 from beta_diag.errors import ConfigError
-from beta_diag.ranking import RankConfig, Ranking
+from beta_diag.ranking import Ranking
 from beta_diag.runtime import Progress
 from beta_diag.session import DataChoice, Openable, open_session
 

@@ -19,11 +19,20 @@ one process group: gloo on CPU, NCCL on CUDA (one GPU per process, by LOCAL_RANK
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+
+def _group() -> Any | None:
+    """torch.distributed when this process has joined a group, else None. Torch is not imported for
+    this: a process whose torch is not loaded yet (the command line answering --help) has joined none."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,12 @@ class World:
         mine = [(start, block.cpu()) for start, block in parts]
         if self.size > 1:
             everyone: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(self.size)]
-            dist.all_gather_object(everyone, mine)
+            _joined().all_gather_object(everyone, mine)
             mine = [piece for pieces in everyone for piece in pieces]
         if not mine:
             return None
         first = mine[0][1]
-        out = torch.zeros((rows, *first.shape[1:]), dtype=first.dtype)
+        out = first.new_zeros((rows, *first.shape[1:]))
         for start, block in mine:
             out[start : start + block.shape[0]] = block
         return out
@@ -57,14 +66,16 @@ class World:
         """Copy process 0's buffers (BatchNorm running statistics) to every process."""
         if self.size > 1:
             for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
+                _joined().broadcast(buffer, 0)
 
     def total(self, values: list[float], device: torch.device) -> list[float]:
         """Sums over processes (float64)."""
         if self.size == 1:
             return values
+        import torch
+
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        _joined().all_reduce(t)
         return t.tolist()
 
     def round(self, result: object) -> list[object]:
@@ -72,19 +83,28 @@ class World:
         if self.size == 1:
             return [] if result is None else [result]
         everyone: list[object] = [None] * self.size
-        dist.all_gather_object(everyone, result)
+        _joined().all_gather_object(everyone, result)
         return [r for r in everyone if r is not None]
 
 
+def _joined() -> Any:
+    """torch.distributed, for a World of more than one process (which has joined a group)."""
+    import torch.distributed as dist
+
+    return dist
+
+
 def current() -> World:
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         return World(dist.get_rank(), dist.get_world_size())
     return World()
 
 
 def is_main() -> bool:
     """Process 0, or a process started alone; before joining the group, torchrun's RANK decides."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         return dist.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"
 
@@ -101,6 +121,9 @@ def launched() -> bool:
 
 def join(device: torch.device) -> torch.device:
     """Join torchrun's process group (gloo on CPU, NCCL on CUDA); return this process's device."""
+    import torch
+    import torch.distributed as dist
+
     if not launched() or not dist.is_available():
         return device
     if device.type == "cuda":
@@ -116,7 +139,8 @@ def leave(clean: bool = True) -> None:
     none tears down its connections while a peer still uses them (gloo then aborts the peer with
     'terminate called without an active exception', seen once in CI). After an error there is no
     wait: torchrun stops the other processes."""
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""The console script's first step: import the command line, turning Ctrl-C while torch loads into exit 130."""
+"""The console script's first step: import the command line, turning Ctrl-C while it loads into exit 130 (torch loads later, inside the command, under its own handler)."""
 
 from __future__ import annotations
 

@@ -19,18 +19,13 @@ Parameters owned directly by a module that is split (a ViT's class token) form g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from torch import nn
 
+from beta_diag.configs import Granularity
+
 MIN_GROUPS = 4  # fewer parts than this say little about where the errors live
 MAX_SHARE = 0.9  # a part holding more than this share of the parameters is split (ViT's encoder: 99%)
-
-
-class Granularity(str, Enum):
-    group = "group"
-    block = "block"
-    module = "module"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The command line's shared options, each declared once (typer's ``Annotated`` pattern), and their
-parsing into library values. Policies and checks live in the library; these only name and convert."""
+parsing into library values. Policies and checks live in the library; these only name and convert.
+Torch-free (with ``configs``), so the command line answers --help before torch loads."""
 
 from __future__ import annotations
 
@@ -7,18 +8,30 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from beta_diag import checkpoint, groups, ranking
+from beta_diag import configs
+from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Focus, MomentumSchedule, OptimizerName, RankConfig
 from beta_diag.errors import BetaDiagError, ConfigError
-from beta_diag.ranking import RankConfig
-from beta_diag.repairing import MAX_DISTILL, AutoLayers, Baseline, Focus
-from beta_diag.schedules import MomentumSchedule
-from beta_diag.training import OptimizerName
+
+if TYPE_CHECKING:
+    from beta_diag.checkpoint import Checkpoint
 
 # every command
+
+
+def print_version(value: bool) -> None:
+    """--version: the package's version, then exit 0 (before any command, and before torch loads)."""
+    if value:
+        from beta_diag import __version__
+
+        print(f"beta-diag {__version__}")
+        raise typer.Exit()
+
+
+Version = Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON only on stdout.")]
 Timings = Annotated[bool, typer.Option("--timings", help="Include wall-clock seconds in --json (then it differs run to run).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -65,9 +78,9 @@ Seed = Annotated[
 Data = Annotated[str | None, typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
 Split = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
 Limit = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
-Metric = Annotated[ranking.Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
+Metric = Annotated[configs.Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
 Granularity = Annotated[
-    groups.Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
+    configs.Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
 ]
 TopK = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups (default: the largest-gap rule).")]
 Contrast = Annotated[
@@ -143,8 +156,8 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop
 
 
 def rank_config(
-    metric: ranking.Metric,
-    granularity: groups.Granularity,
+    metric: configs.Metric,
+    granularity: configs.Granularity,
     top_k: int | None,
     bootstrap: int,
     seed: int,
@@ -200,8 +213,10 @@ def load_checkpoint(
     mean: str | None = None,
     std: str | None = None,
     state_key: str | None = None,
-) -> checkpoint.Checkpoint:
+) -> Checkpoint:
     """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
+    from beta_diag import checkpoint
+
     size = _numbers("--input-size", input_size, int)
     if size is not None and len(size) not in (1, 2):
         raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")

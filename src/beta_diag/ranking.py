@@ -18,16 +18,14 @@ import torch
 from beta_diag import drift as drift_mod
 from beta_diag import outputs
 from beta_diag.attribution import per_example_norms
+from beta_diag.configs import Granularity, Metric, RankConfig
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
-from beta_diag.groups import Granularity, layer_groups
+from beta_diag.groups import layer_groups
 from beta_diag.runtime import Predictions, Progress
 from beta_diag.scores import (  # noqa: F401  (re-exported for callers of ranking.*)
-    DEFAULT_BOOTSTRAP,
-    DEFAULT_METRIC,
     Matrices,
-    Metric,
     Stability,
     bootstrap,
     flag_count,
@@ -40,34 +38,6 @@ from beta_diag.scores import (  # noqa: F401  (re-exported for callers of rankin
 from beta_diag.session import DataChoice, Openable, Session, open_session
 
 FORMAT = "beta-diag-ranking"
-
-
-@dataclass(frozen=True)
-class RankConfig:
-    """How to rank. ``include``: glob patterns restricting the groups (e.g. ``layer3*``). ``contrast``
-    also scores as many correct examples as there are errors (one more pass; the contrast and
-    specific metrics need it and turn it on)."""
-
-    metric: Metric = DEFAULT_METRIC
-    granularity: Granularity = Granularity.group
-    top_k: int | None = None
-    bootstrap: int = DEFAULT_BOOTSTRAP
-    seed: int = 0
-    by_class: bool = False
-    include: tuple[str, ...] = ()
-    batch_size: int = 64
-    contrast: bool = False
-
-    @property
-    def scores_correct(self) -> bool:
-        """Whether a sample of correct examples is scored: asked for, or the metric needs it."""
-        return self.contrast or Metric(self.metric) in (Metric.contrast, Metric.specific)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["metric"], d["granularity"], d["include"] = Metric(self.metric).value, Granularity(self.granularity).value, list(self.include)
-        d.pop("batch_size")
-        return d
 
 
 @dataclass(frozen=True)

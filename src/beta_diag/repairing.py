@@ -16,7 +16,6 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +23,17 @@ import torch
 from torch import nn
 
 from beta_diag import checkpoint, groups, outputs, prefix, ranking
+from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
-from beta_diag.ranking import RankConfig, Ranking
+from beta_diag.ranking import Ranking
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Predictions, Progress, without_timing
-from beta_diag.schedules import MomentumSchedule
 from beta_diag.session import DataChoice, Openable, Session, open_session
-from beta_diag.training import Anchor, OptimizerName, TrainConfig, fit
+from beta_diag.training import Anchor, fit
 from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
 
-MAX_DISTILL = 100.0  # beyond this the pull swamps the loss and the steps diverge
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
-
-
-class Focus(str, Enum):
-    all = "all"
-    errors = "errors"
-
-
-class Baseline(str, Enum):
-    none = "none"
-    full = "full"
-
-
-class AutoLayers(str, Enum):
-    """What ``--layers auto`` repairs: the groups rank flags, the drift suspect, or both."""
-
-    flags = "flags"  # where the errors' gradients agree most
-    suspect = "suspect"  # the drift suspect when there is one, else the flags
-    both = "both"  # the drift suspect plus the flags
 
 
 def auto_groups(r: Ranking, policy: AutoLayers | str = AutoLayers.flags) -> list[str]:
@@ -67,68 +47,11 @@ def auto_groups(r: Ranking, policy: AutoLayers | str = AutoLayers.flags) -> list
     return [suspect] + [g for g in r.flagged if g != suspect]
 
 
-REPAIR_TRAINING = TrainConfig(epochs=3, lr=0.003, batch_size=128, optimizer=OptimizerName.sgd, momentum=MomentumSchedule.beta)
-"""Repair's training: SGD, beta momentum on a cosine LR from 0.003, 3 epochs, no warm-up or augmentation
-(the LR was chosen by ``benchmarks/repair_defaults.py``, first on damaged models, then on a healthy one)."""
-
-
-def repair_training(**changes: Any) -> TrainConfig:
-    """Repair's training with some values changed, e.g. ``RepairConfig(repair_training(epochs=1))``
-    (a bare ``TrainConfig()`` carries ``train``'s defaults: 5 epochs at LR 0.05)."""
-    return replace(REPAIR_TRAINING, **changes)
-
-
-@dataclass(frozen=True)
-class RepairConfig:
-    """How to repair: the ``training`` of the chosen layers (the one training loop's configuration; its
-    device is the repair's), plus what only repair has. ``distill`` > 0 adds a pull towards the
-    original's predictions on the training examples it already gets right (``training.Anchor``); it is
-    off by default (``benchmarks/repair_defaults.py``, scored on images disjoint from the repair's)."""
-
-    training: TrainConfig = REPAIR_TRAINING
-    focus: str = "all"  # or "errors"
-    baseline: str = "none"  # or "full"
-    cache_features: bool = True
-    distill: float = 0.0
-    auto_layers: AutoLayers = AutoLayers.both  # planted faults: 93% won back (flags 83%); shifts: 87% (flags 84%, suspect 57%)
-    val_fraction: float = 0.2  # of the training data, held out for the gate (unless validation data are given)
-    accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
-
-    def train_config(self, device: str) -> TrainConfig:
-        """The shared training loop's configuration, on the repair's device."""
-        return replace(self.training, device=device)
-
-    def to_dict(self) -> dict[str, Any]:
-        shared = {k: v for k, v in self.training.to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
-        return {
-            **shared,
-            "focus": self.focus,
-            "baseline": self.baseline,
-            "cache_features": self.cache_features,
-            "distill": self.distill,
-            "distill_temperature": Anchor.temperature,
-            "auto_layers": AutoLayers(self.auto_layers).value,
-            "val_fraction": self.val_fraction,
-            "accept_p": self.accept_p,
-        }
-
-    def check(self) -> None:
-        self.training.check()
-        if self.training.warmup_epochs or self.training.augment:
-            raise ConfigError("repair trains without warm-up or augmentation (the frozen prefix's features are cached): leave both off")
-        if not 0 <= self.distill <= MAX_DISTILL:
-            raise ConfigError(f"--distill {self.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
-        if not 0 < self.val_fraction <= 0.5:
-            raise ConfigError(f"--val-fraction {self.val_fraction}: pass a share of the training data above 0 and at most 0.5, e.g. 0.2")
-        if not 0 <= self.accept_p <= 1:
-            raise ConfigError(f"--accept-p {self.accept_p}: pass a p-value from 0 to 1 (1 accepts any gain)")
-
-
 def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
     """Names of groups, blocks or modules -> parameter names; unknown names list the valid groups."""
     if not layers:
         raise ConfigError("--layers names nothing: pass auto or a comma list such as layer3,fc")
-    known = {g.name: g for gran in groups.Granularity for g in groups.layer_groups(model, gran)}
+    known = {g.name: g for gran in Granularity for g in groups.layer_groups(model, gran)}
     unknown = sorted(n for n in layers if n not in known)
     if unknown:
         valid = ", ".join(g.name for g in groups.layer_groups(model))

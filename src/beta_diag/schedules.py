@@ -16,18 +16,12 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
+from beta_diag.configs import PLANNED, PLANNED_EPOCHS, PLANNED_LR, PLANNED_STEPS_PER_EPOCH, MomentumSchedule, check_lr
 from beta_diag.errors import ConfigError
 
 CLAMP = (0.5, 0.99)
 CONSTANT = 0.9
 BAND = 0.05
-
-
-class MomentumSchedule(str, Enum):
-    constant = "constant"  # 0.9 throughout
-    beta = "beta"  # clamp(1 - 2*sqrt(lr), 0.5, 0.99) every step
-    hybrid = "hybrid"  # beta until the critical curve reaches 0.9, then constant 0.9
-    onecycle = "onecycle"  # torch's OneCycleLR, momentum cycled 0.95 -> 0.85 -> 0.95
 
 
 class Regime(str, Enum):
@@ -186,15 +180,7 @@ def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
     }
 
 
-PLANNED_LR, PLANNED_EPOCHS, PLANNED_STEPS_PER_EPOCH = 0.1, 200, 391  # the paper's CIFAR-10 run: 50,000 images in batches of 128
 MAX_PLANNED_STEPS = 1_000_000  # a 200-epoch ImageNet run; planning one takes about half a minute
-PLANNED = (MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid)  # what `schedule` plans by default
-
-
-def check_lr(lr: float) -> None:
-    """The one check of a peak learning rate (``train``, ``repair`` and ``schedule``): finite and positive."""
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"--lr {lr}: pass a finite positive learning rate, e.g. --lr 0.05")
 
 
 def planned_runs(

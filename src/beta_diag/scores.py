@@ -9,24 +9,10 @@ coherence, the errors' dot products with that summed gradient ``D`` (estimated b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
-DEFAULT_BOOTSTRAP = 200
-
-
-class Metric(str, Enum):
-    coherence = "coherence"  # ||sum of error gradients|| / sum of their norms: do the errors agree on a direction?
-    specific = "specific"  # mean share of the squared gradient on errors minus on correct examples
-    norm = "norm"  # mean error-gradient norm
-    per_param = "per_param"  # norm / sqrt(parameters)
-    weight_rel = "weight_rel"  # norm / ||theta_g||
-    contrast = "contrast"  # norm on errors / norm on correct examples
-    share = "share"  # the group's share of the summed error-gradient norms
-
-
-DEFAULT_METRIC = Metric.coherence
+from beta_diag.configs import Metric
 
 
 @dataclass(frozen=True)

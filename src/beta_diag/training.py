@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,54 +15,12 @@ from torch import nn
 from beta_diag import data as data_mod
 from beta_diag import distributed
 from beta_diag.checkpoint import Metadata, nonfinite
+from beta_diag.configs import OptimizerName, TrainConfig
 from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device, without_timing
-from beta_diag.schedules import MomentumSchedule, MomentumScheduler, check_lr, epoch_record, lr_scheduler
-
-
-class OptimizerName(str, Enum):
-    sgd = "sgd"
-    adam = "adam"
-    adamw = "adamw"
-
-
-DEFAULT_LR = {OptimizerName.sgd: 0.05, OptimizerName.adam: 0.001, OptimizerName.adamw: 0.001}  # when --lr is not given
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. ``momentum`` picks the schedule; the LR follows cosine (or 1cycle)."""
-
-    epochs: int = 5
-    lr: float = None  # type: ignore[assignment]  # None: DEFAULT_LR of the optimizer, filled in at construction
-    batch_size: int = 128
-    optimizer: OptimizerName = OptimizerName.sgd
-    momentum: MomentumSchedule = MomentumSchedule.beta
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
-    augment: bool = False
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.lr is None:  # one policy for Python and the command line: Adam at SGD's 0.05 diverges
-            object.__setattr__(self, "lr", DEFAULT_LR[OptimizerName(self.optimizer)])
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
-        return d
-
-    def check(self) -> None:
-        """Refuse values no training can use: a non-finite or non-positive LR, non-finite decay or warm-up."""
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch size must be positive: check --epochs and --batch-size")
-        check_lr(self.lr)
-        for option, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup_epochs)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{option} {value}: pass a finite number, 0 or more")
+from beta_diag.schedules import MomentumScheduler, epoch_record, lr_scheduler
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""The library's choices and configurations: plain values, importable without torch.
+
+The command line is built from these (its option types and defaults), so ``beta-diag --help``,
+``--version`` and usage errors answer before torch loads; the modules that compute import them from
+here. A new option's value type or default goes here; what it does goes in its module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from typing import Any
+
+from beta_diag.errors import ConfigError
+
+# ranking (scores, groups)
+
+
+class Metric(str, Enum):
+    coherence = "coherence"  # ||sum of error gradients|| / sum of their norms: do the errors agree on a direction?
+    specific = "specific"  # mean share of the squared gradient on errors minus on correct examples
+    norm = "norm"  # mean error-gradient norm
+    per_param = "per_param"  # norm / sqrt(parameters)
+    weight_rel = "weight_rel"  # norm / ||theta_g||
+    contrast = "contrast"  # norm on errors / norm on correct examples
+    share = "share"  # the group's share of the summed error-gradient norms
+
+
+DEFAULT_METRIC = Metric.coherence
+DEFAULT_BOOTSTRAP = 200
+
+
+class Granularity(str, Enum):
+    group = "group"
+    block = "block"
+    module = "module"
+
+
+# training (schedules, training)
+
+
+class MomentumSchedule(str, Enum):
+    constant = "constant"  # 0.9 throughout
+    beta = "beta"  # clamp(1 - 2*sqrt(lr), 0.5, 0.99) every step
+    hybrid = "hybrid"  # beta until the critical curve reaches 0.9, then constant 0.9
+    onecycle = "onecycle"  # torch's OneCycleLR, momentum cycled 0.95 -> 0.85 -> 0.95
+
+
+def check_lr(lr: float) -> None:
+    """The one check of a peak learning rate (``train``, ``repair`` and ``schedule``): finite and positive."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr {lr}: pass a finite positive learning rate, e.g. --lr 0.05")
+
+
+PLANNED_LR, PLANNED_EPOCHS, PLANNED_STEPS_PER_EPOCH = 0.1, 200, 391  # the paper's CIFAR-10 run: 50,000 images in batches of 128
+PLANNED = (MomentumSchedule.constant, MomentumSchedule.beta, MomentumSchedule.hybrid)  # what `schedule` plans by default
+
+
+class OptimizerName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+DEFAULT_LR = {OptimizerName.sgd: 0.05, OptimizerName.adam: 0.001, OptimizerName.adamw: 0.001}  # when --lr is not given
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``momentum`` picks the schedule; the LR follows cosine (or 1cycle)."""
+
+    epochs: int = 5
+    lr: float = None  # type: ignore[assignment]  # None: DEFAULT_LR of the optimizer, filled in at construction
+    batch_size: int = 128
+    optimizer: OptimizerName = OptimizerName.sgd
+    momentum: MomentumSchedule = MomentumSchedule.beta
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.lr is None:  # one policy for Python and the command line: Adam at SGD's 0.05 diverges
+            object.__setattr__(self, "lr", DEFAULT_LR[OptimizerName(self.optimizer)])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
+        return d
+
+    def check(self) -> None:
+        """Refuse values no training can use: a non-finite or non-positive LR, non-finite decay or warm-up."""
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch size must be positive: check --epochs and --batch-size")
+        check_lr(self.lr)
+        for option, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup_epochs)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{option} {value}: pass a finite number, 0 or more")
+
+
+# repair
+
+MAX_DISTILL = 100.0  # beyond this the pull swamps the loss and the steps diverge
+DISTILL_TEMPERATURE = 2.0  # the pull's softmax temperature (training.Anchor)
+
+
+class Focus(str, Enum):
+    all = "all"
+    errors = "errors"
+
+
+class Baseline(str, Enum):
+    none = "none"
+    full = "full"
+
+
+class AutoLayers(str, Enum):
+    """What ``--layers auto`` repairs: the groups rank flags, the drift suspect, or both."""
+
+    flags = "flags"  # where the errors' gradients agree most
+    suspect = "suspect"  # the drift suspect when there is one, else the flags
+    both = "both"  # the drift suspect plus the flags
+
+
+REPAIR_TRAINING = TrainConfig(epochs=3, lr=0.003, batch_size=128, optimizer=OptimizerName.sgd, momentum=MomentumSchedule.beta)
+"""Repair's training: SGD, beta momentum on a cosine LR from 0.003, 3 epochs, no warm-up or augmentation
+(the LR was chosen by ``benchmarks/repair_defaults.py``, first on damaged models, then on a healthy one)."""
+
+
+def repair_training(**changes: Any) -> TrainConfig:
+    """Repair's training with some values changed, e.g. ``RepairConfig(repair_training(epochs=1))``
+    (a bare ``TrainConfig()`` carries ``train``'s defaults: 5 epochs at LR 0.05)."""
+    return replace(REPAIR_TRAINING, **changes)
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """How to repair: the ``training`` of the chosen layers (the one training loop's configuration; its
+    device is the repair's), plus what only repair has. ``distill`` > 0 adds a pull towards the
+    original's predictions on the training examples it already gets right (``training.Anchor``); it is
+    off by default (``benchmarks/repair_defaults.py``, scored on images disjoint from the repair's)."""
+
+    training: TrainConfig = REPAIR_TRAINING
+    focus: str = "all"  # or "errors"
+    baseline: str = "none"  # or "full"
+    cache_features: bool = True
+    distill: float = 0.0
+    auto_layers: AutoLayers = AutoLayers.both  # planted faults: 93% won back (flags 83%); shifts: 87% (flags 84%, suspect 57%)
+    val_fraction: float = 0.2  # of the training data, held out for the gate (unless validation data are given)
+    accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
+
+    def train_config(self, device: str) -> TrainConfig:
+        """The shared training loop's configuration, on the repair's device."""
+        return replace(self.training, device=device)
+
+    def to_dict(self) -> dict[str, Any]:
+        shared = {k: v for k, v in self.training.to_dict().items() if k not in ("warmup_epochs", "augment", "device")}
+        return {
+            **shared,
+            "focus": self.focus,
+            "baseline": self.baseline,
+            "cache_features": self.cache_features,
+            "distill": self.distill,
+            "distill_temperature": DISTILL_TEMPERATURE,
+            "auto_layers": AutoLayers(self.auto_layers).value,
+            "val_fraction": self.val_fraction,
+            "accept_p": self.accept_p,
+        }
+
+    def check(self) -> None:
+        self.training.check()
+        if self.training.warmup_epochs or self.training.augment:
+            raise ConfigError("repair trains without warm-up or augmentation (the frozen prefix's features are cached): leave both off")
+        if not 0 <= self.distill <= MAX_DISTILL:
+            raise ConfigError(f"--distill {self.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
+        if not 0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"--val-fraction {self.val_fraction}: pass a share of the training data above 0 and at most 0.5, e.g. 0.2")
+        if not 0 <= self.accept_p <= 1:
+            raise ConfigError(f"--accept-p {self.accept_p}: pass a p-value from 0 to 1 (1 accepts any gain)")
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    """How to rank. ``include``: glob patterns restricting the groups (e.g. ``layer3*``). ``contrast``
+    also scores as many correct examples as there are errors (one more pass; the contrast and
+    specific metrics need it and turn it on)."""
+
+    metric: Metric = DEFAULT_METRIC
+    granularity: Granularity = Granularity.group
+    top_k: int | None = None
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = 0
+    by_class: bool = False
+    include: tuple[str, ...] = ()
+    batch_size: int = 64
+    contrast: bool = False
+
+    @property
+    def scores_correct(self) -> bool:
+        """Whether a sample of correct examples is scored: asked for, or the metric needs it."""
+        return self.contrast or Metric(self.metric) in (Metric.contrast, Metric.specific)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["metric"], d["granularity"], d["include"] = Metric(self.metric).value, Granularity(self.granularity).value, list(self.include)
+        d.pop("batch_size")
+        return d

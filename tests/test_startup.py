@@ -1,0 +1,41 @@
+"""The command line answers --help, --version and usage errors without loading torch."""
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "torchvision", "matplotlib", "numpy")
+PROBE = (
+    "import sys\n"
+    "from beta_diag.cli import app\n"
+    "try:\n"
+    "    app(args=sys.argv[1:], prog_name='beta-diag')\n"
+    "except SystemExit as done:\n"
+    "    code = done.code\n"
+    "print('LOADED', [m for m in {heavy} if m in sys.modules], code, file=sys.stderr)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["rank", "--help"], 0),
+        (["repair", "--help"], 0),
+        (["rank"], 2),  # a missing checkpoint
+        (["rank", "x.safetensors", "--metric", "bogus"], 2),
+        (["bogus"], 2),
+    ],
+)
+def test_answers_without_torch(args: list[str], code: int) -> None:
+    run = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *args], capture_output=True, text=True, timeout=120, check=False)
+    assert run.stderr.strip().splitlines()[-1] == f"LOADED [] {code}", run.stderr
+
+
+def test_version_is_the_packages() -> None:
+    from beta_diag import __version__
+
+    run = subprocess.run([sys.executable, "-m", "beta_diag", "--version"], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout == f"beta-diag {__version__}\n"
