@@ -173,49 +173,53 @@ class _Recorder:
 
 @dataclass(frozen=True)
 class _Grad:
-    """One parameter's share of a batch: per-example squared norms, the batch's summed gradient, and
-    the per-example gradients themselves when they were kept (for the sketch)."""
+    """One parameter's share of a batch: per-example squared norms and the batch's summed gradient."""
 
     sq: torch.Tensor  # (B,)
     total: torch.Tensor  # the parameter's shape
-    each: torch.Tensor | None  # (B, numel)
 
 
-def _from_each(grads: torch.Tensor, shape: torch.Size, keep: bool) -> _Grad:
-    """A ``_Grad`` from materialised per-example gradients ``grads`` (B, ...)."""
+def _from_each(grads: torch.Tensor, shape: torch.Size, sketch: GroupSketch | None, name: str) -> _Grad:
+    """A ``_Grad`` from materialised per-example gradients ``grads`` (B, ...), folded into the sketch."""
     flat = grads.flatten(1)
-    return _Grad(torch.linalg.vecdot(flat, flat), flat.sum(0).reshape(shape), flat if keep else None)
+    if sketch is not None:
+        sketch.fold(name, flat)
+    return _Grad(torch.linalg.vecdot(flat, flat), flat.sum(0).reshape(shape))
 
 
-def _module_grads(module: nn.Module, calls: list[list[torch.Tensor]], keep: bool) -> dict[str, _Grad]:
-    """Per-example squared norms and the summed gradient of each parameter of one module."""
+def _module_grads(module: nn.Module, calls: list[list[torch.Tensor]], sketch: GroupSketch | None, prefix: str) -> dict[str, _Grad]:
+    """Per-example squared norms and the summed gradient of each parameter of one module; with a
+    sketch, every example's gradient is sketched too."""
     out: dict[str, _Grad] = {}
     if isinstance(module, NORMS):
         grads = [_norm_affine_grads(module, x, g) for x, g in calls]
         if getattr(module, "weight", None) is not None:
-            out["weight"] = _from_each(_total(w for w, _ in grads), module.weight.shape, keep)
+            out["weight"] = _from_each(_total(w for w, _ in grads), module.weight.shape, sketch, f"{prefix}weight")
         if getattr(module, "bias", None) is not None:
-            out["bias"] = _from_each(_total(b for _, b in grads), module.bias.shape, keep)
+            out["bias"] = _from_each(_total(b for _, b in grads), module.bias.shape, sketch, f"{prefix}bias")
         return out
     layer = cast(LinearOrConv, module)
+    weight, bias = f"{prefix}weight", f"{prefix}bias"
     if len(calls) == 1 and isinstance(layer, nn.Conv2d) and layer.groups == 1 and calls[0][1][0, 0].numel() >= GROUPED_CONV_MIN_OUTPUT:
         x, g = calls[0]
-        out["weight"] = _from_each(_conv_per_example_grads(layer, x, g), layer.weight.shape, keep)
+        out["weight"] = _from_each(_conv_per_example_grads(layer, x, g), layer.weight.shape, sketch, weight)
         if layer.bias is not None:
-            out["bias"] = _from_each(g.sum((2, 3)), layer.bias.shape, keep)
+            out["bias"] = _from_each(g.sum((2, 3)), layer.bias.shape, sketch, bias)
         return out
     terms = [_weight_terms(layer, x, g) for x, g in calls]
-    if len(terms) == 1 and not keep:
+    if len(terms) == 1 and (sketch is None or not sketch.materialise(weight)):
         xs, gs, _ = terms[0]  # the norm identity where it is cheaper; the sum is the batch's weight gradient
-        out["weight"] = _Grad(_sq_norm_weight(xs, gs), torch.einsum("bgil,bgol->goi", xs, gs).reshape(layer.weight.shape), None)
-    else:  # kept, or called more than once: the per-call gradients add up before the norm
-        out["weight"] = _from_each(_total(_materialise(xs, gs) for xs, gs, _ in terms), layer.weight.shape, keep)
+        out["weight"] = _Grad(_sq_norm_weight(xs, gs), torch.einsum("bgil,bgol->goi", xs, gs).reshape(layer.weight.shape))
+        if sketch is not None:
+            sketch.project(weight, xs, gs)
+    else:  # a small layer while sketching, or called more than once: the per-call gradients add up before the norm
+        out["weight"] = _from_each(_total(_materialise(xs, gs) for xs, gs, _ in terms), layer.weight.shape, sketch, weight)
     if layer.bias is not None:
-        out["bias"] = _from_each(_total(cast(torch.Tensor, t[2]) for t in terms), layer.bias.shape, keep)
+        out["bias"] = _from_each(_total(cast(torch.Tensor, t[2]) for t in terms), layer.bias.shape, sketch, bias)
     return out
 
 
-def _fallback(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, keep: bool) -> dict[str, _Grad]:
+def _fallback(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, sketch: GroupSketch | None) -> dict[str, _Grad]:
     """Per-example gradients of the named parameters with torch.func (materialised, in chunks of 8)."""
     from torch.func import functional_call, grad, vmap
 
@@ -228,7 +232,7 @@ def _fallback(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tens
 
     sub = {n: params[n] for n in names}
     chunks = [vmap(grad(loss), in_dims=(None, 0, 0))(sub, x[start : start + 8], y[start : start + 8]) for start in range(0, x.shape[0], 8)]
-    return {n: _from_each(torch.cat([c[n].flatten(1) for c in chunks]), params[n].shape, keep) for n in names}
+    return {n: _from_each(torch.cat([c[n].flatten(1) for c in chunks]), params[n].shape, sketch, n) for n in names}
 
 
 def per_example_norms(
@@ -261,7 +265,7 @@ def per_example_norms(
     summed = {n: torch.zeros_like(p, device="cpu", dtype=torch.float32) for n, p in params.items()}
     sketch = None
     if sketch_groups is not None:
-        sketch = GroupSketch(sketch_groups, {n: p.numel() for n, p in params.items()}, index.numel(), device, seed)
+        sketch = GroupSketch(sketch_groups, {n: p.shape for n, p in params.items()}, index.numel(), device, seed)
     recorder = _Recorder(model)
     mine: list[slice] = []
     owned = data_mod.numbered_batches(ds, batch_size, device, index=index, owns=world.owns)
@@ -273,13 +277,11 @@ def per_example_norms(
                 row, x, y, _ = batch
                 rows = slice(row, row + y.numel())
                 mine.append(rows)
-                grads = _batch_grads(model, modules, recorder, names, preprocess(x), y, losses, rows, keep=sketch is not None)
                 if sketch is not None:
                     sketch.start(y.numel(), device)
+                grads = _batch_grads(model, modules, recorder, names, preprocess(x), y, losses, rows, sketch)
                 for n, gr in grads.items():
                     sq[rows, col[n]] = gr.sq.double().cpu()
-                    if sketch is not None and gr.each is not None:
-                        sketch.add(n, gr.each)
                 if sketch is not None:
                     sketch.finish(rows)
                 totals = [grads[n].total.float().cpu() for n in names]
@@ -307,7 +309,7 @@ def _batch_grads(
     y: torch.Tensor,
     losses: torch.Tensor,
     rows: slice,
-    keep: bool,
+    sketch: GroupSketch | None,
 ) -> dict[str, _Grad]:
     """One forward and one backward over a batch: every trainable parameter's ``_Grad``."""
     recorder.calls.clear()
@@ -320,12 +322,12 @@ def _batch_grads(
     for mname, calls in recorder.calls.items():
         if any(len(c) != 2 for c in calls):
             continue  # output did not reach the loss: leave to the fallback
-        for pname, gr in _module_grads(modules[mname], calls, keep).items():
+        for pname, gr in _module_grads(modules[mname], calls, sketch, f"{mname}.").items():
             if f"{mname}.{pname}" in names:
                 out[f"{mname}.{pname}"] = gr
     rest = [n for n in names if n not in out]
     if rest:
         recorder.active = False
-        out.update(_fallback(model, rest, inputs.detach(), y, keep))
+        out.update(_fallback(model, rest, inputs.detach(), y, sketch))
         recorder.active = True
     return out
