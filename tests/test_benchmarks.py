@@ -115,3 +115,9 @@ def test_repair_defaults_rule() -> None:
 
 def test_cli_startup_quick() -> None:
     assert "slowest beta-diag answer" in run_script("cli_startup.py")
+
+
+def test_peers_quick() -> None:
+    """Runs with or without the optional peers (BackPACK, Opacus): each missing one is said and skipped."""
+    stdout = run_script("peers.py")
+    assert "values: beta-diag per-example norms" in stdout and "x floor" in stdout

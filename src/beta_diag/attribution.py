@@ -187,6 +187,13 @@ def _from_each(grads: torch.Tensor, shape: torch.Size, sketch: GroupSketch | Non
     return _Grad(torch.linalg.vecdot(flat, flat), flat.sum(0).reshape(shape))
 
 
+def _batch_weight_grad(layer: LinearOrConv, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The batch's summed weight gradient from the layer's input and output gradient (autograd's own kernels)."""
+    if isinstance(layer, nn.Linear):
+        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    return conv2d_weight(x, layer.weight.shape, g, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
 def _module_grads(module: nn.Module, calls: list[list[torch.Tensor]], sketch: GroupSketch | None, prefix: str) -> dict[str, _Grad]:
     """Per-example squared norms and the summed gradient of each parameter of one module; with a
     sketch, every example's gradient is sketched too."""
@@ -209,7 +216,7 @@ def _module_grads(module: nn.Module, calls: list[list[torch.Tensor]], sketch: Gr
     terms = [_weight_terms(layer, x, g) for x, g in calls]
     if len(terms) == 1 and (sketch is None or not sketch.materialise(weight)):
         xs, gs, _ = terms[0]  # the norm identity where it is cheaper; the sum is the batch's weight gradient
-        out["weight"] = _Grad(_sq_norm_weight(xs, gs), torch.einsum("bgil,bgol->goi", xs, gs).reshape(layer.weight.shape))
+        out["weight"] = _Grad(_sq_norm_weight(xs, gs), _batch_weight_grad(layer, *calls[0]))
         if sketch is not None:
             sketch.project(weight, xs, gs)
     else:  # a small layer while sketching, or called more than once: the per-call gradients add up before the norm

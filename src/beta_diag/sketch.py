@@ -27,7 +27,7 @@ import torch
 
 MAX_BUCKETS = 4096  # per group and example
 MIN_BUCKETS = 256
-BUDGET_BYTES = 64 * 2**20  # the stored sketches (bfloat16) stay under this: K shrinks when the errors are many
+BUDGET_BYTES = 32 * 2**20  # the stored sketches (bfloat16) stay under this: K halves when the errors are many (the memory goal)
 
 
 def buckets(examples: int, groups: int) -> int:
@@ -110,8 +110,9 @@ class GroupSketch:
 
     def dots(self, summed_sq: np.ndarray) -> np.ndarray:
         """(N, G) estimates of <g_i, S_g>, scaled to sum to ``summed_sq`` (G,) = ||S_g||^2 exactly."""
-        rows = self.rows.double()
-        total = rows.sum(0)  # (G, K): the sketch of S
-        d = torch.einsum("ngk,gk->ng", rows, total).numpy()
+        d = np.zeros((self.rows.shape[0], self.rows.shape[1]))
+        for j in range(self.rows.shape[1]):  # a group at a time: no float64 copy of every sketch at once
+            group = self.rows[:, j].float()  # (N, K)
+            d[:, j] = (group @ group.sum(0)).double().numpy()  # with the sketch of S
         sketched = d.sum(0)
         return d * np.divide(summed_sq, sketched, out=np.ones_like(summed_sq), where=sketched > 0)
