@@ -238,8 +238,17 @@ def _fallback(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tens
         return F.cross_entropy(logits.float(), yi.unsqueeze(0))
 
     sub = {n: params[n] for n in names}
-    chunks = [vmap(grad(loss), in_dims=(None, 0, 0))(sub, x[start : start + 8], y[start : start + 8]) for start in range(0, x.shape[0], 8)]
-    return {n: _from_each(torch.cat([c[n].flatten(1) for c in chunks]), params[n].shape, sketch, n) for n in names}
+    sq: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    for start in range(0, x.shape[0], 8):  # a chunk's gradients at a time: only its norms, sums and sketches are kept
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(sub, x[start : start + 8], y[start : start + 8])
+        for n in names:
+            flat = grads[n].flatten(1)
+            sq[n].append(torch.linalg.vecdot(flat, flat))
+            total[n] += flat.sum(0).reshape(total[n].shape)
+            if sketch is not None:
+                sketch.fold(n, flat, start)
+    return {n: _Grad(torch.cat(sq[n]), total[n]) for n in names}
 
 
 def per_example_norms(

@@ -132,7 +132,14 @@ class Ranking:
     def from_dict(cls, d: dict[str, Any]) -> Ranking:
         c = dict(d["config"])
         config = RankConfig(
-            Metric(c["metric"]), Granularity(c["granularity"]), c["top_k"], c["bootstrap"], c["seed"], c["by_class"], tuple(c["include"])
+            Metric(c["metric"]),
+            Granularity(c["granularity"]),
+            c["top_k"],
+            c["bootstrap"],
+            c["seed"],
+            c["by_class"],
+            tuple(c["include"]),
+            contrast=c.get("contrast", False),  # rankings saved before --contrast scored the correct sample always
         )
         return cls(
             d["checkpoint"],
@@ -213,6 +220,11 @@ def rank(
     if wrong.numel() == 0:
         raise NoErrorsToDiagnose(
             f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) correctly: nothing to rank; use more data or another split"
+        )
+    if right.numel() == 0 and Metric(config.metric) in (Metric.contrast, Metric.specific):
+        raise ConfigError(
+            f"--metric {Metric(config.metric).value} compares the errors with correct examples, and {ds.spec} ({ds.split}) has none: "
+            "use --metric coherence, or data the model gets partly right"
         )
     gen = torch.Generator().manual_seed(config.seed)
     sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values if config.scores_correct else right[:0]

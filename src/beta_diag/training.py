@@ -15,7 +15,7 @@ from torch import nn
 from beta_diag import data as data_mod
 from beta_diag import distributed
 from beta_diag.checkpoint import Metadata, nonfinite
-from beta_diag.configs import OptimizerName, TrainConfig
+from beta_diag.configs import DISTILL_TEMPERATURE, OptimizerName, TrainConfig
 from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.readers import DataSpec
@@ -33,7 +33,7 @@ class Anchor:
 
     logits: torch.Tensor  # (N, classes) reference logits in dataset order
     weight: torch.Tensor  # (N,) per-example weight; 0 leaves an example to cross-entropy alone
-    temperature: float = 2.0
+    temperature: float = DISTILL_TEMPERATURE
 
     def loss(self, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Summed over the batch whose dataset indices are ``idx``."""
