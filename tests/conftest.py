@@ -46,6 +46,11 @@ def write_bundle(path: Path, n: int, classes: int = 4, seed: int = 0, channels: 
     return path
 
 
+def train_args(tiny: dict[str, Path], out: Path, *extra: object) -> list[object]:
+    """``beta-diag train`` on the tiny data (a width-2 network, 1 epoch unless ``extra`` says otherwise)."""
+    return ["train", "--data", tiny["train"], "--test-data", tiny["test"], "--arch-arg", "width=2", "--epochs", "1", "-o", out, *extra]
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint
 from beta_diag.cli import app
-from tests.conftest import sha, write_bundle
+from tests.conftest import sha, train_args, write_bundle
 
 runner = CliRunner()
 
@@ -45,26 +45,9 @@ def test_schedule_of_checkpoint_and_planned(tiny: dict[str, Path], tmp_path: Pat
 def test_train_writes_checkpoint_with_history(tiny: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     result = run(
-        "train",
-        "--data",
-        tiny["train"],
-        "--test-data",
-        tiny["test"],
-        "--arch-arg",
-        "width=2",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "64",
-        "--momentum",
-        "hybrid",
-        "--optimizer",
-        "adam",
-        "--device",
-        "cpu",
-        "-o",
-        out,
-        "--json",
+        *train_args(
+            tiny, out, "--epochs", "2", "--batch-size", "64", "--momentum", "hybrid", "--optimizer", "adam", "--device", "cpu", "--json"
+        )
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -81,43 +64,12 @@ def test_train_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
     outs, stdouts = [tmp_path / "a" / "m.safetensors", tmp_path / "b" / "m.safetensors"], []
     for out in outs:
         out.parent.mkdir()
-        result = run(
-            "train",
-            "--data",
-            tiny["train"],
-            "--arch-arg",
-            "width=2",
-            "--epochs",
-            "1",
-            "--test-data",
-            tiny["test"],
-            "--device",
-            "cpu",
-            "-o",
-            out,
-            "--json",
-        )
+        result = run(*train_args(tiny, out, "--device", "cpu", "--json"))
         assert result.exit_code == 0, result.stderr
         stdouts.append(result.stdout.replace(str(out), "OUT"))
     assert stdouts[0] == stdouts[1] and "seconds" not in stdouts[0]
     assert outs[0].read_bytes() == outs[1].read_bytes()
-    timed = run(
-        "train",
-        "--data",
-        tiny["train"],
-        "--arch-arg",
-        "width=2",
-        "--epochs",
-        "1",
-        "--test-data",
-        tiny["test"],
-        "--device",
-        "cpu",
-        "-o",
-        tmp_path / "c.safetensors",
-        "--json",
-        "--timings",
-    )
+    timed = run(*train_args(tiny, tmp_path / "c.safetensors", "--device", "cpu", "--json", "--timings"))
     assert timed.exit_code == 0 and json.loads(timed.stdout)["seconds"] > 0
 
 

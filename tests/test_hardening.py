@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint, data
 from beta_diag.cli import app
-from tests.conftest import sha
+from tests.conftest import sha, train_args
 
 runner = CliRunner()
 ROOT = os.geteuid() == 0
@@ -192,25 +192,7 @@ def test_non_finite_and_relabelled_values_are_refused(tiny: dict[str, Path], tmp
     refused(["rank", relabelled], "1 tensor(s) hold integers where the model holds floats: fc.weight (int32)", [relabelled])
     out = tmp_path / "t.safetensors"
     for lr in ("nan", "inf"):
-        refused(
-            [
-                "train",
-                "--data",
-                tiny["train"],
-                "--test-data",
-                tiny["test"],
-                "--arch-arg",
-                "width=2",
-                "--epochs",
-                "1",
-                "--lr",
-                lr,
-                "-o",
-                out,
-            ],
-            f"--lr {lr}: pass a finite positive learning rate",
-            [],
-        )
+        refused(train_args(tiny, out, "--lr", lr), f"--lr {lr}: pass a finite positive learning rate", [])
     for lr in ("inf", "0", "-1"):  # one LR check for train, repair and schedule
         refused(["schedule", "--lr", lr], f"--lr {float(lr)}: pass a finite positive learning rate", [])
     refused(["schedule", "--warmup", "inf"], "--warmup inf: pass a finite number of epochs", [])

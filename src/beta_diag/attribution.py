@@ -275,10 +275,11 @@ def per_example_norms(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = list(params)
     modules = dict(model.named_modules())
-    col = {n: j for j, n in enumerate(names)}
     sq = torch.zeros(index.numel(), len(names), dtype=torch.float64)
     losses = torch.zeros(index.numel(), dtype=torch.float64)
-    summed = {n: torch.zeros_like(p, device="cpu", dtype=torch.float32) for n, p in params.items()}
+    # the sum stays on the device with one process; under torchrun each round's batch sums meet on the CPU
+    sum_device = device if world.size == 1 else torch.device("cpu")
+    summed = {n: torch.zeros_like(p, device=sum_device, dtype=torch.float32) for n, p in params.items()}
     sketch = None
     if sketch_groups is not None:
         sketch = GroupSketch(sketch_groups, {n: p.shape for n, p in params.items()}, index.numel(), device, seed)
@@ -296,11 +297,10 @@ def per_example_norms(
                 if sketch is not None:
                     sketch.start(y.numel(), device)
                 grads = _batch_grads(model, modules, recorder, names, preprocess(x), y, losses, rows, sketch)
-                for n, gr in grads.items():
-                    sq[rows, col[n]] = gr.sq.double().cpu()
+                sq[rows] = torch.stack([grads[n].sq for n in names], 1).double().cpu()  # one copy to the host per batch
                 if sketch is not None:
                     sketch.finish(rows)
-                totals = [grads[n].total.float().cpu() for n in names]
+                totals = [grads[n].total.float().to(sum_device) for n in names]
                 if progress:
                     progress("attribution", min(rows.stop * world.size, index.numel()), index.numel())
             for batch_totals in world.round(totals):  # every process adds the round's batches in batch order
@@ -313,7 +313,7 @@ def per_example_norms(
         sq, losses = (cast(torch.Tensor, world.gather_rows([(r.start, t[r]) for r in mine], index.numel())) for t in (sq, losses))
         if sketch is not None:
             sketch.rows = cast(torch.Tensor, world.gather_rows([(r.start, sketch.rows[r]) for r in mine], index.numel()))
-    return ParamNorms(tuple(names), sq, losses, summed, sketch)
+    return ParamNorms(tuple(names), sq, losses, {n: t.cpu() for n, t in summed.items()}, sketch)
 
 
 def _batch_grads(
@@ -335,11 +335,12 @@ def _batch_grads(
     if recorder.calls:
         torch.autograd.grad(loss.sum(), inputs)  # weight gradients are never computed by autograd: only the hooks' output gradients
     out: dict[str, _Grad] = {}
+    trainable = set(names)
     for mname, calls in recorder.calls.items():
         if any(len(c) != 2 for c in calls):
             continue  # output did not reach the loss: leave to the fallback
         for pname, gr in _module_grads(modules[mname], calls, sketch, f"{mname}.").items():
-            if f"{mname}.{pname}" in names:
+            if f"{mname}.{pname}" in trainable:
                 out[f"{mname}.{pname}"] = gr
     rest = [n for n in names if n not in out]
     if rest:

@@ -198,9 +198,14 @@ class RankConfig:
     contrast: bool = False
 
     @property
+    def metric_needs_correct(self) -> bool:
+        """The contrast and specific metrics compare the errors with correct examples."""
+        return Metric(self.metric) in (Metric.contrast, Metric.specific)
+
+    @property
     def scores_correct(self) -> bool:
         """Whether a sample of correct examples is scored: asked for, or the metric needs it."""
-        return self.contrast or Metric(self.metric) in (Metric.contrast, Metric.specific)
+        return self.contrast or self.metric_needs_correct
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

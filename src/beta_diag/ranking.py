@@ -221,7 +221,7 @@ def rank(
         raise NoErrorsToDiagnose(
             f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) correctly: nothing to rank; use more data or another split"
         )
-    if right.numel() == 0 and Metric(config.metric) in (Metric.contrast, Metric.specific):
+    if right.numel() == 0 and config.metric_needs_correct:
         raise ConfigError(
             f"--metric {Metric(config.metric).value} compares the errors with correct examples, and {ds.spec} ({ds.split}) has none: "
             "use --metric coherence, or data the model gets partly right"
