@@ -63,7 +63,7 @@ def main() -> None:
                     if model is None:
                         continue
                     damaged = replace(session, model=model)
-                    r = rank(damaged, verify, RankConfig(bootstrap=0), dataset=ds)
+                    r = rank(damaged, verify, RankConfig(bootstrap=0, control=0), dataset=ds)
                     after = r.accuracy
                     done: dict[tuple[str, ...], dict] = {}
                     row = {

@@ -53,7 +53,7 @@ def main() -> None:
         {
             "evaluate": lambda: evaluate(session.model, ds, session.preprocess, session.device),
             "evaluate + drift": with_drift,
-            "rank": lambda: rank(session, DataChoice(), RankConfig(), dataset=ds),
+            "rank": lambda: rank(session, DataChoice(), RankConfig(control=0), dataset=ds),
         },
         repeats,
     )

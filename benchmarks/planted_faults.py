@@ -198,7 +198,7 @@ def main() -> None:
         base = session.evaluate(calib).accuracy
         groups = layer_groups(session.model)
         names = [g.name for g in groups]
-        whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True), dataset=ds)
+        whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
         healthy[sample] = {"accuracy": whole.accuracy, "drift": whole.drift.to_dict() if whole.drift else None}
         print(f"{sample} undamaged: accuracy {100 * whole.accuracy:.1f}%; {whole.drift.finding if whole.drift else ''}", flush=True)
         for kind in kinds:
@@ -208,7 +208,7 @@ def main() -> None:
                     if model is None:
                         continue
                     damaged = replace(session, model=model)
-                    r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True), dataset=ds)
+                    r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
                     baseline = auto_rgn(damaged, ds, groups)
                     ranks, firsts, hit_flagged = {}, {}, {}
                     for m in metrics:

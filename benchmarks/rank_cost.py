@@ -131,7 +131,7 @@ def time_cost(limit: int | None) -> None:
         log: list[tuple[str, float, int]] = []
         with split_timer(log):
             start = time.perf_counter()
-            result = rank(session, choice, RankConfig())
+            result = rank(session, choice, RankConfig(control=0))
             totals.append(time.perf_counter() - start)
         bases.append(baseline(session, ds))
     wrong = bases[0][2]
@@ -182,7 +182,7 @@ def rss_child(n: int) -> None:
     before, log = peak_kib(), []
     start = time.perf_counter()
     with split_timer(log):
-        result = rank(session, DataChoice("fashion-mnist", "test", limit=n), RankConfig())
+        result = rank(session, DataChoice("fashion-mnist", "test", limit=n), RankConfig(control=0))
     print(
         json.dumps(
             {

@@ -138,7 +138,7 @@ def main() -> None:
                     "regimes": regime_fractions(history),
                 }
             )
-        c = compare([paths["beta"], paths["adam"]], verify, RankConfig(bootstrap=0 if args.quick else 200), device="cpu")
+        c = compare([paths["beta"], paths["adam"]], verify, RankConfig(bootstrap=0 if args.quick else 200, control=0), device="cpu")
         pair, (sgd_r, adam_r) = c.pairs[0], c.rankings
         r = repair(
             paths["beta"],

@@ -90,7 +90,7 @@ def main() -> None:
             data.save_bundle(train_file, replace(train_ds, split="train"))
             verify, train = DataChoice(str(test_file), "test"), DataChoice(str(train_file), "train")
             verify_ds = session.load_data(verify)
-            r = rank(session, verify, RankConfig(bootstrap=0), dataset=verify_ds)
+            r = rank(session, verify, RankConfig(bootstrap=0, control=0), dataset=verify_ds)
             shifted = r.accuracy
             rgn = auto_rgn(session, verify_ds, groups)
 

@@ -183,8 +183,8 @@ def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, gr
     r = ranking.rank(damaged, DataChoice(limit=500), RankConfig(bootstrap=0, granularity=granularity))
     assert r.drift is not None and r.drift.suspect == expected and r.drift.suspect_layer == "layer2.0.bn1"
     assert r.drift.margin is not None and r.drift.margin > 100  # 0.5 * 1.5^2 = 1.1 against a profile under 1e-3
-    assert r.verdict.startswith(f"activations leave their training statistics at {expected} (x")
-    assert "the damage is likely there, or the data differ from the training data; " in r.verdict
+    assert r.place_finding.startswith(f"activations leave their training statistics at {expected} (x")
+    assert "the damage is likely there, or the data differ from the training data; " in r.place_finding
 
 
 def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_before(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from beta_diag import distributed, outputs
 from beta_diag import options as opt
 from beta_diag.configs import (
     DEFAULT_BOOTSTRAP,
+    DEFAULT_CONTROL,
     DEFAULT_METRIC,
     PLANNED,
     PLANNED_EPOCHS,
@@ -213,6 +214,9 @@ def rank(
     top_k: opt.TopK = None,
     bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
     contrast: opt.Contrast = False,
+    control: opt.Control = DEFAULT_CONTROL,
+    no_control: opt.NoControl = False,
+    train_data: opt.TrainDataSpec = None,
     seed: opt.Seed = 0,
     by_class: opt.ByClass = False,
     groups_glob: opt.Groups = None,
@@ -241,13 +245,13 @@ def rank(
     outputs.distinct(out=out, plot=plot)
     for path in (out, plot):
         if path is not None:
-            outputs.check_output(path, force, (ckpt, *data_files(data)))
-    config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob, contrast)
+            outputs.check_output(path, force, (ckpt, *data_files(data, train_data)))
+    config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob, contrast, 0 if no_control else control)
     session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
     with report.progress(quiet or as_json) as progress:
-        result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress)
+        result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress, train=DataChoice(train_data, "train"))
     say_notes(session.ckpt.path, result.notes)
-    inputs = (ckpt, *data_files(data, result.data))  # the data the checkpoint's metadata named too
+    inputs = (ckpt, *data_files(data, train_data, result.data))  # the data the checkpoint's metadata named too
     if plot is not None:
         plots.ranking(result, plot, force, inputs)
     if out is not None:
@@ -267,6 +271,8 @@ def compare(
     top_k: opt.OverlapTopK = None,
     bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
     contrast: opt.Contrast = False,
+    control: opt.Control = DEFAULT_CONTROL,
+    no_control: opt.NoControl = False,
     seed: opt.Seed = 0,
     groups_glob: opt.Groups = None,
     arch: opt.Arch = None,
@@ -292,7 +298,7 @@ def compare(
 
     if plot is not None:
         outputs.check_output(plot, force, (*inputs, *data_files(data)))
-    config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob, contrast)
+    config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob, contrast, 0 if no_control else control)
     opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key) for p in inputs]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
@@ -312,7 +318,7 @@ def repair(
     output: opt.RepairOutput = None,
     auto_layers: opt.AutoLayersChoice = RepairConfig.auto_layers,
     ranking_file: opt.RankingFile = None,
-    train_data: opt.RepairTrainData = None,
+    train_data: opt.TrainDataSpec = None,
     data: opt.VerifyData = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
@@ -380,7 +386,7 @@ def repair(
         val_fraction,
         accept_p,
     )
-    rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)
+    rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed, control=0)  # --layers auto reads place, not cause
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
     opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)

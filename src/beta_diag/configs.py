@@ -29,6 +29,7 @@ class Metric(str, Enum):
 
 DEFAULT_METRIC = Metric.coherence
 DEFAULT_BOOTSTRAP = 200
+DEFAULT_CONTROL = 1000  # training images for rank's control pass and recalibration probe (causes.py)
 
 
 class Granularity(str, Enum):
@@ -196,6 +197,7 @@ class RankConfig:
     include: tuple[str, ...] = ()
     batch_size: int = 64
     contrast: bool = False
+    control: int = DEFAULT_CONTROL  # training images for the control pass and probe (0: none; the cause then says what it could not decide)
 
     @property
     def metric_needs_correct(self) -> bool:
@@ -212,3 +214,9 @@ class RankConfig:
         d["metric"], d["granularity"], d["include"] = Metric(self.metric).value, Granularity(self.granularity).value, list(self.include)
         d.pop("batch_size")
         return d
+
+    def check(self) -> None:
+        if self.bootstrap < 0:
+            raise ConfigError("--bootstrap must be 0 or more replicates")
+        if self.control < 0:
+            raise ConfigError(f"--control {self.control}: pass a number of training images, or 0 (--no-control) to skip the control pass")

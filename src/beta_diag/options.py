@@ -88,6 +88,17 @@ Contrast = Annotated[
     typer.Option("--contrast", help="Also score as many correct examples as errors: the contrast and specific scores (one more pass)."),
 ]
 Bootstrap = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
+TrainDataSpec = Annotated[
+    str | None,
+    typer.Option(
+        "--train-data", help="The model's training data (default: the checkpoint's train split): rank's control pass, repair's training."
+    ),
+]
+Control = Annotated[
+    int,
+    typer.Option("--control", min=0, help="Training images for the control pass and recalibration probe that decide the cause (0: none)."),
+]
+NoControl = Annotated[bool, typer.Option("--no-control", help="Skip the control pass (the cause then says what it could not decide).")]
 Groups = Annotated[str | None, typer.Option("--groups", help="Comma list of glob patterns restricting the groups ranked, e.g. 'layer3*'.")]
 
 
@@ -126,7 +137,6 @@ AutoLayersChoice = Annotated[
     ),
 ]
 RankingFile = Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")]
-RepairTrainData = Annotated[str | None, typer.Option("--train-data", help="Training data spec (default: the checkpoint's train split).")]
 VerifyData = Annotated[str | None, typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")]
 FocusChoice = Annotated[
     Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")
@@ -164,11 +174,12 @@ def rank_config(
     by_class: bool,
     groups_glob: str | None,
     contrast: bool = False,
+    control: int = 0,
 ) -> RankConfig:
     include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
     if groups_glob is not None and not include:
         raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
-    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include, contrast=contrast)
+    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include, contrast=contrast, control=control)
 
 
 def data_files(*specs: str | None) -> tuple[Path, ...]:

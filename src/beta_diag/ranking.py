@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from beta_diag import causes, outputs
 from beta_diag import drift as drift_mod
-from beta_diag import outputs
 from beta_diag.attribution import per_example_norms
+from beta_diag.causes import Cause
 from beta_diag.configs import Granularity, Metric, RankConfig
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
@@ -77,6 +78,7 @@ class Ranking:
     by_class: dict[str, dict[str, float]] | None = None
     drift: Drift | None = None  # activation drift against the BatchNorms' running statistics (None in rankings saved before it)
     notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
+    cause: Cause | None = None  # what is wrong, from the control pass and the probe (None in rankings saved before it)
     matrices: Matrices | None = field(default=None, compare=False, repr=False)
     predictions: Predictions | None = field(default=None, compare=False, repr=False)  # the evaluation it ranked (not saved)
 
@@ -94,7 +96,13 @@ class Ranking:
 
     @property
     def verdict(self) -> str:
-        """Both findings: where activations drift (the damage) and where the errors' gradients point (the flags)."""
+        """The cause first, then where activations drift and where the errors' gradients point (the flags)."""
+        where = self.place_finding
+        return where if self.cause is None else f"{self.cause.kind}: {self.cause.summary}; suggested: {self.cause.suggested}. {where}"
+
+    @property
+    def place_finding(self) -> str:
+        """Both findings on place: where activations drift (the damage) and where the errors' gradients point (the flags)."""
         if self.drift is None:
             return self.flag_finding
         if self.drift.suspect is not None:
@@ -125,6 +133,7 @@ class Ranking:
         d.pop("predictions")
         d["config"] = self.config.to_dict()
         d["drift"] = None if self.drift is None else self.drift.to_dict()
+        d["cause"] = None if self.cause is None else self.cause.to_dict()
         d["format"], d["flagged"], d["verdict"], d["errors"] = FORMAT, list(self.flagged), self.verdict, len(self.error_index)
         return d
 
@@ -140,6 +149,7 @@ class Ranking:
             c["by_class"],
             tuple(c["include"]),
             contrast=c.get("contrast", False),  # rankings saved before --contrast scored the correct sample always
+            control=c.get("control", 0),  # rankings saved before the control pass had none
         )
         return cls(
             d["checkpoint"],
@@ -159,6 +169,7 @@ class Ranking:
             d.get("by_class"),
             Drift.from_dict(d["drift"]) if d.get("drift") else None,
             tuple(d.get("notes", ())),
+            Cause.from_dict(d["cause"]) if d.get("cause") else None,
         )
 
 
@@ -187,8 +198,7 @@ def _select_groups(every: list, config: RankConfig) -> list:
             )
     if config.top_k is not None and not 1 <= config.top_k <= len(found):
         raise ConfigError(f"--top-k {config.top_k}: there are {len(found)} groups; pass a number from 1 to {len(found)}")
-    if config.bootstrap < 0:
-        raise ConfigError("--bootstrap must be 0 or more replicates")
+    config.check()
     return found
 
 
@@ -199,10 +209,12 @@ def rank(
     device: str = "auto",
     dataset: Dataset | None = None,
     progress: Progress | None = None,
+    train: DataChoice = DataChoice(split="train"),
 ) -> Ranking:
     """Rank the layer groups of a checkpoint by gradient attribution over its misclassified examples.
 
-    Raises NoErrorsToDiagnose when every example is right. Example:
+    ``train``: the training data of the control pass (default: the checkpoint's own; ``config.control``
+    images of it, 0: none). Raises NoErrorsToDiagnose when every example is right. Example:
     ``rank('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors').verdict``.
     """
     session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
@@ -226,6 +238,8 @@ def rank(
             f"--metric {Metric(config.metric).value} compares the errors with correct examples, and {ds.spec} ({ds.split}) has none: "
             "use --metric coherence, or data the model gets partly right"
         )
+    control = replace(train, split=train.split or "train", limit=config.control, seed=config.seed) if config.control else None
+    cause = causes.diagnose(session, ds, preds, drift, every, control, progress)
     gen = torch.Generator().manual_seed(config.seed)
     sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values if config.scores_correct else right[:0]
     model, dev, pre = session.model, session.device, session.preprocess
@@ -292,6 +306,7 @@ def rank(
         by_class,
         drift,
         session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))),
+        cause,
         m,
         preds,
     )

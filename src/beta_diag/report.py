@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from beta_diag import distributed
 from beta_diag.drift import times
@@ -190,7 +191,21 @@ def rank_table(ranking: Ranking) -> None:
             top = max(row, key=lambda n: row[n])
             by.add_row(cls, *[f"[bold]{row[n]:.2f}[/]" if n == top else f"{row[n]:.2f}" for n in names])
         out.print(by)
-    out.print(f"[bold]{ranking.verdict}[/]")
+    cause_lines(ranking)
+
+
+def cause_lines(ranking: Ranking) -> None:
+    """The verdict: the cause in plain words and the fix it suggests, then where (drift and flags)."""
+    out = stdout()
+    if ranking.cause is not None:
+        c = ranking.cause
+        out.print(
+            Text("cause: ", style="bold")
+            + Text(f"{c.kind}", style="bold red" if c.kind != "none" else "bold green")
+            + Text(f": {c.summary}")
+        )
+        out.print(Text("suggested: ", style="bold") + Text(c.suggested))
+    out.print(Text("where: ", style="bold") + Text(ranking.place_finding))
 
 
 def drift_cell(drift: Drift, name: str) -> str:
@@ -208,7 +223,12 @@ def compare_table(comparison: Comparison) -> None:
     labels = [f"[{i + 1}]" for i in range(len(comparison.labels))]
     for label, r, path in zip(labels, comparison.rankings, comparison.labels):
         found = "" if r.drift is None else f"; {r.drift.finding}"
-        out.print(f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}{found}")
+        cause = "" if r.cause is None else f"; cause {r.cause.kind}" + (f" at {r.cause.place}" if r.cause.place else "")
+        out.print(
+            Text(
+                f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}{cause}{found}"
+            )
+        )
     metric = comparison.rankings[0].config.metric.value
     table = Table("group", *[f"{lab} rank" for lab in labels], *[f"{lab} {metric}" for lab in labels], *[f"{lab} flag" for lab in labels])
     order = sorted(comparison.group_names, key=lambda n: comparison.rankings[0].group(n).rank)
