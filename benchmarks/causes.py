@@ -40,7 +40,7 @@ import torchvision.transforms.v2.functional as TF
 from planted_faults import ADAM, SGD, damage
 from torch import nn
 
-from beta_diag import causes, data
+from beta_diag import control, data
 from beta_diag.causes import CauseRule, Evidence, decide
 from beta_diag.configs import DEFAULT_CONTROL
 from beta_diag.data import Dataset, Preprocess
@@ -147,9 +147,9 @@ def scenarios(session: Session, sample: str, test: Dataset, train: Dataset, seed
 
 def measure(session: Session, name: str, model: nn.Module, pre: Preprocess, test: Dataset, train: Dataset, seed: int) -> Evidence:
     groups = layer_groups(model)
-    preds, drift = causes._profile(model, test, pre, session.device, groups)
-    recorded = causes.recorded_accuracy(session.ckpt.metadata.history)
-    return causes.probe(model, pre, session.device, test, preds, drift, train, groups, recorded_accuracy=recorded, seed=seed)
+    preds, drift = control._profile(model, test, pre, session.device, groups)
+    recorded = control.recorded_accuracy(session.ckpt.metadata.history)
+    return control.probe(model, pre, session.device, test, preds, drift, train, groups, recorded_accuracy=recorded, seed=seed)
 
 
 def correct(row: dict, rule: CauseRule) -> tuple[str, str | None, bool]:
@@ -163,7 +163,7 @@ GRID = {
     "noise": [1.0, 2.0, 4.0],
     "spread": [0.5, 0.75, 0.9],
     "shift": [2.0, 4.0, 8.0],
-    "early": [0.1, 0.25, 0.5],
+    "input": [2.0, 3.0, 5.0],
     "normalise": [4.0, 10.0],
 }
 

@@ -121,3 +121,8 @@ def test_peers_quick() -> None:
     """Runs with or without the optional peers (BackPACK, Opacus): each missing one is said and skipped."""
     stdout = run_script("peers.py")
     assert "values: beta-diag per-example norms" in stdout and "x floor" in stdout
+
+
+def test_cause_cost_quick() -> None:
+    out = run_script("cause_cost.py")
+    assert "cause: none; the control pass and probe add" in out and "% of rank (goal <= 25%)" in out

@@ -14,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from conftest import SAMPLES
 from typer.testing import CliRunner
 
-from beta_diag import causes, data, ranking
+from beta_diag import control, data, ranking
 from beta_diag.causes import CauseRule, Evidence, decide
 from beta_diag.cli import app
 from beta_diag.configs import RankConfig
@@ -103,7 +103,7 @@ def evidence(**changes) -> Evidence:
     control = {
         "spec": "train.safetensors", "split": "train", "examples": 1000, "accuracy": 0.92, "suspect": None, "suspect_layer": None,
         "data_sample": 1000, "data_sample_accuracy": 0.9, "recalibrated_data_accuracy": None, "adapted_data_accuracy": None,
-        "layers": layers, "normalisations": {}, "data_input": {"input_mean": [0.0], "input_std": [1.0]},
+        "layers": layers, "normalisations": {}, "input_difference": 0.5, "data_input": {"input_mean": [0.0], "input_std": [1.0]},
         "train_input": {"input_mean": [0.0], "input_std": [1.0]}, "pairs": [],
     }  # fmt: skip
     base = Evidence(1000, 10, 0.9, "a", 0.11, 0.21, True, "bn0", "g0", None, ("fc",), 0.91, control)
@@ -126,7 +126,9 @@ def test_decide_follows_the_evidence() -> None:
     from_g2 = with_layers(evidence(), agreement_kl=[1e-5] * 4 + [0.05] * 4)
     assert (decide(from_g2).kind, decide(from_g2).place) == ("weights", "g2")
     early = with_layers(evidence(), shift=[9.0] * 8)
-    assert decide(early).kind == "input_shift"
+    assert early.control is not None and decide(early).kind == "feature_shift"  # the inputs match: the features moved
+    at_input = dataclasses.replace(early, control={**early.control, "input_difference": 40.0})
+    assert (decide(at_input).kind, decide(at_input).place) == ("input_shift", "g0")
     deep = with_layers(evidence(), shift=[1.0] * 6 + [9.0] * 2)
     assert (decide(deep).kind, decide(deep).place) == ("feature_shift", "g3")
     weak = decide(dataclasses.replace(evidence(), recorded_accuracy=0.93, accuracy=0.8))  # the training data still as recorded
@@ -185,9 +187,9 @@ def test_a_saved_ranking_keeps_its_cause(session, tmp_path: Path) -> None:
 
 
 def test_recorded_accuracy_takes_only_a_plausible_number() -> None:
-    assert causes.recorded_accuracy([{"test_acc": 0.9}]) == 0.9
-    assert causes.recorded_accuracy([{"test_acc": "0.9"}]) is None and causes.recorded_accuracy([{"test_acc": 7}]) is None
-    assert causes.recorded_accuracy([]) is None and causes.recorded_accuracy([{"test_acc": True}]) is None
+    assert control.recorded_accuracy([{"test_acc": 0.9}]) == 0.9
+    assert control.recorded_accuracy([{"test_acc": "0.9"}]) is None and control.recorded_accuracy([{"test_acc": 7}]) is None
+    assert control.recorded_accuracy([]) is None and control.recorded_accuracy([{"test_acc": True}]) is None
 
 
 def test_probe_on_a_shifted_bundle_reports_input_statistics(session, tmp_path: Path) -> None:
@@ -198,3 +200,14 @@ def test_probe_on_a_shifted_bundle_reports_input_statistics(session, tmp_path: P
     assert cause is not None and cause.kind == "input_shift"
     c = cause.evidence["control"]
     assert c["data_input"]["input_mean"][0] > c["train_input"]["input_mean"][0] + 0.5
+
+
+def test_the_recorded_scenario_figures_follow_from_the_library_rule() -> None:
+    """BENCHMARKS.md's held-out figure (benchmarks/causes.py) is what today's CauseRule() decides on the recorded evidence."""
+    rows = json.loads((SAMPLES.parent / "benchmarks" / "causes_results.json").read_text())["rows"]
+    held = [r for r in rows if r["seed"] not in (0, 1)]
+    named = [decide(Evidence(**r["evidence"])) for r in held]
+    right = sum(c.kind == r["expected"] or (r["expected"] == "degenerate" and c.degenerate) for c, r in zip(named, held))
+    placed = sum(c.place == r["place"] for c, r in zip(named, held) if r["expected"] == "weights")
+    assert (right, len(held), placed) == (119, 122, 64)
+    assert all(c.kind == "none" for c, r in zip(named, held) if r["name"] == "healthy")

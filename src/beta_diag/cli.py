@@ -315,6 +315,7 @@ def compare(
 def repair(
     ckpt: opt.Ckpt,
     layers: opt.Layers = "auto",
+    method: opt.MethodChoice = RepairConfig.method,
     output: opt.RepairOutput = None,
     auto_layers: opt.AutoLayersChoice = RepairConfig.auto_layers,
     ranking_file: opt.RankingFile = None,
@@ -385,6 +386,7 @@ def repair(
         auto_layers,
         val_fraction,
         accept_p,
+        method,
     )
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed, control=0)  # --layers auto reads place, not cause
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)

@@ -117,6 +117,13 @@ class Baseline(str, Enum):
     full = "full"
 
 
+class RepairMethod(str, Enum):
+    """How ``repair`` changes the model: train the chosen layers, or re-estimate the BatchNorm statistics."""
+
+    finetune = "finetune"  # train the chosen layers with beta momentum
+    recalibrate = "recalibrate"  # re-estimate every BatchNorm's running statistics on the training data: no labels, no gradients
+
+
 class AutoLayers(str, Enum):
     """What ``--layers auto`` repairs: the groups rank flags, the drift suspect, or both."""
 
@@ -151,6 +158,7 @@ class RepairConfig:
     auto_layers: AutoLayers = AutoLayers.both  # planted faults: 93% won back (flags 83%); shifts: 87% (flags 84%, suspect 57%)
     val_fraction: float = 0.2  # of the training data, held out for the gate (unless validation data are given)
     accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
+    method: RepairMethod = RepairMethod.finetune
 
     def train_config(self, device: str) -> TrainConfig:
         """The shared training loop's configuration, on the repair's device."""
@@ -168,6 +176,7 @@ class RepairConfig:
             "auto_layers": AutoLayers(self.auto_layers).value,
             "val_fraction": self.val_fraction,
             "accept_p": self.accept_p,
+            "method": RepairMethod(self.method).value,
         }
 
     def check(self) -> None:

@@ -138,6 +138,14 @@ AutoLayersChoice = Annotated[
 ]
 RankingFile = Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")]
 VerifyData = Annotated[str | None, typer.Option("--data", help="Verification data spec (default: the held-out data rank uses).")]
+MethodChoice = Annotated[
+    configs.RepairMethod,
+    typer.Option(
+        "--method",
+        help="finetune: train the chosen layers; recalibrate: re-estimate every BatchNorm's statistics on the training data "
+        "(no labels, no gradients).",
+    ),
+]
 FocusChoice = Annotated[
     Focus, typer.Option("--focus", help="all: the whole training data; errors: its errors plus 3x as many correct examples.")
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = 
     ax.set_title(r.flag_finding, fontsize=9)
     if layers:
         _drift_profile(axes[0][1], r.drift)
-    fig.suptitle(r.verdict, fontsize=8)
+    fig.suptitle(textwrap.fill(r.verdict.replace("$", r"\$"), 180), fontsize=7)  # the cause first; a $ is not mathtext
     _save(fig, path, force, inputs)
     plt.close(fig)
 
@@ -142,7 +143,9 @@ def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = (
     ax_cls.legend()
     for name, arm in (("surgical", r.surgical), ("full", r.baseline)):
         if arm is not None:
-            ax_loss.plot([h["epoch"] for h in arm.history], [h["train_loss"] for h in arm.history], marker="o", label=name)
+            ax_loss.plot(
+                [h["epoch"] for h in arm.history], [h.get("train_loss", float("nan")) for h in arm.history], marker="o", label=name
+            )
             curve = arm.gate.curve
             line = ax_val.plot([c["epoch"] for c in curve], [c["val_net"] for c in curve], marker="o", label=name)[0]
             kept = curve[arm.gate.best_epoch]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from beta_diag import causes, outputs
+from beta_diag import control as control_mod
 from beta_diag import drift as drift_mod
 from beta_diag.attribution import per_example_norms
 from beta_diag.causes import Cause
@@ -239,7 +240,7 @@ def rank(
             "use --metric coherence, or data the model gets partly right"
         )
     control = replace(train, split=train.split or "train", limit=config.control, seed=config.seed) if config.control else None
-    cause = causes.diagnose(session, ds, preds, drift, every, control, progress)
+    cause = control_mod.diagnose(session, ds, preds, drift, every, control, progress)
     gen = torch.Generator().manual_seed(config.seed)
     sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values if config.scores_correct else right[:0]
     model, dev, pre = session.model, session.device, session.preprocess
@@ -305,7 +306,7 @@ def rank(
         tuple(g.name for g in found),
         by_class,
         drift,
-        session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))),
+        session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))) + causes.notes(cause),
         cause,
         m,
         preds,

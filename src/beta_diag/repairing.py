@@ -23,17 +23,19 @@ import torch
 from torch import nn
 
 from beta_diag import checkpoint, groups, outputs, prefix, ranking
-from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig
+from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig, RepairMethod
 from beta_diag.data import Dataset
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import Ranking
 from beta_diag.readers import DataSpec
+from beta_diag.recalibration import recalibrated, tracked_norms
 from beta_diag.runtime import Predictions, Progress, without_timing
 from beta_diag.session import DataChoice, Openable, Session, open_session
 from beta_diag.training import Anchor, fit
 from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
 
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
+RECALIBRATED = "BatchNorm statistics"  # what --method recalibrate changes, in place of groups
 
 
 def auto_groups(r: Ranking, policy: AutoLayers | str = AutoLayers.flags) -> list[str]:
@@ -163,14 +165,23 @@ def plan(
     saved, verify = _saved_ranking(session, saved_ranking, verify)
     verify_ds = session.load_data(verify)
     before: dict[str, Predictions] = {}
-    if layers == "auto":
+    recalibrate = RepairMethod(config.method) is RepairMethod.recalibrate
+    if recalibrate:
+        if not tracked_norms(session.model):
+            raise ConfigError(
+                "--method recalibrate: the model has no BatchNorm with running statistics to re-estimate; use --method finetune"
+            )
+        if layers != "auto":
+            raise ConfigError("--method recalibrate re-estimates every BatchNorm's statistics and trains no layer: drop --layers")
+        names: list[str] = [RECALIBRATED]
+    elif layers == "auto":
         result = saved or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
         names = auto_groups(result, config.auto_layers)
         if result.predictions is not None:
             before["verify"] = result.predictions
     else:
         names = list(layers)
-    params = resolve_layers(session.model, names)
+    params = [] if recalibrate else resolve_layers(session.model, names)
     pool = session.load_data(train, default_split="train")
     if _same_data(pool, verify_ds):
         raise ConfigError(f"refusing to train on the verification data ({verify_ds.spec}, {verify_ds.split}): pass --train-data or --split")
@@ -187,7 +198,7 @@ def plan(
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.training.seed))
         val_ds, train_idx = pool.subset(perm[:n_val].sort().values), perm[n_val:].sort().values
     train_ds = pool if train_idx is None else pool.subset(train_idx)
-    cut = prefix.split(session.model, set(params)) if config.cache_features else None
+    cut = prefix.split(session.model, set(params)) if config.cache_features and params else None
     cached: dict[str, Dataset] = {}
     if config.focus == "errors":
         if cut is not None:
@@ -199,7 +210,7 @@ def plan(
             cached["train"] = cached["train"].subset(keep)
     elif config.focus != "all":
         raise ConfigError(f"--focus {config.focus}: use all or errors")
-    steps = config.training.epochs * -(-len(train_ds) // config.training.batch_size)
+    steps = (1 if recalibrate else config.training.epochs) * -(-len(train_ds) // config.training.batch_size)
     return Plan(
         session,
         tuple(names),
@@ -277,6 +288,17 @@ def _fine_tune(
     return model.eval(), cut, history, gate, time.perf_counter() - start
 
 
+def _recalibrate(p: Plan, before: dict[str, Predictions]) -> tuple[nn.Module, None, list[dict], Gate, float]:
+    """--method recalibrate: a copy with every BatchNorm's statistics re-estimated on the training data (its images
+    only), scored on validation against the original (epoch 0) and gated like any repair."""
+    start = time.perf_counter()
+    model = recalibrated(p.session.model, p.train, p.session.preprocess, p.session.device)
+    point = {"epoch": 1, **validation_record(before["val"], _predict(p.session, model, None, None, p.val))}
+    curve = [{"epoch": 0, **validation_record(before["val"], before["val"])}, point]
+    history = [{"epoch": 1, "recalibrated_on": len(p.train), **{k: v for k, v in point.items() if k not in ("examples", "epoch")}}]
+    return model, None, history, choose(curve, p.config.accept_p), time.perf_counter() - start
+
+
 def apply(p: Plan, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> RepairReport:
     """Fine-tune the plan's parameters, keep the best epoch on validation, verify on held-out data, and write
     the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing is written)."""
@@ -304,7 +326,10 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     for params in [p.params] + ([every] if config.baseline == "full" else []):
         surgical = params is p.params
         mine = feats if surgical else {}
-        model, cut, history, gate, seconds = _fine_tune(p, params, mine, before, anchor, shortcut, progress)
+        if surgical and RepairMethod(config.method) is RepairMethod.recalibrate:
+            model, cut, history, gate, seconds = _recalibrate(p, before)
+        else:
+            model, cut, history, gate, seconds = _fine_tune(p, params, mine, before, anchor, shortcut, progress)
         after = {
             k: before[k]
             if gate.best_epoch == 0

@@ -226,7 +226,8 @@ def compare_table(comparison: Comparison) -> None:
         cause = "" if r.cause is None else f"; cause {r.cause.kind}" + (f" at {r.cause.place}" if r.cause.place else "")
         out.print(
             Text(
-                f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; flagged {', '.join(r.flagged)}{cause}{found}"
+                f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; "
+                f"flagged {', '.join(r.flagged)}{cause}{found}"
             )
         )
     metric = comparison.rankings[0].config.metric.value

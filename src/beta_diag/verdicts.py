@@ -175,8 +175,13 @@ class RepairReport:
             return f"nothing to repair: the original is kept ({self.surgical.gate.reason})"
         v = self.surgical.verify
         lo, hi = v.net_interval
+        what = (
+            f"recalibrated the BatchNorm statistics on {self.plan['train_data']['examples']} images"
+            if self.plan["config"].get("method") == "recalibrate"
+            else f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch})"
+        )
         return (
-            f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch}): fixed {v.fixed}, broke {v.broken}, "
+            f"{what}: fixed {v.fixed}, broke {v.broken}, "
             f"net {v.net:+d} (95% {math.floor(lo):+d} to {math.ceil(hi):+d}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}"
         )
 

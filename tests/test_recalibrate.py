@@ -1,0 +1,71 @@
+"""repair --method recalibrate: BatchNorm statistics re-estimated on the training data, gated and verified like any repair."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from conftest import SAMPLES, sha
+from typer.testing import CliRunner
+
+from beta_diag import checkpoint
+from beta_diag.cli import app
+from beta_diag.recalibration import tracked_norms
+from beta_diag.session import DataChoice, open_session
+
+SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
+TRAIN, TEST = str(SAMPLES / "fmnist_train_5k.safetensors"), str(SAMPLES / "fmnist_test_3k.safetensors")
+runner = CliRunner()
+
+
+@torch.no_grad()
+def overwritten_checkpoint(path: Path) -> Path:
+    """The SGD sample with every BatchNorm's statistics overwritten by train-mode passes over inverted training images."""
+    session = open_session(SGD, "cpu")
+    model = copy.deepcopy(session.model)
+    train = session.load_data(DataChoice(limit=500), default_split="train")
+    for m in tracked_norms(model).values():
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    model(session.preprocess(255 - train.images))
+    for m in tracked_norms(model).values():
+        m.momentum = 0.1
+    checkpoint.save(path, model.eval().state_dict(), session.ckpt.metadata)
+    return path
+
+
+def test_recalibration_repairs_overwritten_statistics_and_records_it(tmp_path: Path) -> None:
+    damaged = overwritten_checkpoint(tmp_path / "damaged.safetensors")
+    before = sha(damaged)
+    out = tmp_path / "fixed.safetensors"
+    args = ["repair", str(damaged), "--method", "recalibrate", "--train-data", TRAIN, "--data", TEST, "--limit", "1000", "-o", str(out)]
+    res = runner.invoke(app, [*args, "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    v = d["surgical"]["verify"]
+    assert d["accepted"] and v["accuracy_after"] > v["accuracy_before"] + 0.1 and v["accuracy_after"] > 0.88
+    assert d["surgical"]["groups"] == ["BatchNorm statistics"] and d["surgical"]["trainable"] == 0
+    assert d["plan"]["config"]["method"] == "recalibrate" and d["verdict"].startswith(
+        "recalibrated the BatchNorm statistics on 4000 images"
+    )
+    assert sha(damaged) == before and out.is_file()
+    assert checkpoint.load(out).metadata.repair["config"]["method"] == "recalibrate"  # type: ignore[index]
+    weights = {k: v for k, v in checkpoint.load(out).state_dict.items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, checkpoint.load(damaged).state_dict[k]) for k, v in weights.items())  # no weight moved
+
+
+def test_recalibrating_a_healthy_sample_keeps_the_original(tmp_path: Path) -> None:
+    out = tmp_path / "x.safetensors"
+    res = runner.invoke(app, ["repair", str(SGD), "--method", "recalibrate", "--limit", "600", "-o", str(out), "--quiet"])
+    assert res.exit_code == 3, res.output  # nothing beyond chance to gain: the original is kept
+    assert "nothing to repair: the original is kept" in " ".join(res.stdout.split()) and not out.exists()
+
+
+def test_recalibrate_refusals() -> None:
+    named = runner.invoke(app, ["repair", str(SGD), "--method", "recalibrate", "--layers", "fc", "--dry-run"])
+    assert named.exit_code == 1 and "drop --layers" in named.output
+    bad = runner.invoke(app, ["repair", str(SGD), "--method", "sideways"])
+    assert bad.exit_code == 2
