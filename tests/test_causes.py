@@ -177,6 +177,9 @@ def test_cli_cause_in_json_and_table_and_a_copied_checkpoint_says_what_is_missin
     off = runner.invoke(app, ["rank", str(SGD), "--limit", "300", "--bootstrap", "0", "--no-control", "--json", "--quiet"])
     assert json.loads(off.stdout)["cause"]["evidence"]["why_no_control"] == "the control pass was turned off (--no-control)"
     assert runner.invoke(app, ["rank", str(SGD), "--control", "-1"]).exit_code == 2
+    adam = str(SAMPLES / "fmnist_resnet18w16_adam_beta.safetensors")
+    both = runner.invoke(app, ["compare", str(SGD), adam, "--limit", "300", "--bootstrap", "0", "--control", "200", "--json", "--quiet"])
+    assert both.exit_code == 0 and [i["cause"]["kind"] for i in json.loads(both.stdout)["inputs"]] == ["none", "none"]
 
 
 def test_a_saved_ranking_keeps_its_cause(session, tmp_path: Path) -> None:

@@ -176,7 +176,16 @@ def test_every_group_is_allowed(tiny: dict[str, Path], tmp_path: Path) -> None:
         ],
     )
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["plan"]["fraction"] == 1.0
+    d = json.loads(r.stdout)
+    assert d["plan"]["fraction"] == 1.0 and d["full_fine_tune"] is True
+    assert d["verdict"].startswith("fine-tuned the whole model (epoch ") if d["accepted"] else "original is kept" in d["verdict"]
+    named_all = runner.invoke(app, ["repair", str(tiny["damaged"]), "--layers", "all", "--dry-run", "--json"])
+    assert named_all.exit_code == 0, named_all.stderr
+    assert json.loads(named_all.stdout)["groups"] == every.split(",")  # --layers all names every group
+
+
+def test_one_name_is_one_group(tiny: dict[str, Path]) -> None:
+    assert plan(str(tiny["damaged"]), "fc", device="cpu").groups == ("fc",)  # not 'f', 'c'
 
 
 def test_repair_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -367,7 +367,7 @@ def repair(
         for path in (output, plot):
             if path is not None:
                 outputs.check_output(path, force, repair_inputs, checkpoint_file=path is output)
-    chosen: list[str] | str = "auto" if layers.strip() == "auto" else [n.strip() for n in layers.split(",") if n.strip()]
+    chosen: list[str] | str = layers.strip() if layers.strip() in ("auto", "all") else [n.strip() for n in layers.split(",") if n.strip()]
     training = replace(
         REPAIR_TRAINING,
         epochs=epochs,

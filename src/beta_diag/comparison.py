@@ -114,6 +114,7 @@ class Comparison:
                     "accuracy": r.accuracy,
                     "errors": len(r.error_index),
                     "drift_suspect": None if r.drift is None else r.drift.suspect,
+                    "cause": None if r.cause is None else r.cause.to_dict(),
                     "notes": list(r.notes),
                 }
                 for label, r in zip(self.labels, self.rankings)

@@ -125,7 +125,12 @@ CompareInputs = Annotated[list[Path], typer.Argument(help="Two or more checkpoin
 OverlapTopK = Annotated[int | None, typer.Option("--top-k", help="Flag exactly K groups in each, and report overlap@K.")]
 
 # repair
-Layers = Annotated[str, typer.Option("--layers", help="auto (the groups rank flags) or a comma list of groups/blocks/modules.")]
+Layers = Annotated[
+    str,
+    typer.Option(
+        "--layers", help="auto (the groups rank flags), all (every group: a full fine-tune), or a comma list of groups/blocks/modules."
+    ),
+]
 RepairOutput = Annotated[
     Path | None, typer.Option("--output", "-o", help="Repaired checkpoint (default: NAME.repaired.safetensors beside the input).")
 ]

@@ -179,8 +179,10 @@ def plan(
         names = auto_groups(result, config.auto_layers)
         if result.predictions is not None:
             before["verify"] = result.predictions
+    elif layers == "all":  # every group: a full fine-tune, reported as one
+        names = [g.name for g in groups.layer_groups(session.model, Granularity.group)]
     else:
-        names = list(layers)
+        names = [n.strip() for n in layers.split(",")] if isinstance(layers, str) else list(layers)  # "fc" is one name, not 'f', 'c'
     params = [] if recalibrate else resolve_layers(session.model, names)
     pool = session.load_data(train, default_split="train")
     if _same_data(pool, verify_ds):

@@ -313,7 +313,7 @@ def repair_summary(r: RepairReport) -> None:
         + ("" if r.accepted else ": the kept epoch, not written"),
         title_justify="left",
     )
-    for name, arm in (("surgical", r.surgical), ("full fine-tune", r.baseline)):
+    for name, arm in (("full fine-tune" if r.full else "surgical", r.surgical), ("full fine-tune", r.baseline)):
         if arm is None:
             continue
         v = arm.verify

@@ -166,6 +166,11 @@ class RepairReport:
         return self.surgical.gate.accepted
 
     @property
+    def full(self) -> bool:
+        """Every parameter trained: a full fine-tune, never called surgical."""
+        return self.surgical.trainable == self.plan["total"]
+
+    @property
     def compute_saving(self) -> float | None:
         return 1 - self.surgical.seconds / self.baseline.seconds if self.baseline else None
 
@@ -178,7 +183,8 @@ class RepairReport:
         what = (
             f"recalibrated the BatchNorm statistics on {self.plan['train_data']['examples']} images"
             if self.plan["config"].get("method") == "recalibrate"
-            else f"repaired {', '.join(self.surgical.groups)} (epoch {self.surgical.gate.best_epoch})"
+            else f"{'fine-tuned the whole model' if self.full else 'repaired ' + ', '.join(self.surgical.groups)} "
+            f"(epoch {self.surgical.gate.best_epoch})"
         )
         return (
             f"{what}: fixed {v.fixed}, broke {v.broken}, "
@@ -191,6 +197,7 @@ class RepairReport:
             "surgical": self.surgical.to_dict(),
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "accepted": self.accepted,
+            "full_fine_tune": self.full,
             "verdict": self.verdict,
             "output": self.output,
             "sha256": self.sha256,
