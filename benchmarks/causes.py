@@ -169,7 +169,7 @@ GRID = {
 
 
 def choose(rows: list[dict]) -> CauseRule:
-    """The grid's rule with the most correct causes on ``rows`` (ties: the default's values first)."""
+    """The grid's rule with the most correct causes on ``rows`` (ties: the first in the grid's order)."""
     best, best_hits = CauseRule(), -1
     for values in itertools.product(*GRID.values()):
         rule = replace(CauseRule(), **dict(zip(GRID, values)))

@@ -14,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from conftest import SAMPLES
 from typer.testing import CliRunner
 
-from beta_diag import control, data, ranking
+from beta_diag import checkpoint, control, data, ranking
 from beta_diag.causes import CauseRule, Evidence, decide
 from beta_diag.cli import app
 from beta_diag.configs import RankConfig
@@ -214,3 +214,27 @@ def test_the_recorded_scenario_figures_follow_from_the_library_rule() -> None:
     placed = sum(c.place == r["place"] for c, r in zip(named, held) if r["expected"] == "weights")
     assert (right, len(held), placed) == (119, 122, 64)
     assert all(c.kind == "none" for c, r in zip(named, held) if r["name"] == "healthy")
+
+
+def test_class_sorted_data_and_data_naming_fewer_classes(session) -> None:
+    test = session.load_data(DataChoice(limit=1500))
+    order = torch.argsort(test.labels, stable=True)  # as an image folder reads them: one class after another
+    by_class = dataclasses.replace(test, images=test.images[order], labels=test.labels[order])
+    assert rank_cause(session, by_class).kind == "none"
+    few = test.subset(torch.nonzero(test.labels < 4).flatten())
+    few = dataclasses.replace(few, class_names=few.class_names[:4])  # a bundle whose labels stop at 3
+    assert rank_cause(session, few) is not None  # confusions with classes the data does not name: no crash
+
+
+def test_a_model_without_batchnorm_reads_no_training_data(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from beta_diag.configs import TrainConfig
+    from beta_diag.training import train
+
+    result = train("tests.nets:convnet", str(tiny["train"]), str(tiny["test"]), {}, TrainConfig(epochs=1, batch_size=64, device="cpu"))
+    ckpt = tmp_path / "convnet.safetensors"
+    checkpoint.save(ckpt, result.model.state_dict(), result.metadata)
+    out = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
+    cause = json.loads(out.stdout)["cause"]
+    assert cause["kind"] in ("undetermined", "degenerate") and cause["evidence"]["control"] is None
+    assert "drift is unavailable" in cause["summary"]

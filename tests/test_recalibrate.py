@@ -69,3 +69,17 @@ def test_recalibrate_refusals() -> None:
     assert named.exit_code == 1 and "drop --layers" in named.output
     bad = runner.invoke(app, ["repair", str(SGD), "--method", "sideways"])
     assert bad.exit_code == 2
+
+
+def test_layers_auto_recalibrates_when_the_cause_is_statistics(tmp_path: Path) -> None:
+    damaged = overwritten_checkpoint(tmp_path / "damaged.safetensors")
+    args = ["repair", str(damaged), "--train-data", TRAIN, "--data", TEST, "--limit", "1000", "--dry-run", "--json", "--quiet"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    planned = json.loads(res.stdout)
+    assert planned["groups"] == ["BatchNorm statistics"] and planned["config"]["method"] == "recalibrate"
+    assert planned["because"].startswith("the cause is statistics") and planned["trainable"] == 0
+    healthy = runner.invoke(app, ["repair", str(SGD), "--limit", "600", "--dry-run", "--json", "--quiet"])
+    assert healthy.exit_code == 0, healthy.output
+    h = json.loads(healthy.stdout)
+    assert h["config"]["method"] == "finetune" and h["because"].startswith("the cause is none; --auto-layers both")

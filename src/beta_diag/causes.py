@@ -159,9 +159,8 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
             rule=rule,
         )
     layers = c["layers"]
-    disagree = [
-        x["agreement_kl"] > max(rule.disagree, rule.noise * x.get("train_noise", 0.0)) for x in layers if x["agreement_kl"] is not None
-    ]
+    layers = [x for x in layers if x["agreement_kl"] is not None]  # the BatchNorms both passes measured, so indices agree
+    disagree = [x["agreement_kl"] > max(rule.disagree, rule.noise * x.get("train_noise", 0.0)) for x in layers]
     now = _pct(c["data_sample_accuracy"])
     recal_text = (
         f"recalibrating the BatchNorm statistics on {c['examples']} training images takes this data from {now} "
@@ -191,7 +190,8 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
                 "statistics",
                 f"the BatchNorm statistics disagree with the model's own layers on its training data at {sum(disagree)} of {len(disagree)} "
                 f"BatchNorms, from the first: the statistics, not the weights, are wrong; {recal_text}",
-                "recalibrate the BatchNorm statistics on the training data (no labels or gradients needed)",
+                "recalibrate the BatchNorm statistics on the training data (no labels or gradients needed): "
+                "beta-diag repair CKPT --method recalibrate",
                 ev,
                 rule=rule,
             )
@@ -246,7 +246,10 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
             place=place,
             rule=rule,
         )
-    gap = c["accuracy"] - e.accuracy
+    # the accuracy to expect: the test accuracy the history records, else the training sample's (which a generalisation gap inflates)
+    ref = recorded if recorded is not None else c["accuracy"]
+    ref_text = f"{_pct(ref)} " + ("recorded by its training history" if recorded is not None else "on the training data")
+    gap = ref - e.accuracy
     pairs = c["pairs"]
     extra = max(1.0, gap * e.examples)
     in_pairs = sum(p["excess"] for p in pairs[:2]) / extra
@@ -254,9 +257,10 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
         named = ", ".join(f"{p['true']} -> {p['predicted']} ({p['errors']})" for p in pairs[:2])
         return Cause(
             "label_shift",
-            f"no activation drift, yet accuracy is {_pct(e.accuracy)} against {_pct(c['accuracy'])} on the training data, and "
+            f"no activation drift, yet accuracy is {_pct(e.accuracy)} against {ref_text}, and "
             f"{_pct(min(1.0, in_pairs))} of the extra errors are in {named}: the labels (or classes) differ from training",
-            "check the labels of these classes; retrain the head on relabelled data (beta-diag repair --layers fc --train-data ...)",
+            "check the labels of these classes; retrain the head on relabelled data"
+            + (f" (beta-diag repair CKPT --layers {e.downstream[-1]} --train-data ...)" if e.downstream else ""),
             ev,
             rule=rule,
         )
@@ -264,11 +268,10 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
     return Cause(
         "none",
         (
-            f"nothing found: the model is uniformly weaker here ({_pct(e.accuracy)} against {_pct(c['accuracy'])} on the training data) "
+            f"nothing found: the model is uniformly weaker here ({_pct(e.accuracy)} against {ref_text}) "
             "with its errors spread over many classes and no activation drift"
             if weak
-            else f"nothing found: a healthy model ({_pct(e.accuracy)} here, {_pct(c['accuracy'])} on the training data, "
-            "no activation drift)"
+            else f"nothing found: a healthy model ({_pct(e.accuracy)} here, {ref_text}, no activation drift)"
         ),
         "more or better training data" if weak else "nothing to fix; the flags say where a fine-tune would act most directly",
         ev,

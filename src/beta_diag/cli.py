@@ -388,7 +388,7 @@ def repair(
         accept_p,
         method,
     )
-    rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed, control=0)  # --layers auto reads place, not cause
+    rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)  # --layers auto: the cause leads, the place follows
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
     opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)

@@ -187,6 +187,8 @@ class RepairConfig:
             raise ConfigError(f"--distill {self.distill}: pass a weight from 0 (off) to {MAX_DISTILL:g}")
         if not 0 < self.val_fraction <= 0.5:
             raise ConfigError(f"--val-fraction {self.val_fraction}: pass a share of the training data above 0 and at most 0.5, e.g. 0.2")
+        if RepairMethod(self.method) is RepairMethod.recalibrate and self.focus == "errors":
+            raise ConfigError("--method recalibrate re-estimates the statistics of all the training data: drop --focus errors")
         if not 0 <= self.accept_p <= 1:
             raise ConfigError(f"--accept-p {self.accept_p}: pass a p-value from 0 to 1 (1 accepts any gain)")
 

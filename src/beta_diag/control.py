@@ -32,6 +32,7 @@ from beta_diag.recalibration import agreement, recalibrated
 from beta_diag.runtime import Predictions, Progress, evaluate
 from beta_diag.session import DataChoice, Session
 
+ADAPT_WHEN = 2.0  # measure what adapting to the data recovers once its drift passes this many times the training data's
 NORMALISATIONS = {  # what a model trained elsewhere was most likely normalised with
     "0.5": ((0.5,), (0.5,)),
     "none (0 and 1)": ((0.0,), (1.0,)),
@@ -98,7 +99,8 @@ def _profile(
 
 def _pairs(preds: Predictions, names: Sequence[str], reference: Predictions | None) -> list[dict[str, Any]]:
     """Confusions (true -> predicted) by how many errors they add over the reference's rates, largest first."""
-    c = len(names)
+    c = preds.logits.shape[1]
+    names = [names[i] if i < len(names) else str(i) for i in range(c)]  # data may name fewer classes than the model has
     conf = torch.zeros(c, c)
     conf.index_put_((preds.labels, preds.preds), torch.ones(len(preds.labels)), accumulate=True)
     counts = conf.sum(1, keepdim=True).clamp_min(1)
@@ -177,7 +179,7 @@ def probe(
         recal_data = evaluate(fresh, sample, pre, device).accuracy
     if progress:
         progress("control", 2, 4)
-    if any(u.kl > 2 * max(t.kl, u.noise + t.noise, data_drift.rule.floor) for u, t in zip(layers, train_drift.layers)):
+    if any(u.kl > ADAPT_WHEN * max(t.kl, u.noise + t.noise, data_drift.rule.floor) for u, t in zip(layers, train_drift.layers)):
         adapt_data = evaluate(
             recalibrated(model, sample, pre, device), sample, pre, device
         ).accuracy  # label-free: the data's own statistics
@@ -227,8 +229,8 @@ def probe(
         "adapted_data_accuracy": adapt_data,  # None: the data did not move
         "layers": per_layer,
         "normalisations": normalisations,
-        "input_difference": input_difference(data, train, pre),
-        "data_input": _channel_stats(data, pre),
+        "input_difference": input_difference(sample, train, pre),  # the seeded sample: a folder's first images are one class's
+        "data_input": _channel_stats(sample, pre),
         "train_input": _channel_stats(train, pre),
         "pairs": _pairs(preds, data.class_names, train_preds),
     }
@@ -248,7 +250,7 @@ def diagnose(
     None: no control, said in the cause), then ``decide``. Only copies of the model are changed."""
     why = "the control pass was turned off (--no-control)" if train is None else None
     sample = None
-    if train is not None:
+    if train is not None and data_drift.available:  # without drift the control has nothing to compare: read nothing
         try:
             sample = session.load_data(train, default_split="train")
         except BetaDiagError as exc:

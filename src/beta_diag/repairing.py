@@ -84,6 +84,7 @@ class Plan:
     estimated_seconds: float
     before: dict[str, Predictions] = field(default_factory=dict, compare=False, repr=False)
     cached: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
+    because: str = ""  # why these groups (or recalibration): the option, or the cause and policy of --layers auto
 
     @functools.cached_property
     def sizes(self) -> dict[str, int]:
@@ -107,6 +108,7 @@ class Plan:
         val_from = "given (--val-data)" if self.val_given else f"{c.val_fraction:g} of the training data (seed {c.training.seed})"
         return {
             "groups": list(self.groups),
+            "because": self.because,
             "trainable": self.trainable,
             "total": self.total,
             "train_data": {"spec": self.train.spec, "split": self.train.split, "examples": len(self.train), "focus": c.focus},
@@ -166,6 +168,7 @@ def plan(
     verify_ds = session.load_data(verify)
     before: dict[str, Predictions] = {}
     recalibrate = RepairMethod(config.method) is RepairMethod.recalibrate
+    because = "--method recalibrate" if recalibrate else "named by --layers"
     if recalibrate:
         if not tracked_norms(session.model):
             raise ConfigError(
@@ -175,10 +178,17 @@ def plan(
             raise ConfigError("--method recalibrate re-estimates every BatchNorm's statistics and trains no layer: drop --layers")
         names: list[str] = [RECALIBRATED]
     elif layers == "auto":
-        result = saved or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress)
-        names = auto_groups(result, config.auto_layers)
+        result = saved or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress, train=train)
         if result.predictions is not None:
             before["verify"] = result.predictions
+        if result.cause is not None and result.cause.kind == "statistics" and tracked_norms(session.model):
+            recalibrate, names = True, [RECALIBRATED]  # the cause leads: retraining layers cannot fix statistics
+            config = replace(config, method=RepairMethod.recalibrate, focus="all")  # statistics of all the training data
+            because = "the cause is statistics (rank): the BatchNorm statistics are re-estimated on the training data"
+        else:
+            names = auto_groups(result, config.auto_layers)
+            cause = f"the cause is {result.cause.kind}; " if result.cause is not None else ""
+            because = f"{cause}--auto-layers {AutoLayers(config.auto_layers).value}: the drift suspect and the flagged groups"
     elif layers == "all":  # every group: a full fine-tune, reported as one
         names = [g.name for g in groups.layer_groups(session.model, Granularity.group)]
     else:
@@ -227,6 +237,7 @@ def plan(
         prefix.estimate_seconds(session, train_ds, steps, config.training.batch_size),
         before,
         cached,
+        because,
     )
 
 

@@ -280,7 +280,8 @@ def plan_table(plan: dict[str, Any]) -> None:
     """``Plan.to_dict()`` as a table."""
     out = stdout()
     table = Table("field", "value", title="repair plan (dry run: nothing trained or written)", title_justify="left")
-    table.add_row("groups", ", ".join(plan["groups"]))
+    table.add_row("groups", Text(", ".join(plan["groups"])))
+    table.add_row("because", Text(plan.get("because", "")))
     table.add_row("trainable parameters", f"{plan['trainable']:,} of {plan['total']:,} ({100 * plan['fraction']:.1f}%)")
     t, v, w = plan["train_data"], plan["val_data"], plan["verify_data"]
     table.add_row("training data", f"{t['spec']} ({t['split']}, {t['examples']} examples, focus {t['focus']})")
@@ -313,7 +314,7 @@ def repair_summary(r: RepairReport) -> None:
         + ("" if r.accepted else ": the kept epoch, not written"),
         title_justify="left",
     )
-    for name, arm in (("full fine-tune" if r.full else "surgical", r.surgical), ("full fine-tune", r.baseline)):
+    for name, arm in (("full fine-tune" if r.full else "surgical", r.surgical), ("baseline: full fine-tune", r.baseline)):
         if arm is None:
             continue
         v = arm.verify
