@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -83,3 +84,26 @@ def test_layers_auto_recalibrates_when_the_cause_is_statistics(tmp_path: Path) -
     assert healthy.exit_code == 0, healthy.output
     h = json.loads(healthy.stdout)
     assert h["config"]["method"] == "finetune" and h["because"].startswith("the cause is none; --auto-layers both")
+
+
+def test_a_repair_that_forgets_the_keep_data_is_not_shipped_unless_allowed(tmp_path: Path) -> None:
+    from beta_diag import data
+
+    session = open_session(SGD, "cpu")
+    for split, n in (("train", 600), ("test", 400)):
+        ds = session.load_data(DataChoice(limit=n), default_split=split)
+        data.save_bundle(tmp_path / f"inv_{split}.safetensors", dataclasses.replace(ds, images=255 - ds.images))
+    out = tmp_path / "r.safetensors"
+    args = ["repair", str(SGD), "--layers", "all", "--epochs", "2", "--lr", "0.02", "-o", str(out), "--json", "--quiet"]
+    args += ["--train-data", str(tmp_path / "inv_train.safetensors"), "--data", str(tmp_path / "inv_test.safetensors")]
+    held = runner.invoke(app, args)
+    assert held.exit_code == 3, held.output
+    d = json.loads(held.stdout)
+    assert d["plan"]["keep_data"]["spec"].endswith("fmnist_test_3k.safetensors") and d["surgical"]["gate"]["accepted"]
+    keep = d["surgical"]["keep"]
+    assert d["surgical"]["forgets"] and keep["broken"] > keep["fixed"] and keep["p_value"] <= 0.05 and not out.exists()
+    assert d["verdict"].startswith("not shipped: the repair gains on validation") and "--allow-forgetting" in d["verdict"]
+    shipped = runner.invoke(app, [*args, "--allow-forgetting"])
+    assert shipped.exit_code == 0 and json.loads(shipped.stdout)["accepted"] and out.is_file()
+    same = runner.invoke(app, ["repair", str(SGD), "--layers", "fc", "--limit", "300", "--dry-run", "--json", "--quiet"])
+    assert json.loads(same.stdout)["keep_data"] is None  # verified on its own held-out data: nothing more to keep

@@ -335,6 +335,8 @@ def repair(
     val_data: opt.ValData = None,
     val_fraction: opt.ValFraction = RepairConfig.val_fraction,
     accept_p: opt.AcceptP = RepairConfig.accept_p,
+    keep_data: opt.KeepData = None,
+    allow_forgetting: opt.AllowForgetting = RepairConfig.allow_forgetting,
     metric: opt.Metric = DEFAULT_METRIC,
     granularity: opt.Granularity = Granularity.group,
     top_k: opt.TopK = None,
@@ -361,7 +363,7 @@ def repair(
     from beta_diag.repairing import repair as repair_fn
     from beta_diag.session import DataChoice
 
-    repair_inputs = (ckpt, *data_files(data, train_data, val_data), *([ranking_file] if ranking_file else []))
+    repair_inputs = (ckpt, *data_files(data, train_data, val_data, keep_data), *([ranking_file] if ranking_file else []))
     if not dry_run:
         outputs.distinct(output=output or default_output(ckpt), plot=plot)
         for path in (output, plot):
@@ -387,17 +389,33 @@ def repair(
         val_fraction,
         accept_p,
         method,
+        allow_forgetting,
     )
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)  # --layers auto: the cause leads, the place follows
     train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
     val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
+    keep_choice = DataChoice(keep_data, "test") if keep_data else None
     opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
-            planned = plan_fn(opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress, val_choice)
+            planned = plan_fn(
+                opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress, val_choice, keep_choice
+            )
         else:
             result = repair_fn(
-                opened, chosen, output, train_choice, verify_choice, config, rank_cfg, ranking_file, device, force, progress, val_choice
+                opened,
+                chosen,
+                output,
+                train_choice,
+                verify_choice,
+                config,
+                rank_cfg,
+                ranking_file,
+                device,
+                force,
+                progress,
+                val_choice,
+                keep_choice,
             )
     say_notes(opened.path, opened.notes if dry_run else result.notes)
     if dry_run:

@@ -159,6 +159,7 @@ class RepairConfig:
     val_fraction: float = 0.2  # of the training data, held out for the gate (unless validation data are given)
     accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
     method: RepairMethod = RepairMethod.finetune
+    allow_forgetting: bool = False  # ship a repair significantly worse on the keep data
 
     def train_config(self, device: str) -> TrainConfig:
         """The shared training loop's configuration, on the repair's device."""
@@ -177,6 +178,7 @@ class RepairConfig:
             "val_fraction": self.val_fraction,
             "accept_p": self.accept_p,
             "method": RepairMethod(self.method).value,
+            "allow_forgetting": self.allow_forgetting,
         }
 
     def check(self) -> None:

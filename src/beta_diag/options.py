@@ -171,6 +171,16 @@ ValData = Annotated[
 ValFraction = Annotated[
     float, typer.Option("--val-fraction", help="Share of the training data held out to choose the epoch and gate the repair.")
 ]
+KeepData = Annotated[
+    str | None,
+    typer.Option(
+        "--keep-data",
+        help="Data the repair must not get worse on (default: the checkpoint's own held-out data when the repair verifies on other data).",
+    ),
+]
+AllowForgetting = Annotated[
+    bool, typer.Option("--allow-forgetting", help="Ship a repair even if it is significantly worse on the keep data.")
+]
 AcceptP = Annotated[
     float,
     typer.Option("--accept-p", help="Write the repair only if its validation gain has exact McNemar p at most this (1: any gain)."),

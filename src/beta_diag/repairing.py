@@ -25,14 +25,14 @@ from torch import nn
 from beta_diag import checkpoint, groups, outputs, prefix, ranking
 from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig, RepairMethod
 from beta_diag.data import Dataset
-from beta_diag.errors import ConfigError
+from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.ranking import Ranking
 from beta_diag.readers import DataSpec
 from beta_diag.recalibration import recalibrated, tracked_norms
 from beta_diag.runtime import Predictions, Progress, without_timing
 from beta_diag.session import DataChoice, Openable, Session, open_session
 from beta_diag.training import Anchor, fit
-from beta_diag.verdicts import Arm, Gate, RepairReport, best_epoch, choose, validation_record, verdict
+from beta_diag.verdicts import Arm, Gate, RepairReport, Verdict, best_epoch, choose, validation_record, verdict
 
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
 RECALIBRATED = "BatchNorm statistics"  # what --method recalibrate changes, in place of groups
@@ -85,6 +85,7 @@ class Plan:
     before: dict[str, Predictions] = field(default_factory=dict, compare=False, repr=False)
     cached: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
     because: str = ""  # why these groups (or recalibration): the option, or the cause and policy of --layers auto
+    keep: Dataset | None = None  # data the repair must not get worse on (--keep-data, or the checkpoint's own held-out data)
 
     @functools.cached_property
     def sizes(self) -> dict[str, int]:
@@ -114,6 +115,7 @@ class Plan:
             "train_data": {"spec": self.train.spec, "split": self.train.split, "examples": len(self.train), "focus": c.focus},
             "val_data": {"spec": self.val.spec, "split": self.val.split, "examples": len(self.val), "from": val_from},
             "verify_data": {"spec": self.verify.spec, "split": self.verify.split, "examples": len(self.verify)},
+            "keep_data": None if self.keep is None else {"spec": self.keep.spec, "split": self.keep.split, "examples": len(self.keep)},
             "config": {**c.to_dict(), "lr_schedule": "cosine", "batchnorm": "chosen groups train, frozen groups eval"},
             "steps": self.steps,
             "cached_prefix": self.cut.prefix_name if self.cut else None,
@@ -160,6 +162,7 @@ def plan(
     device: str = "auto",
     progress: Progress | None = None,
     val: DataChoice | None = None,
+    keep_data: DataChoice | None = None,
 ) -> Plan:
     """What ``apply`` will do (groups, parameters, training/validation/verification data, the cut), without training."""
     config.check()
@@ -238,7 +241,30 @@ def plan(
         before,
         cached,
         because,
+        _keep_data(session, keep_data, verify_ds, pool),
     )
+
+
+def _keep_verdict(p: Plan, before: Predictions | None, model: nn.Module, kept_epoch: int) -> Verdict | None:
+    """What the kept epoch changed on the keep data (the original kept: nothing)."""
+    if p.keep is None or before is None:
+        return None
+    return verdict(before, before if kept_epoch == 0 else _predict(p.session, model, None, None, p.keep), p.keep.class_names)
+
+
+def _keep_data(session: Session, keep: DataChoice | None, verify_ds: Dataset, pool: Dataset) -> Dataset | None:
+    """--keep-data, else the checkpoint's own held-out data when its metadata names it (and it can be read) and the
+    repair verifies on other data (on the same data, verification already measures what it keeps)."""
+    if keep is not None:
+        ds = session.load_data(keep)
+    else:
+        try:
+            ds = session.load_data(DataChoice(*session.resolve_data(DataChoice(), "test")))
+        except BetaDiagError:
+            return None  # no held-out data named, or not on this machine: the plan's keep_data says none
+    if _same_data(ds, pool):
+        raise ConfigError(f"--keep-data {ds.spec} ({ds.split}) is the training data: pass data the repair does not train on")
+    return None if _same_data(ds, verify_ds) else ds
 
 
 def _focus(before: Predictions, seed: int, where: str) -> torch.Tensor:
@@ -317,7 +343,10 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing is written)."""
     session, config = p.session, p.config
     out = _output_path(session, output)
-    inputs = (session.ckpt.path, *(f for ds in (p.train, p.val, p.verify) if ds.source for f in ds.source.files()))
+    inputs = (
+        session.ckpt.path,
+        *(f for ds in (p.train, p.val, p.verify, p.keep) if ds is not None and ds.source for f in ds.source.files()),
+    )
     outputs.check_output(out, force, inputs, checkpoint_file=True)
     # With a frozen prefix, one pass of it over each data set gives the original's outputs there and the
     # features the surgical arm trains on. On CPU, where outputs through the cut are bit-identical to the
@@ -325,6 +354,7 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     # evaluates them, so that the reported accuracy is what the written file gives.
     shortcut = p.cut is not None and session.device.type == "cpu"
     sets = {"train": p.train, "val": p.val, "verify": p.verify}
+    kept_before = None if p.keep is None else _predict(session, session.model, None, None, p.keep)  # what it must not forget
     feats = dict(p.cached)
     for k, ds in sets.items():
         if p.cut is not None and k not in feats and (k == "train" or (shortcut and k not in p.before)):
@@ -358,6 +388,7 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
                 verdict(before["train"], after["train"], p.train.class_names),
                 tuple(history),
                 gate,
+                _keep_verdict(p, kept_before, model, gate.best_epoch),
             )
         )
         repaired = model if surgical else repaired
@@ -365,8 +396,9 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
         dict.fromkeys(n for d in sets.values() for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:]))))
     )
     plan_dict = p.to_dict()
-    if not arms[0].gate.accepted:
-        return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, None, None, session.ckpt.sha256, notes)
+    kept_original = RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, None, None, session.ckpt.sha256, notes)
+    if not kept_original.accepted:  # the gate found no real gain, or the gain forgets the keep data
+        return kept_original
     state = repaired.state_dict()
     diverged = list(checkpoint.nonfinite(state))
     if diverged:
@@ -430,6 +462,7 @@ def repair(
     force: bool = False,
     progress: Progress | None = None,
     val: DataChoice | None = None,
+    keep_data: DataChoice | None = None,
 ) -> RepairReport:
     """``apply(plan(...))``: fine-tune only the named (or flagged) layer groups, keep the best epoch on
     validation, verify on held-out data, and write the result if it beats the original beyond chance.
@@ -440,7 +473,8 @@ def repair(
     given = (
         session.ckpt.path,
         *([Path(saved_ranking)] if saved_ranking else []),
-        *(f for c in (train, verify, val) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()),
+        *(f for c in (train, verify, val, keep_data) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()),
     )
     outputs.check_output(_output_path(session, output), force, given, checkpoint_file=True)  # before any work
-    return apply(plan(session, layers, train, verify, config, rank_config, saved_ranking, device, progress, val), output, force, progress)
+    planned = plan(session, layers, train, verify, config, rank_config, saved_ranking, device, progress, val, keep_data)
+    return apply(planned, output, force, progress)

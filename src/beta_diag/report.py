@@ -287,6 +287,8 @@ def plan_table(plan: dict[str, Any]) -> None:
     table.add_row("training data", f"{t['spec']} ({t['split']}, {t['examples']} examples, focus {t['focus']})")
     table.add_row("validation data", f"{v['spec']} ({v['split']}, {v['examples']} examples: {v['from']})")
     table.add_row("verification data", f"{w['spec']} ({w['split']}, {w['examples']} examples)")
+    k = plan.get("keep_data")
+    table.add_row("keep data", Text(f"{k['spec']} ({k['split']}, {k['examples']} examples): must not get worse" if k else "none"))
     c = plan["config"]
     table.add_row(
         "schedule", f"{c['epochs']} epochs, {plan['steps']} steps, {c['optimizer']} with {c['momentum']} momentum, cosine LR from {c['lr']}"
@@ -332,6 +334,15 @@ def repair_summary(r: RepairReport) -> None:
             f"{arm.train.net:+d}",
         )
     out.print(table)
+    for name, arm in (("repair", r.surgical), ("baseline", r.baseline)):
+        if arm is not None and arm.keep is not None:
+            k = arm.keep
+            out.print(
+                Text(
+                    f"keep data ({name}), {r.plan['keep_data']['spec']}: {100 * k.accuracy_before:.2f}% -> {100 * k.accuracy_after:.2f}%, "
+                    f"fixed {k.fixed}, broke {k.broken}, p = {k.p_value:.2g}" + (" (forgets)" if arm.forgets else "")
+                )
+            )
     per = Table("class", "errors before", "errors after", "fixed", "broken", title="held-out, per class (surgical)", title_justify="left")
     for cls, row in r.surgical.verify.per_class.items():
         per.add_row(cls, str(row["errors_before"]), str(row["errors_after"]), str(row["fixed"]), str(row["broken"]))

@@ -125,6 +125,9 @@ def validation_record(before: Predictions, after: Predictions) -> dict[str, Any]
     }
 
 
+FORGET_P = 0.05  # a repair significantly worse than the original on the keep data is not shipped (--allow-forgetting ships it)
+
+
 @dataclass(frozen=True)
 class Arm:
     """One fine-tune: what it trained, the epoch its gate kept, and what that changed. ``seconds``: the
@@ -138,9 +141,17 @@ class Arm:
     train: Verdict
     history: tuple[dict[str, Any], ...]
     gate: Gate
+    keep: Verdict | None = None  # on the data it must not get worse on (--keep-data); None without any
+
+    @property
+    def forgets(self) -> bool:
+        """Significantly worse on the keep data: more broken than fixed, two-sided exact McNemar p <= FORGET_P."""
+        return self.keep is not None and self.keep.net < 0 and self.keep.p_value <= FORGET_P
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "keep": None if self.keep is None else self.keep.to_dict(),
+            "forgets": self.forgets,
             "groups": list(self.groups),
             "trainable": self.trainable,
             "seconds": self.seconds,
@@ -162,8 +173,13 @@ class RepairReport:
     notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
 
     @property
+    def held_back(self) -> bool:
+        """The gate accepted a gain, but it forgets what the model knew (the keep data) and forgetting was not allowed."""
+        return self.surgical.gate.accepted and self.surgical.forgets and not self.plan["config"].get("allow_forgetting", False)
+
+    @property
     def accepted(self) -> bool:
-        return self.surgical.gate.accepted
+        return self.surgical.gate.accepted and not self.held_back
 
     @property
     def full(self) -> bool:
@@ -176,6 +192,13 @@ class RepairReport:
 
     @property
     def verdict(self) -> str:
+        k = self.surgical.keep
+        if self.held_back and k is not None:
+            return (
+                f"not shipped: the repair gains on validation ({self.surgical.gate.reason}) but forgets on the keep data "
+                f"{self.plan['keep_data']['spec']}: {100 * k.accuracy_before:.2f}% -> {100 * k.accuracy_after:.2f}%, fixed {k.fixed}, "
+                f"broke {k.broken}, p = {k.p_value:.2g}; the original is kept (--allow-forgetting ships it)"
+            )
         if not self.accepted:
             return f"nothing to repair: the original is kept ({self.surgical.gate.reason})"
         v = self.surgical.verify
