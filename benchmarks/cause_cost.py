@@ -32,7 +32,8 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     control = 200 if args.quick else DEFAULT_CONTROL
     print(
-        f"command: python benchmarks/cause_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; torch threads {torch.get_num_threads()}"
+        f"command: python benchmarks/cause_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; "
+        f"torch threads {torch.get_num_threads()}"
     )
     session = open_session(CKPT, "cpu")
     spec = None if readers.fashion_mnist_missing("test") else "fashion-mnist"
@@ -54,7 +55,8 @@ def main() -> None:
         print(f"  {name:20s} {seconds:7.2f} s")
     base, full = t["rank --no-control"], t[f"rank --control {control}"]
     print(
-        f"cause: {causes['kind'].kind}; the control pass and probe add {full - base:.2f} s: {100 * (full - base) / base:.1f}% of rank (goal <= 25%)"
+        f"cause: {causes['kind'].kind}; the control pass and probe add {full - base:.2f} s: "
+        f"{100 * (full - base) / base:.1f}% of rank (goal <= 25%)"
     )
 
 

@@ -237,7 +237,8 @@ def main() -> None:
                     rows.append(row)
                     kind, got_place, ok = correct(row, CauseRule())
                     print(
-                        f"{sample} seed {seed} {name:32s} acc {e.accuracy:.3f} -> {kind:13s} {got_place or '':8s} {'ok' if ok else 'MISS'} ({time.perf_counter() - t0:.1f} s)",
+                        f"{sample} seed {seed} {name:32s} acc {e.accuracy:.3f} -> {kind:13s} {got_place or '':8s} "
+                        f"{'ok' if ok else 'MISS'} ({time.perf_counter() - t0:.1f} s)",
                         flush=True,
                     )
     chosen_on = [r for r in rows if r["seed"] in (0, 1)]
