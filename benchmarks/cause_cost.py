@@ -16,9 +16,9 @@ import argparse
 
 import torch
 from attribution_speed import interleaved_medians
+from drift_cost import test_images
 from rank_cost import CKPT
 
-from beta_diag import readers
 from beta_diag.configs import DEFAULT_CONTROL, RankConfig
 from beta_diag.ranking import rank
 from beta_diag.session import DataChoice, open_session
@@ -36,8 +36,7 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     session = open_session(CKPT, "cpu")
-    spec = None if readers.fashion_mnist_missing("test") else "fashion-mnist"
-    ds = session.load_data(DataChoice(spec, limit=1000 if args.quick else None))
+    ds = test_images(session, args.quick)
     causes = {}
 
     def with_control() -> None:

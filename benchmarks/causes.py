@@ -203,12 +203,18 @@ def report(rows: list[dict], rule: CauseRule, title: str) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sample_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of the benchmarks that run scenarios on the samples: --quick, --seeds, --samples, --out."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--samples", default="sgd,adam")
     parser.add_argument("--out", type=Path)
+    return parser
+
+
+def main() -> None:
+    parser = sample_parser(__doc__)
     parser.add_argument("--healthy-seeds", default="3,4", help="more seeds of the healthy scenario alone (no false alarm)")
     parser.add_argument("--evidence", type=Path, help="reuse the evidence measured by an earlier run (its --out)")
     args = parser.parse_args()

@@ -20,11 +20,18 @@ from rank_cost import CKPT
 
 from beta_diag import readers
 from beta_diag.configs import RankConfig
+from beta_diag.data import Dataset
 from beta_diag.drift import Recorder
 from beta_diag.groups import layer_groups
 from beta_diag.ranking import rank
 from beta_diag.runtime import evaluate
-from beta_diag.session import DataChoice, open_session
+from beta_diag.session import DataChoice, Session, open_session
+
+
+def test_images(session: Session, quick: bool) -> Dataset:
+    """Fashion-MNIST's 10,000 test images (the bundled 3,000 without Debian's dataset-fashion-mnist); 1,000 when quick."""
+    spec = None if readers.fashion_mnist_missing("test") else "fashion-mnist"
+    return session.load_data(DataChoice(spec, limit=1000 if quick else None))
 
 
 def main() -> None:
@@ -37,8 +44,7 @@ def main() -> None:
         f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; torch threads {torch.get_num_threads()}"
     )
     session = open_session(CKPT, "cpu")
-    spec = None if readers.fashion_mnist_missing("test") else "fashion-mnist"
-    ds = session.load_data(DataChoice(spec, limit=1000 if args.quick else None))
+    ds = test_images(session, args.quick)
     groups = layer_groups(session.model)
 
     def with_drift() -> None:

@@ -14,7 +14,6 @@ two corruptions.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from causes import _pixels, corruptions, overwritten
+from causes import _pixels, corruptions, overwritten, sample_parser
 from planted_faults import ADAM, SGD
 
 from beta_diag import data
@@ -33,12 +32,7 @@ from beta_diag.session import DataChoice, open_session
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--samples", default="sgd,adam")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = sample_parser(__doc__).parse_args()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     samples = ["sgd"] if args.quick else args.samples.split(",")
     print(f"command: python benchmarks/label_free.py --seeds {args.seeds} --samples {args.samples}" + (" --quick" if args.quick else ""))

@@ -14,11 +14,12 @@ import torchvision.transforms.v2.functional as TF
 from conftest import SAMPLES
 from typer.testing import CliRunner
 
-from beta_diag import checkpoint, control, data, ranking
+from beta_diag import control, data, ranking
 from beta_diag.causes import CauseRule, Evidence, decide
 from beta_diag.cli import app
 from beta_diag.configs import RankConfig
-from beta_diag.recalibration import agreement, recalibrated, tracked_norms
+from beta_diag.data import Dataset
+from beta_diag.recalibration import agreement, recalibrated
 from beta_diag.session import DataChoice, open_session
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -36,17 +37,9 @@ def train_sample(session):
     return session.load_data(DataChoice(limit=300), default_split="train")
 
 
-@torch.no_grad()
-def overwritten(model: torch.nn.Module, images: torch.Tensor, pre) -> torch.nn.Module:
-    """Every BatchNorm's statistics overwritten by train-mode passes over ``images`` (weights untouched)."""
-    out = copy.deepcopy(model)
-    for m in tracked_norms(out).values():
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: the statistics are those of ``images`` alone
-        m.train()
-    for start in range(0, len(images), 100):
-        out(pre(images[start : start + 100]))
-    return out.eval()
+def overwritten(session, images_from: Dataset) -> torch.nn.Module:
+    """Every BatchNorm's statistics overwritten with those of other images (weights untouched): a recalibration on the wrong data."""
+    return recalibrated(session.model, images_from, session.preprocess, session.device)
 
 
 def test_recalibration_works_on_a_copy_and_undoes_overwritten_statistics(session, train_sample) -> None:
@@ -56,7 +49,7 @@ def test_recalibration_works_on_a_copy_and_undoes_overwritten_statistics(session
     fresh = recalibrated(session.model, train_sample, session.preprocess, session.device)
     assert all(torch.equal(before[k], v) for k, v in session.model.state_dict().items())  # the original is untouched
     assert max(a.kl for a in agreement(session.model, fresh)) < 1e-3  # a healthy model's statistics agree with fresh ones
-    broken = overwritten(session.model, 255 - train_sample.images, session.preprocess)
+    broken = overwritten(session, dataclasses.replace(train_sample, images=255 - train_sample.images))
     damaged = dataclasses.replace(session, model=broken).evaluate(test).accuracy
     restored = dataclasses.replace(session, model=recalibrated(broken, train_sample, session.preprocess, session.device)).evaluate(test)
     assert damaged < healthy - 0.1 and restored.accuracy > healthy - 0.02
@@ -74,7 +67,7 @@ def test_rank_names_each_everyday_cause(session) -> None:
     rotated = rank_cause(session, dataclasses.replace(test, images=TF.rotate(test.images, 25.0)))
     assert rotated.kind == "input_shift" and "adapt" in rotated.suggested
     train = session.load_data(DataChoice(limit=300), default_split="train")
-    stats = rank_cause(session, test, model=overwritten(session.model, 255 - train.images, session.preprocess))
+    stats = rank_cause(session, test, model=overwritten(session, dataclasses.replace(train, images=255 - train.images)))
     assert stats.kind == "statistics" and "recalibrat" in stats.suggested
     assert stats.evidence["control"]["recalibrated_data_accuracy"] > stats.evidence["control"]["data_sample_accuracy"] + 0.1
     damaged = copy.deepcopy(session.model)
@@ -224,17 +217,3 @@ def test_class_sorted_data_and_data_naming_fewer_classes(session) -> None:
     few = test.subset(torch.nonzero(test.labels < 4).flatten())
     few = dataclasses.replace(few, class_names=few.class_names[:4])  # a bundle whose labels stop at 3
     assert rank_cause(session, few) is not None  # confusions with classes the data does not name: no crash
-
-
-def test_a_model_without_batchnorm_reads_no_training_data(tiny: dict[str, Path], tmp_path: Path) -> None:
-    from beta_diag.configs import TrainConfig
-    from beta_diag.training import train
-
-    result = train("tests.nets:convnet", str(tiny["train"]), str(tiny["test"]), {}, TrainConfig(epochs=1, batch_size=64, device="cpu"))
-    ckpt = tmp_path / "convnet.safetensors"
-    checkpoint.save(ckpt, result.model.state_dict(), result.metadata)
-    out = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--json", "--quiet"])
-    assert out.exit_code == 0, out.output
-    cause = json.loads(out.stdout)["cause"]
-    assert cause["kind"] in ("undetermined", "degenerate") and cause["evidence"]["control"] is None
-    assert "drift is unavailable" in cause["summary"]

@@ -204,6 +204,9 @@ def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_
     }
     assert d["verdict"].endswith("; drift unavailable: it has no BatchNorm layer (none, or folded into the convolutions)")
     assert len(d["groups"]) == 3 and d["flagged"]
+    cause = d["cause"]  # without drift the control has nothing to compare: it reads no training data
+    assert cause["kind"] in ("undetermined", "degenerate") and cause["evidence"]["control"] is None
+    assert "drift is unavailable" in cause["summary"]
     table = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--quiet"])
     assert table.exit_code == 0 and "drift unavailable" in table.stdout and "│ drift" not in table.stdout
 

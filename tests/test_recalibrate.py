@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint
 from beta_diag.cli import app
-from beta_diag.recalibration import tracked_norms
+from beta_diag.recalibration import recalibrated
 from beta_diag.session import DataChoice, open_session
 
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -21,20 +20,12 @@ TRAIN, TEST = str(SAMPLES / "fmnist_train_5k.safetensors"), str(SAMPLES / "fmnis
 runner = CliRunner()
 
 
-@torch.no_grad()
 def overwritten_checkpoint(path: Path) -> Path:
-    """The SGD sample with every BatchNorm's statistics overwritten by train-mode passes over inverted training images."""
+    """The SGD sample with every BatchNorm's statistics overwritten with those of inverted training images."""
     session = open_session(SGD, "cpu")
-    model = copy.deepcopy(session.model)
     train = session.load_data(DataChoice(limit=500), default_split="train")
-    for m in tracked_norms(model).values():
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    model(session.preprocess(255 - train.images))
-    for m in tracked_norms(model).values():
-        m.momentum = 0.1
-    checkpoint.save(path, model.eval().state_dict(), session.ckpt.metadata)
+    model = recalibrated(session.model, dataclasses.replace(train, images=255 - train.images), session.preprocess, session.device)
+    checkpoint.save(path, model.state_dict(), session.ckpt.metadata)
     return path
 
 

@@ -26,8 +26,6 @@ from typing import Any
 
 from beta_diag import drift as drift_mod
 
-KINDS = ("degenerate", "statistics", "weights", "input_shift", "feature_shift", "label_shift", "none", "undetermined")
-
 
 @dataclass(frozen=True)
 class CauseRule:
@@ -69,7 +67,8 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Cause:
-    """One cause from ``KINDS``, its evidence, and what to do. ``degenerate`` is said first whatever the cause."""
+    """One cause (degenerate, statistics, weights, input_shift, feature_shift, label_shift, none or undetermined),
+    its evidence, and what to do. ``degenerate`` is said first whatever the cause."""
 
     kind: str
     summary: str  # the cause in plain words
