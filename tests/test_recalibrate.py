@@ -69,12 +69,12 @@ def test_layers_auto_recalibrates_when_the_cause_is_statistics(tmp_path: Path) -
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     planned = json.loads(res.stdout)
-    assert planned["groups"] == ["BatchNorm statistics"] and planned["config"]["method"] == "recalibrate"
-    assert planned["because"].startswith("the cause is statistics") and planned["trainable"] == 0
+    assert [c["name"] for c in planned["candidates"]][0] == "recalibrate" and planned["trainable"] == 0
+    assert planned["because"].startswith("the cause is statistics") and "recalibration first" in planned["because"]
     healthy = runner.invoke(app, ["repair", str(SGD), "--limit", "600", "--dry-run", "--json", "--quiet"])
     assert healthy.exit_code == 0, healthy.output
     h = json.loads(healthy.stdout)
-    assert h["config"]["method"] == "finetune" and h["because"].startswith("the cause is none; --auto-layers both")
+    assert h["config"]["method"] == "finetune" and h["because"].startswith("the cause is none: the best on validation of")
 
 
 def test_a_repair_that_forgets_the_keep_data_is_not_shipped_unless_allowed(tmp_path: Path) -> None:

@@ -140,16 +140,30 @@ def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tm
             "--accept-p",
             "1",
         ],
-    )  # any validation gain: auto picks small early groups here
+    )  # any validation gain: the search ships its best arm
     assert r.exit_code == 0, r.stderr
     report = json.loads(r.stdout)
     v = report["surgical"]["verify"]
     assert v["net"] == v["fixed"] - v["broken"] and report["baseline"]["groups"] == ["all"]
     assert report["sha256"] == sha(out) and sha(tiny["damaged"]) == before
-    assert report["accepted"] and report["verdict"].startswith("repaired ") and len(report["surgical"]["gate"]["curve"]) == 3
     assert v["p_value"] == stats.mcnemar_two_sided(v["fixed"], v["broken"]) and v["net_interval"][0] <= v["net"] <= v["net_interval"][1]
-    ranked = ranking.rank(tiny["damaged"], config=ranking.RankConfig(bootstrap=0), device="cpu")  # auto: the drift suspect plus the flags
-    assert report["plan"]["groups"] == auto_groups(ranked, "both") and report["plan"]["config"]["auto_layers"] == "both"
+    ranked = ranking.rank(tiny["damaged"], config=ranking.RankConfig(bootstrap=0), device="cpu")
+    found, plan_d = report["search"], report["plan"]
+    names = [c["name"] for c in plan_d["candidates"]]
+    assert plan_d["config"]["auto_layers"] == "search"
+    suspect_and_flags = next(c for c in plan_d["candidates"] if c["name"] == "suspect and flags")
+    assert suspect_and_flags["groups"] == auto_groups(ranked, "both")
+    assert {"first block", "back half", "all groups"} <= set(names)
+    first = next(c for c in plan_d["candidates"] if c["name"] == "first block")
+    assert first["groups"] == ["conv1", "bn1", "layer1"]  # the stem plus the first stage
+    tried = found["tried"]
+    assert found["tries"] == sum(t["epochs"] for t in tried) == report["surgical"]["gate"]["tries"]
+    assert all(t["epochs"] == 2 or t["stopped_early"] or t["lr"] is None for t in tried)
+    best = min(tried, key=lambda t: (-t["val_net"], t["val_loss"]))
+    assert found["winner"].startswith(best["candidate"]) and report["surgical"]["gate"]["curve"][best["best_epoch"]]["val_net"] == best["val_net"]
+    lrs = sorted(t["lr"] for t in tried if t["candidate"] == best["candidate"] and t["lr"] is not None)
+    assert lrs == pytest.approx([0.001, 0.003, 0.009])  # the learning-rate grid around --lr, on the winner
+    assert report["accepted"] and "the best of" in report["verdict"] and plan_d["groups"] == report["surgical"]["groups"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert runner.invoke(app, ["info", str(out)]).exit_code == 0
     assert runner.invoke(app, ["rank", str(out), "--bootstrap", "5"]).exit_code == 0

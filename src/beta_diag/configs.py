@@ -125,7 +125,10 @@ class RepairMethod(str, Enum):
 
 
 class AutoLayers(str, Enum):
-    """What ``--layers auto`` repairs: the groups rank flags, the drift suspect, or both."""
+    """What ``--layers auto`` repairs: the best of several candidates on validation (``search``), or, without a
+    search, the groups rank flags, the drift suspect, or both."""
+
+    search = "search"  # recalibration, the suspect and flags, the first block, the back half, all groups: the best on validation
 
     flags = "flags"  # where the errors' gradients agree most
     suspect = "suspect"  # the drift suspect when there is one, else the flags
@@ -155,7 +158,7 @@ class RepairConfig:
     baseline: str = "none"  # or "full"
     cache_features: bool = True
     distill: float = 0.0
-    auto_layers: AutoLayers = AutoLayers.both  # planted faults: 93% won back (flags 83%); shifts: 87% (flags 84%, suspect 57%)
+    auto_layers: AutoLayers = AutoLayers.search  # without a search, both: planted faults 93% won back (flags 83%)
     val_fraction: float = 0.2  # of the training data, held out for the gate (unless validation data are given)
     accept_p: float = 0.05  # the gate: write only if the validation gain's one-sided McNemar p is at most this (1: any gain)
     method: RepairMethod = RepairMethod.finetune

@@ -138,7 +138,8 @@ AutoLayersChoice = Annotated[
     AutoLayers,
     typer.Option(
         "--auto-layers",
-        help="What --layers auto repairs: both (the drift suspect plus the flags), suspect (the suspect, else the flags) or flags (where the errors agree).",
+        help="What --layers auto repairs: search (the best candidate on validation: recalibration, the suspect and flags, the first "
+        "block, the back half, all groups), or without a search both (the drift suspect plus the flags), suspect or flags.",
     ),
 ]
 RankingFile = Annotated[Path | None, typer.Option("--ranking", help="Reuse a ranking saved by rank --out (refused if stale).")]

@@ -1,20 +1,11 @@
-"""Surgical repair: ``plan`` (groups, parameters, data, the cut) -> ``apply`` (fine-tune only those, keep
-the best epoch on validation, accept it only beyond chance) -> verify on held-out data -> record.
-
-Policy: only the chosen parameters have ``requires_grad``. Modules that own a chosen parameter
-train in train mode (a chosen BatchNorm normalises with batch statistics and re-estimates its
-running statistics as the weights it follows move); every frozen module stays in eval mode, so
-frozen BatchNorms keep the statistics the rest of the network was trained with. Keeping chosen
-BatchNorms in eval mode too was measured: no better for the surgical repair, and a full fine-tune
-without normalisation diverged (BENCHMARKS.md).
-"""
+"""Surgical repair: ``plan`` (groups or the search's candidates, parameters, data, the cut) -> ``apply``
+(fine-tune only those, or search the candidates; keep the best epoch on validation, accept it only beyond
+chance, never ship what forgets the keep data) -> verify on held-out data -> record. One arm's training
+lives in ``tuning``, the search in ``search``."""
 
 from __future__ import annotations
 
-import copy
 import functools
-import math
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,17 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from beta_diag import checkpoint, groups, outputs, prefix, ranking
+from beta_diag import checkpoint, groups, outputs, prefix, ranking, search
 from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig, RepairMethod
 from beta_diag.data import Dataset
 from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.ranking import Ranking
 from beta_diag.readers import DataSpec
-from beta_diag.recalibration import recalibrated, tracked_norms
+from beta_diag.recalibration import tracked_norms
 from beta_diag.runtime import Predictions, Progress, without_timing
+from beta_diag.search import Candidate
 from beta_diag.session import DataChoice, Openable, Session, open_session
-from beta_diag.training import Anchor, fit
-from beta_diag.verdicts import Arm, Gate, RepairReport, Verdict, best_epoch, choose, validation_record, verdict
+from beta_diag.training import Anchor
+from beta_diag.tuning import Tuned, fine_tune, predict, recalibrate
+from beta_diag.verdicts import Arm, Gate, RepairReport, choose, verdict
 
 ERRORS_SHARE = 0.25  # --focus errors: the training errors plus three times as many correct examples
 RECALIBRATED = "BatchNorm statistics"  # what --method recalibrate changes, in place of groups
@@ -42,7 +35,7 @@ def auto_groups(r: Ranking, policy: AutoLayers | str = AutoLayers.flags) -> list
     """The groups ``--layers auto`` repairs under ``policy``, in the ranking's order."""
     policy = AutoLayers(policy)
     suspect = r.drift.suspect if r.drift is not None else None
-    if policy is AutoLayers.flags or suspect is None:
+    if policy is AutoLayers.flags or suspect is None:  # search: its "suspect and flags" candidate is both
         return list(r.flagged)
     if policy is AutoLayers.suspect:
         return [suspect]
@@ -86,6 +79,8 @@ class Plan:
     cached: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
     because: str = ""  # why these groups (or recalibration): the option, or the cause and policy of --layers auto
     keep: Dataset | None = None  # data the repair must not get worse on (--keep-data, or the checkpoint's own held-out data)
+    candidates: tuple[Candidate, ...] = ()  # --layers auto's search: the best of these on validation (groups and params empty)
+    settles: bool = False  # the cause is statistics: a recalibration the gate accepts alone ends the search
 
     @functools.cached_property
     def sizes(self) -> dict[str, int]:
@@ -121,6 +116,9 @@ class Plan:
             "cached_prefix": self.cut.prefix_name if self.cut else None,
             "estimated_seconds": self.estimated_seconds,
             "fraction": self.fraction,
+            "candidates": [
+                {"name": c.name, "groups": list(c.groups), "trainable": sum(self.sizes[n] for n in c.params)} for c in self.candidates
+            ],
         }
 
 
@@ -133,13 +131,6 @@ def _same_data(a: Dataset, b: Dataset) -> bool:
 
 def _take(p: Predictions, index: torch.Tensor) -> Predictions:
     return Predictions(p.logits[index], p.labels[index])
-
-
-def _predict(session: Session, model: nn.Module, cut: prefix.Split | None, feats: Dataset | None, ds: Dataset) -> Predictions:
-    """``model``'s outputs on ``ds``: the suffix of its ``cut`` on the prefix features ``feats`` when both are given, else the whole model."""
-    if cut is None or feats is None:
-        return replace(session, model=model).evaluate(ds)
-    return Predictions(prefix.outputs(cut, feats, session.device), ds.labels.clone())
 
 
 def _saved_ranking(session: Session, saved: str | Path | None, verify: DataChoice) -> tuple[Ranking | None, DataChoice]:
@@ -170,6 +161,7 @@ def plan(
     saved, verify = _saved_ranking(session, saved_ranking, verify)
     verify_ds = session.load_data(verify)
     before: dict[str, Predictions] = {}
+    cands: list[Candidate] = []
     recalibrate = RepairMethod(config.method) is RepairMethod.recalibrate
     because = "--method recalibrate" if recalibrate else "named by --layers"
     if recalibrate:
@@ -184,10 +176,13 @@ def plan(
         result = saved or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress, train=train)
         if result.predictions is not None:
             before["verify"] = result.predictions
-        if result.cause is not None and result.cause.kind == "statistics" and tracked_norms(session.model):
-            recalibrate, names = True, [RECALIBRATED]  # the cause leads: retraining layers cannot fix statistics
-            config = replace(config, method=RepairMethod.recalibrate, focus="all")  # statistics of all the training data
-            because = "the cause is statistics (rank): the BatchNorm statistics are re-estimated on the training data"
+        if AutoLayers(config.auto_layers) is AutoLayers.search or (result.cause is not None and result.cause.kind == "statistics"):
+            names = []
+            resolve = functools.partial(resolve_layers, session.model)
+            cands = search.candidates(session.model, result, auto_groups(result, AutoLayers.both), resolve)
+            cause = f"the cause is {result.cause.kind}: " if result.cause is not None else ""
+            settle = " (recalibration first: it ends the search when the gate accepts it alone)" if search.settles(result, cands) else ""
+            because = f"{cause}the best on validation of {len(cands)} candidates ({', '.join(c.name for c in cands)}) and the learning rate{settle}"
         else:
             names = auto_groups(result, config.auto_layers)
             cause = f"the cause is {result.cause.kind}; " if result.cause is not None else ""
@@ -196,7 +191,7 @@ def plan(
         names = [g.name for g in groups.layer_groups(session.model, Granularity.group)]
     else:
         names = [n.strip() for n in layers.split(",")] if isinstance(layers, str) else list(layers)  # "fc" is one name, not 'f', 'c'
-    params = [] if recalibrate else resolve_layers(session.model, names)
+    params = [] if recalibrate or cands else resolve_layers(session.model, names)
     pool = session.load_data(train, default_split="train")
     if _same_data(pool, verify_ds):
         raise ConfigError(f"refusing to train on the verification data ({verify_ds.spec}, {verify_ds.split}): pass --train-data or --split")
@@ -218,7 +213,7 @@ def plan(
     if config.focus == "errors":
         if cut is not None:
             cached["train"] = prefix.cache(cut, train_ds, session.preprocess, session.device)
-        before["train"] = _predict(session, session.model, cut, cached.get("train"), train_ds)
+        before["train"] = predict(session, session.model, cut, cached.get("train"), train_ds)
         keep = _focus(before["train"], config.training.seed, f"{train_ds.spec} ({train_ds.split})")
         train_ds, before["train"] = train_ds.subset(keep), _take(before["train"], keep)
         if cut is not None:
@@ -227,29 +222,24 @@ def plan(
         raise ConfigError(f"--focus {config.focus}: use all or errors")
     steps = (1 if recalibrate else config.training.epochs) * -(-len(train_ds) // config.training.batch_size)
     return Plan(
-        session,
-        tuple(names),
-        tuple(params),
-        train_ds,
-        val_ds,
-        verify_ds,
-        val is not None,
-        cut,
-        config,
-        steps,
-        prefix.estimate_seconds(session, train_ds, steps, config.training.batch_size),
-        before,
-        cached,
-        because,
-        _keep_data(session, keep_data, verify_ds, pool),
+        session=session,
+        groups=tuple(names),
+        params=tuple(params),
+        train=train_ds,
+        val=val_ds,
+        verify=verify_ds,
+        val_given=val is not None,
+        cut=cut,
+        config=config,
+        steps=steps,
+        estimated_seconds=prefix.estimate_seconds(session, train_ds, steps, config.training.batch_size) * (search.BUDGET if cands else 1),
+        before=before,
+        cached=cached,
+        because=because,
+        keep=_keep_data(session, keep_data, verify_ds, pool),
+        candidates=tuple(cands),
+        settles=bool(cands) and "recalibration first" in because,
     )
-
-
-def _keep_verdict(p: Plan, before: Predictions | None, model: nn.Module, kept_epoch: int) -> Verdict | None:
-    """What the kept epoch changed on the keep data (the original kept: nothing)."""
-    if p.keep is None or before is None:
-        return None
-    return verdict(before, before if kept_epoch == 0 else _predict(p.session, model, None, None, p.keep), p.keep.class_names)
 
 
 def _keep_data(session: Session, keep: DataChoice | None, verify_ds: Dataset, pool: Dataset) -> Dataset | None:
@@ -278,69 +268,10 @@ def _focus(before: Predictions, seed: int, where: str) -> torch.Tensor:
     return torch.cat([wrong, right[torch.randperm(right.numel(), generator=gen)[:n_right]]]).sort().values
 
 
-def _fine_tune(
-    p: Plan,
-    params: tuple[str, ...],
-    feats: dict[str, Dataset],
-    before: dict[str, Predictions],
-    anchor: Anchor | None,
-    shortcut: bool,
-    progress: Progress | None,
-) -> tuple[nn.Module, prefix.Split | None, list[dict], Gate, float]:
-    """Copy the model and train only ``params`` (their modules in train mode, the rest eval), through the
-    plan's cut on cached features when there are any; after each epoch score it on validation and keep
-    the best state (the original's counts as epoch 0). Returns the model holding the kept state, its cut,
-    the history, the gate and the seconds."""
-    session, config = p.session, p.config
-    model = copy.deepcopy(session.model)
-    chosen = set(params)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in chosen)
-    start = time.perf_counter()
-    cut = p.cut.on(model) if p.cut is not None and "train" in feats else None
-    val_cut = cut if shortcut else None
-    curve = [{"epoch": 0, **validation_record(before["val"], before["val"])}]
-    kept: dict[str, Any] = {"state": None}
-
-    def on_epoch(_: nn.Module) -> dict[str, Any]:
-        began = time.perf_counter()
-        point = {"epoch": len(curve), **validation_record(before["val"], _predict(session, model, val_cut, feats.get("val"), p.val))}
-        curve.append(point)
-        if best_epoch(curve) == point["epoch"]:  # the gate's own rule: the snapshot is the epoch it will keep
-            kept["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return {**{k: v for k, v in point.items() if k not in ("examples", "epoch")}, "val_seconds": time.perf_counter() - began}
-
-    tc = config.train_config(str(session.device))
-    if cut is not None:
-        history = fit(cut.suffix, feats["train"], None, lambda x: x, tc, progress=progress, anchor=anchor, on_epoch=on_epoch)
-    else:
-        history = fit(model, p.train, None, session.preprocess, tc, progress=progress, anchor=anchor, on_epoch=on_epoch)
-    losses = [h["train_loss"] for h in history]
-    if not all(math.isfinite(v) for v in losses):
-        raise ConfigError(
-            f"the repair diverged: training loss {losses[-1]} after {len(losses)} epoch(s): nothing written; lower --lr or --distill"
-        )
-    gate = choose(curve, config.accept_p)
-    model.load_state_dict(kept["state"] if gate.best_epoch else session.model.state_dict())
-    for param in model.parameters():
-        param.requires_grad_(True)
-    return model.eval(), cut, history, gate, time.perf_counter() - start
-
-
-def _recalibrate(p: Plan, before: dict[str, Predictions]) -> tuple[nn.Module, None, list[dict], Gate, float]:
-    """--method recalibrate: a copy with every BatchNorm's statistics re-estimated on the training data (its images
-    only), scored on validation against the original (epoch 0) and gated like any repair."""
-    start = time.perf_counter()
-    model = recalibrated(p.session.model, p.train, p.session.preprocess, p.session.device)
-    point = {"epoch": 1, **validation_record(before["val"], _predict(p.session, model, None, None, p.val))}
-    curve = [{"epoch": 0, **validation_record(before["val"], before["val"])}, point]
-    history = [{"epoch": 1, "recalibrated_on": len(p.train), **{k: v for k, v in point.items() if k not in ("examples", "epoch")}}]
-    return model, None, history, choose(curve, p.config.accept_p), time.perf_counter() - start
-
-
 def apply(p: Plan, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> RepairReport:
-    """Fine-tune the plan's parameters, keep the best epoch on validation, verify on held-out data, and write
-    the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing is written)."""
+    """Fine-tune the plan's parameters (or search its candidates), keep the best epoch on validation, verify on
+    held-out data, and write the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing
+    is written)."""
     session, config = p.session, p.config
     out = _output_path(session, output)
     inputs = (
@@ -354,59 +285,130 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
     # evaluates them, so that the reported accuracy is what the written file gives.
     shortcut = p.cut is not None and session.device.type == "cpu"
     sets = {"train": p.train, "val": p.val, "verify": p.verify}
-    kept_before = None if p.keep is None else _predict(session, session.model, None, None, p.keep)  # what it must not forget
     feats = dict(p.cached)
     for k, ds in sets.items():
         if p.cut is not None and k not in feats and (k == "train" or (shortcut and k not in p.before)):
             feats[k] = prefix.cache(p.cut, ds, session.preprocess, session.device)
     before = {
-        k: p.before[k] if k in p.before else _predict(session, session.model, p.cut if shortcut or k == "train" else None, feats.get(k), ds)
+        k: p.before[k] if k in p.before else predict(session, session.model, p.cut if shortcut or k == "train" else None, feats.get(k), ds)
         for k, ds in sets.items()
     }
+    if p.keep is not None:
+        before["keep"] = predict(session, session.model, None, None, p.keep)  # what it must not forget
     anchor = Anchor(before["train"].logits, before["train"].correct.float() * config.distill) if config.distill else None
-    arms, repaired = [], session.model
-    every = tuple(p.sizes)  # every parameter, in model order
-    for params in [p.params] + ([every] if config.baseline == "full" else []):
-        surgical = params is p.params
-        mine = feats if surgical else {}
-        if surgical and RepairMethod(config.method) is RepairMethod.recalibrate:
-            model, cut, history, gate, seconds = _recalibrate(p, before)
+    training = config.train_config(str(session.device))
+    found: dict[str, Any] | None = None
+    if p.candidates:
+        surgical, repaired, found = _searched(p, before, anchor, progress)
+    else:
+        if RepairMethod(config.method) is RepairMethod.recalibrate:
+            tuned = recalibrate(session, (p.train, p.val), before["val"])
         else:
-            model, cut, history, gate, seconds = _fine_tune(p, params, mine, before, anchor, shortcut, progress)
-        after = {
-            k: before[k]
-            if gate.best_epoch == 0
-            else _predict(session, model, cut if shortcut or k == "train" else None, mine.get(k), sets[k])
-            for k in ("verify", "train")
-        }  # the original kept: its predictions are known
-        arms.append(
-            Arm(
-                p.groups if surgical else ("all",),
-                p.trainable if surgical else p.total,
-                seconds,
-                verdict(before["verify"], after["verify"], p.verify.class_names),
-                verdict(before["train"], after["train"], p.train.class_names),
-                tuple(history),
-                gate,
-                _keep_verdict(p, kept_before, model, gate.best_epoch),
-            )
-        )
-        repaired = model if surgical else repaired
+            tuned = fine_tune(session, session.model, p.params, (p.train, p.val), before["val"], training, p.cut, feats, anchor, progress)
+        surgical, repaired = _arm(p, p.groups, p.trainable, tuned, choose(tuned.curve, config.accept_p), before, feats), tuned.model
+    baseline = None
+    if config.baseline == "full":
+        every = tuple(p.sizes)  # every parameter, in model order
+        tuned = fine_tune(session, session.model, every, (p.train, p.val), before["val"], training, None, None, anchor, progress)
+        baseline = _arm(p, ("all",), p.total, tuned, choose(tuned.curve, config.accept_p), before, {})
     notes = session.ckpt.notes + tuple(
         dict.fromkeys(n for d in sets.values() for n in (*d.notes, *session.preprocess.conversions(tuple(d.images.shape[1:]))))
     )
     plan_dict = p.to_dict()
-    kept_original = RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, None, None, session.ckpt.sha256, notes)
-    if not kept_original.accepted:  # the gate found no real gain, or the gain forgets the keep data
-        return kept_original
+    if found is not None:  # the search's winner is what the repair trained
+        plan_dict.update(groups=list(surgical.groups), trainable=surgical.trainable, fraction=surgical.trainable / p.total)
+    report = RepairReport(plan_dict, surgical, baseline, None, None, session.ckpt.sha256, notes, found)
+    if not report.accepted:  # the gate found no real gain, or the gain forgets the keep data
+        return report
     state = repaired.state_dict()
     diverged = list(checkpoint.nonfinite(state))
     if diverged:
         raise ConfigError(
             f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill"
         )
-    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, arms[0]), force=force, inputs=inputs)
-    return RepairReport(plan_dict, arms[0], arms[1] if len(arms) > 1 else None, str(out), sha, session.ckpt.sha256, notes)
+    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, surgical), force=force, inputs=inputs)
+    return replace(report, output=str(out), sha256=sha)
+
+
+def _arm(
+    p: Plan, names: tuple[str, ...], trainable: int, tuned: Tuned, gate: Gate, before: dict[str, Predictions], feats: dict[str, Dataset]
+) -> Arm:
+    """The verdicts of one arm's kept epoch on the verification, training and keep data (the original kept: its own
+    predictions). ``feats``: the plan's prefix features, where the cut gives the whole model's outputs."""
+    kept = gate.best_epoch > 0
+
+    def after(k: str, ds: Dataset) -> Predictions:
+        if not kept:
+            return before[k]
+        return predict(p.session, tuned.model, tuned.cut if k in feats else None, feats.get(k), ds)  # features: through the cut
+
+    return Arm(
+        groups=names,
+        trainable=trainable,
+        seconds=tuned.seconds,
+        verify=verdict(before["verify"], after("verify", p.verify), p.verify.class_names),
+        train=verdict(before["train"], after("train", p.train), p.train.class_names),
+        history=tuple(tuned.history),
+        gate=gate,
+        keep=None if p.keep is None else verdict(before["keep"], after("keep", p.keep), p.keep.class_names),
+    )
+
+
+def _searched(
+    p: Plan, before: dict[str, Predictions], anchor: Anchor | None, progress: Progress | None
+) -> tuple[Arm, nn.Module, dict[str, Any]]:
+    """--layers auto: run the search, then take its candidates best first; ship the first the gate accepts that does
+    not forget the keep data (every accepted candidate is checked there), unless forgetting is allowed."""
+    config = p.config
+    s = search.run(
+        p.session,
+        list(p.candidates),
+        (p.train, p.val),
+        before["val"],
+        config.train_config(str(p.session.device)),
+        anchor,
+        config.cache_features,
+        progress,
+    )
+    ranked = s.ranked()
+    if not ranked:
+        raise ConfigError(f"every candidate of the search diverged ({'; '.join(s.skipped)}): nothing written; lower --lr")
+    chosen: tuple[Arm, nn.Module, search.Tried] | None = None
+    passed_over: dict[str, Any] | None = None
+    for t in ranked:
+        gate = choose(t.tuned.curve, config.accept_p, s.tries)
+        if not gate.accepted:
+            continue
+        a = _arm(p, _label(t), t.trainable, t.tuned, gate, before, {})
+        if not a.forgets or config.allow_forgetting:
+            chosen = (a, t.tuned.model, t)
+            break
+        passed_over = passed_over or {"candidate": t.name, "keep": a.keep.to_dict() if a.keep else None, "arm": a, "tried": t}
+    if chosen is None:  # nothing ships: report the candidate best on validation (the one held back, when one forgot)
+        t = ranked[0]
+        a = (
+            passed_over["arm"]
+            if passed_over
+            else _arm(p, _label(t), t.trainable, t.tuned, choose(t.tuned.curve, config.accept_p, s.tries), before, {})
+        )
+        chosen = (a, t.tuned.model, t)
+    arm, model, winner = chosen
+    found = {
+        "winner": winner.name,
+        "tries": s.tries,
+        "seconds": s.seconds,
+        "tried": [t.to_dict(p.total) for t in s.tried],
+        "skipped": list(s.skipped),
+        "passed_over": None
+        if passed_over is None or passed_over["arm"] is arm
+        else {k: v for k, v in passed_over.items() if k not in ("arm", "tried")},
+    }
+    return arm, model, found
+
+
+def _label(t: search.Tried) -> tuple[str, ...]:
+    """What an arm changed, as Arm.groups: recalibration is named as what it changes."""
+    return ((RECALIBRATED,) if t.candidate.recalibrate else ()) + t.candidate.groups
 
 
 def default_output(checkpoint_path: str | Path) -> Path:

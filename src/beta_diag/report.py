@@ -280,7 +280,9 @@ def plan_table(plan: dict[str, Any]) -> None:
     """``Plan.to_dict()`` as a table."""
     out = stdout()
     table = Table("field", "value", title="repair plan (dry run: nothing trained or written)", title_justify="left")
-    table.add_row("groups", Text(", ".join(plan["groups"])))
+    table.add_row("groups", Text(", ".join(plan["groups"]) or "the best candidate on validation"))
+    for cand in plan.get("candidates", []):
+        table.add_row("candidate", Text(f"{cand['name']}: {', '.join(cand['groups']) or 'no layer'} ({cand['trainable']:,} parameters)"))
     table.add_row("because", Text(plan.get("because", "")))
     table.add_row("trainable parameters", f"{plan['trainable']:,} of {plan['total']:,} ({100 * plan['fraction']:.1f}%)")
     t, v, w = plan["train_data"], plan["val_data"], plan["verify_data"]
@@ -297,6 +299,37 @@ def plan_table(plan: dict[str, Any]) -> None:
     table.add_row("frozen prefix cached", plan["cached_prefix"] or "no")
     table.add_row("estimated time", f"at most {plan['estimated_seconds']:.0f} s")
     out.print(table)
+
+
+def search_table(found: dict[str, Any], examples: int) -> None:
+    """--layers auto's search: every arm it ran, in order, the winner marked."""
+    table = Table(
+        "candidate",
+        "lr",
+        "trained",
+        "epochs",
+        "kept epoch",
+        "val accuracy",
+        "val net",
+        "seconds",
+        title=f"search on validation ({examples} examples; the gate corrects for {found['tries']} points)",
+        title_justify="left",
+    )
+    for t in found["tried"]:
+        name = f"{t['candidate']} (lr {t['lr']:g})" if t["lr"] is not None else t["candidate"]
+        table.add_row(
+            name + (" (won)" if name == found["winner"] else ""),
+            "-" if t["lr"] is None else f"{t['lr']:g}",
+            f"{100 * t['fraction']:.1f}%",
+            f"{t['epochs']}" + (" (stopped)" if t["stopped_early"] else ""),
+            str(t["best_epoch"]),
+            f"{100 * t['val_acc']:.2f}%",
+            f"{t['val_net']:+d}",
+            f"{t['seconds']:.1f}",
+        )
+    stdout().print(table)
+    for line in found["skipped"]:
+        stdout().print(Text(f"skipped: {line}"))
 
 
 def repair_summary(r: RepairReport) -> None:
@@ -334,6 +367,8 @@ def repair_summary(r: RepairReport) -> None:
             f"{arm.train.net:+d}",
         )
     out.print(table)
+    if r.search:
+        search_table(r.search, r.surgical.gate.examples)
     for name, arm in (("repair", r.surgical), ("baseline", r.baseline)):
         if arm is not None and arm.keep is not None:
             k = arm.keep

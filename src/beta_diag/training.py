@@ -86,7 +86,8 @@ def fit(
     on_epoch: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> list[dict]:
     """Train the parameters that have ``requires_grad``; return the per-epoch history. ``on_epoch(model)``
-    runs after each epoch (eval mode, e.g. repair's validation) and adds its figures to the epoch's record.
+    runs after each epoch (eval mode, e.g. repair's validation) and adds its figures to the epoch's record;
+    a record with ``stopped`` true ends training there (the schedule is not shortened: the run is cut).
 
     The loss is cross-entropy, plus ``anchor.loss`` when an anchor is given (repair's distillation).
     Modules owning a trainable parameter train in train mode; frozen ones stay in eval mode.
@@ -164,6 +165,8 @@ def fit(
             record.update(on_epoch(model.eval()))
         record["seconds"] = time.perf_counter() - start
         history.append(record)
+        if record.get("stopped"):  # on_epoch ended the run early (repair's search: this arm cannot catch the best)
+            break
     model.eval()
     return history
 

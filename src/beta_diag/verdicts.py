@@ -65,14 +65,16 @@ def verdict(before: Predictions, after: Predictions, class_names: tuple[str, ...
 class Gate:
     """The validation gate of one fine-tune: the curve (epoch 0 is the original), the epoch kept, and
     whether it beat the original by more than chance. ``p_value``: the one-sided exact McNemar test of
-    the kept epoch's validation fixed vs broken, times the number of epochs it was chosen from
-    (Bonferroni: the best of several is picked on the same data)."""
+    the kept epoch's validation fixed vs broken, times the number of validation points it was chosen
+    from, ``tries`` (Bonferroni: the best of several is picked on the same data; a search counts every
+    epoch of every candidate it tried)."""
 
     examples: int
     curve: tuple[dict[str, Any], ...]  # per epoch: val_loss, val_acc, val_fixed, val_broken, val_net
     best_epoch: int
     p_value: float
     accept_p: float
+    tries: int = 1
 
     @property
     def kept(self) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class Gate:
         if self.best_epoch == 0:
             return f"no epoch beat the original on validation ({self.examples} examples)"
         figures = f"epoch {self.best_epoch}: fixed {k['val_fixed']}, broke {k['val_broken']}, net {k['val_net']:+d} on validation, p = {self.p_value:.3g}"
+        figures += f" (corrected for {self.tries} validation points)" if self.tries > 1 else ""
         return f"{figures} {'<=' if self.accepted else '>'} {self.accept_p:g}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,12 +105,21 @@ def best_epoch(curve: list[dict[str, Any]]) -> int:
     return min(better, key=lambda e: (-curve[e]["val_net"], loss(e), e)) if better else 0
 
 
-def choose(curve: list[dict[str, Any]], accept_p: float) -> Gate:
-    """The gate over a validation curve whose epoch 0 is the original: keep ``best_epoch``, and test it."""
+def choose(curve: list[dict[str, Any]], accept_p: float, tries: int | None = None) -> Gate:
+    """The gate over a validation curve whose epoch 0 is the original: keep ``best_epoch``, and test it,
+    corrected for ``tries`` points picked from (default: the curve's epochs)."""
     best = best_epoch(curve)
     kept = curve[best]
-    p = min(1.0, stats.mcnemar_one_sided(kept["val_fixed"], kept["val_broken"]) * (len(curve) - 1)) if best else 1.0
-    return Gate(int(kept["examples"]), tuple({k: v for k, v in c.items() if k != "examples"} for c in curve), best, p, accept_p)
+    tries = tries or max(1, len(curve) - 1)
+    p = min(1.0, stats.mcnemar_one_sided(kept["val_fixed"], kept["val_broken"]) * tries) if best else 1.0
+    return Gate(
+        examples=int(kept["examples"]),
+        curve=tuple({k: v for k, v in c.items() if k != "examples"} for c in curve),
+        best_epoch=best,
+        p_value=p,
+        accept_p=accept_p,
+        tries=tries,
+    )
 
 
 def validation_record(before: Predictions, after: Predictions) -> dict[str, Any]:
@@ -171,6 +183,7 @@ class RepairReport:
     sha256: str | None
     parent_sha256: str
     notes: tuple[str, ...] = ()  # what opening the checkpoint assumed or converted (Checkpoint.notes)
+    search: dict[str, Any] | None = None  # --layers auto's search: winner, tries, each arm tried, the candidate passed over
 
     @property
     def held_back(self) -> bool:
@@ -194,8 +207,9 @@ class RepairReport:
     def verdict(self) -> str:
         k = self.surgical.keep
         if self.held_back and k is not None:
+            who = f"the best candidate, {self.search['winner']}," if self.search else "the repair"
             return (
-                f"not shipped: the repair gains on validation ({self.surgical.gate.reason}) but forgets on the keep data "
+                f"not shipped: {who} gains on validation ({self.surgical.gate.reason}) but forgets on the keep data "
                 f"{self.plan['keep_data']['spec']}: {100 * k.accuracy_before:.2f}% -> {100 * k.accuracy_after:.2f}%, fixed {k.fixed}, "
                 f"broke {k.broken}, p = {k.p_value:.2g}; the original is kept (--allow-forgetting ships it)"
             )
@@ -203,15 +217,26 @@ class RepairReport:
             return f"nothing to repair: the original is kept ({self.surgical.gate.reason})"
         v = self.surgical.verify
         lo, hi = v.net_interval
+        share = f"{100 * self.surgical.trainable / self.plan['total']:.1f}% of the parameters"
         what = (
             f"recalibrated the BatchNorm statistics on {self.plan['train_data']['examples']} images"
-            if self.plan["config"].get("method") == "recalibrate"
+            if self.surgical.trainable == 0
             else f"{'fine-tuned the whole model' if self.full else 'repaired ' + ', '.join(self.surgical.groups)} "
             f"(epoch {self.surgical.gate.best_epoch})"
+        )
+        if self.search:
+            what += f"; {self.search['winner']}, {share}, the best of {len(self.search['tried'])} arms tried on validation"
+        over = (self.search or {}).get("passed_over")
+        skipped = (
+            f"; passed over {over['candidate']}, which forgets on the keep data ({100 * over['keep']['accuracy_before']:.2f}% -> "
+            f"{100 * over['keep']['accuracy_after']:.2f}%; --allow-forgetting ships it)"
+            if over
+            else ""
         )
         return (
             f"{what}: fixed {v.fixed}, broke {v.broken}, "
             f"net {v.net:+d} (95% {math.floor(lo):+d} to {math.ceil(hi):+d}, p = {v.p_value:.2g}) on held-out data; wrote {self.output}"
+            + skipped
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -227,4 +252,5 @@ class RepairReport:
             "parent_sha256": self.parent_sha256,
             "notes": list(self.notes),
             "compute_saving": self.compute_saving,
+            "search": self.search,
         }
