@@ -98,3 +98,34 @@ def test_a_repair_that_forgets_the_keep_data_is_not_shipped_unless_allowed(tmp_p
     assert shipped.exit_code == 0 and json.loads(shipped.stdout)["accepted"] and out.is_file()
     same = runner.invoke(app, ["repair", str(SGD), "--layers", "fc", "--limit", "300", "--dry-run", "--json", "--quiet"])
     assert json.loads(same.stdout)["keep_data"] is None  # verified on its own held-out data: nothing more to keep
+
+
+def test_recalibration_on_unlabelled_images(tmp_path: Path) -> None:
+    """images:DIR holds no labels: recalibration trains on it (the gate's labels come from --val-data); nothing else accepts it."""
+    from PIL import Image
+
+    damaged = overwritten_checkpoint(tmp_path / "damaged.safetensors")
+    session = open_session(SGD, "cpu")
+    train = session.load_data(DataChoice(limit=300, seed=1), default_split="train")
+    folder = tmp_path / "unlabelled" / "nested"  # every image file under the folder, at any depth
+    folder.mkdir(parents=True)
+    for i, img in enumerate(train.images[:, 0]):
+        Image.fromarray(img.numpy()).save(folder / f"{i:03d}.png")
+    val = tmp_path / "val.safetensors"
+    from beta_diag import data
+
+    data.save_bundle(val, session.load_data(DataChoice(TRAIN, "train", 400, seed=2)))
+    spec = f"images:{tmp_path / 'unlabelled'}"
+    args = ["repair", str(damaged), "--method", "recalibrate", "--train-data", spec, "--data", TEST, "--limit", "1000"]
+    res = runner.invoke(app, [*args, "--val-data", str(val), "-o", str(tmp_path / "fixed.safetensors"), "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    v = d["surgical"]["verify"]
+    assert d["accepted"] and v["accuracy_after"] > v["accuracy_before"] + 0.1 and d["surgical"]["train"] is None
+    assert d["plan"]["train_data"]["examples"] == 300 and d["plan"]["val_data"]["examples"] == 400
+    no_val = runner.invoke(app, [*args, "--dry-run"])
+    assert no_val.exit_code == 1 and "pass --val-data with labelled images" in no_val.output
+    tuned = runner.invoke(app, ["repair", str(damaged), "--layers", "fc", "--train-data", spec, "--data", TEST, "--dry-run"])
+    assert tuned.exit_code == 1 and "unlabelled images" in tuned.output and "--method recalibrate" in tuned.output
+    ranked = runner.invoke(app, ["rank", str(damaged), "--data", spec])
+    assert ranked.exit_code == 1 and "unlabelled images" in ranked.output

@@ -34,6 +34,11 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    @property
+    def labelled(self) -> bool:
+        """False for unlabelled images (images:DIR), whose labels are all UNLABELLED (-1)."""
+        return not bool((self.labels < 0).any())
+
     def subset(self, index: torch.Tensor) -> Dataset:
         return replace(self, images=self.images[index], labels=self.labels[index])
 
@@ -124,7 +129,8 @@ def load(
     images, labels, names = decoded.images, decoded.labels, decoded.class_names
     if labels.numel() == 0:
         raise DataError(f"{spec} ({split}) holds no examples: pass data with images in it")
-    if labels.min() < 0 or labels.max() >= MAX_CLASSES:
+    unlabelled = source.kind == "images"  # every label UNLABELLED (-1), by construction
+    if not unlabelled and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
         raise DataError(
             f"{spec} ({split}): label {int(labels.min() if labels.min() < 0 else labels.max())}: "
             f"labels must be class indices 0..C-1, C up to {MAX_CLASSES:,}"

@@ -41,6 +41,7 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
+UNLABELLED = -1  # the label of every image read by images:DIR
 DEFAULT_SIZE = (32, 32)  # an ImageFolder's images, when no model names a size
 
 
@@ -169,15 +170,36 @@ def _cifar(kind: str, root: Path, split: str, size: tuple[int, int] | None) -> D
 PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
+def _refuse_pseudo(where: str, top: Path) -> None:
+    if any(top == p or p in top.parents for p in PSEUDO_FILESYSTEMS):
+        raise DataError(f"{where}: {top} is a pseudo-filesystem, not images: pass a folder of image files")
+
+
+def _walk_images(where: str, top: Path, folder: Path, label: int) -> list[tuple[Path, int]]:
+    """The regular image files under ``folder`` (sorted, links never followed out of ``top``), each with ``label``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    _refuse_pseudo(where, top)
+    found = []
+    for here, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for f in sorted(files):
+            real = Path(os.path.realpath(Path(here) / f))  # a link loop resolves to itself and fails the stat below
+            try:
+                regular = stat.S_ISREG(os.stat(real).st_mode)
+            except OSError:
+                continue
+            if f.lower().endswith(IMG_EXTENSIONS) and top in real.parents and regular:
+                found.append((real, label))
+    return found
+
+
 def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[Path, int]]]:
     """(class names, [(image file, class index)]) of one-folder-per-class images, in sorted order, as
     torchvision's ImageFolder finds them, but never following a link out of the tree or into a loop,
     skipping everything that is not a regular file (a named pipe would block), and refusing /proc."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     top = folder.resolve()
-    if any(top == p or p in top.parents for p in PSEUDO_FILESYSTEMS):
-        raise DataError(f"imagefolder:{root}: {top} is a pseudo-filesystem, not images: pass a folder of image files")
+    _refuse_pseudo(f"imagefolder:{root}", top)
     try:
         entries = list(os.scandir(top))
     except OSError as exc:
@@ -193,30 +215,20 @@ def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[
         raise DataError(f"imagefolder:{root}: no class sub-folders in {top}: use one sub-folder per class")
     samples: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
-        found = []
-        for here, dirs, files in os.walk(top / name, followlinks=False):
-            dirs.sort()
-            for f in sorted(files):
-                path = Path(here) / f
-                real = Path(os.path.realpath(path))  # a link loop resolves to itself and fails the stat below
-                try:
-                    regular = stat.S_ISREG(os.stat(real).st_mode)
-                except OSError:
-                    continue
-                if f.lower().endswith(IMG_EXTENSIONS) and top in real.parents and regular:
-                    found.append(real)
+        found = _walk_images(f"imagefolder:{root}", top, top / name, index)
         if not found:
             raise DataError(f"imagefolder:{root}: class folder '{name}' holds no image files: remove it or add images")
-        samples += [(path, index) for path in found]
+        samples += found
     return tuple(classes), samples
 
 
-def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+def _decode(
+    root: Path, split: str, samples: list[tuple[Path, int]], size: tuple[int, int] | None, kind: str
+) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Decode image files to one uint8 (N, 3, H, W) tensor at ``size`` (default DEFAULT_SIZE), with notes on what it converted."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    folder = root / split if (root / split).is_dir() else root
-    classes, samples = _image_files(root, folder)
     size = size or DEFAULT_SIZE
     images, resized, coloured = [], 0, 0
     for path, _ in samples:
@@ -233,12 +245,28 @@ def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decode
                     images.append(pil_to_tensor(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)))
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DataError(f"{path}: cannot decode image ({type(exc).__name__}): remove or replace the file") from None
-    labels = torch.tensor([t for _, t in samples], dtype=torch.long)
-    n, where = len(images), f"imagefolder:{root} ({split})"
+    n, where = len(images), f"{kind}:{root} ({split})"
     notes = ([f"{where}: {resized} of {n} images resized to {size[0]}x{size[1]} when read (bilinear)"] if resized else []) + (
         [f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else []
     )
-    return Decoded(torch.stack(images), labels, classes, tuple(notes))
+    return torch.stack(images), tuple(notes)
+
+
+def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+    folder = root / split if (root / split).is_dir() else root
+    classes, samples = _image_files(root, folder)
+    images, notes = _decode(root, split, samples, size, "imagefolder")
+    return Decoded(images, torch.tensor([t for _, t in samples], dtype=torch.long), classes, notes)
+
+
+def _images(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+    """Unlabelled images: every image file under the folder (its SPLIT sub-folder when there is one), labels UNLABELLED."""
+    folder = root / split if (root / split).is_dir() else root
+    samples = _walk_images(f"images:{root}", folder.resolve(), folder.resolve(), 0)
+    if not samples:
+        raise DataError(f"images:{root}: no image files in {folder}: add images (png, jpg, ...)")
+    images, notes = _decode(root, split, samples, size, "images")
+    return Decoded(images, torch.full((len(samples),), UNLABELLED, dtype=torch.long), (), notes)
 
 
 def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
@@ -294,9 +322,10 @@ READERS: dict[str, Reader] = {
     "cifar10": Reader(lambda root, split, size: _cifar("cifar10", _named(root), split, size)),
     "cifar100": Reader(lambda root, split, size: _cifar("cifar100", _named(root), split, size)),
     "imagefolder": Reader(lambda root, split, size: _imagefolder(_named(root), split, size), labels_by_folder=True),
+    "images": Reader(lambda root, split, size: _images(_named(root), split, size)),  # no labels: for recalibration
     "bundle": Reader(lambda path, split, size: _bundle(_named(path), split, size), one_split=True),  # named by its file: FILE.safetensors
 }
-SPECS_HELP = "fashion-mnist, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR or FILE.safetensors"
+SPECS_HELP = "fashion-mnist, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR, images:DIR (unlabelled) or FILE.safetensors"
 
 
 @dataclass(frozen=True)

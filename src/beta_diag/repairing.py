@@ -192,7 +192,9 @@ def plan(
     else:
         names = [n.strip() for n in layers.split(",")] if isinstance(layers, str) else list(layers)  # "fc" is one name, not 'f', 'c'
     params = [] if recalibrate or cands else resolve_layers(session.model, names)
-    pool = session.load_data(train, default_split="train")
+    pool = session.load_data(train, default_split="train", unlabelled=recalibrate)  # recalibration needs no labels
+    if not pool.labelled and val is None:
+        raise ConfigError(f"--train-data {pool.spec} holds unlabelled images: the gate needs labels, pass --val-data with labelled images")
     if _same_data(pool, verify_ds):
         raise ConfigError(f"refusing to train on the verification data ({verify_ds.spec}, {verify_ds.split}): pass --train-data or --split")
     if val is not None:
@@ -347,7 +349,7 @@ def _arm(
         trainable=trainable,
         seconds=tuned.seconds,
         verify=verdict(before["verify"], after("verify", p.verify), p.verify.class_names),
-        train=verdict(before["train"], after("train", p.train), p.train.class_names),
+        train=verdict(before["train"], after("train", p.train), p.train.class_names) if p.train.labelled else None,
         history=tuple(tuned.history),
         gate=gate,
         keep=None if p.keep is None else verdict(before["keep"], after("keep", p.keep), p.keep.class_names),

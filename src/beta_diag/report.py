@@ -364,7 +364,7 @@ def repair_summary(r: RepairReport) -> None:
             str(v.broken),
             f"{v.net:+d} ({lo:+.0f} to {hi:+.0f})",
             f"{v.p_value:.2g}",
-            f"{arm.train.net:+d}",
+            "unlabelled" if arm.train is None else f"{arm.train.net:+d}",
         )
     out.print(table)
     if r.search:

@@ -52,10 +52,18 @@ class Session:
             return str(DataSpec.parse(meta.dataset).resolved(self.ckpt.path.parent)), split
         raise DataError(f"{self.ckpt.path}: metadata names no data: pass --data, e.g. --data fashion-mnist")
 
-    def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2) -> Dataset:
+    def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2, unlabelled: bool = False) -> Dataset:
+        """The chosen data, checked against the model; unlabelled images (images:DIR) only where ``unlabelled`` allows them."""
         spec, split = self.resolve_data(choice, default_split)
         ds = data_mod.load(spec, split, limit=choice.limit, seed=choice.seed, image_size=self.preprocess.input_shape[1:])
         self.preprocess.check_channels(int(ds.images.shape[1]))  # before any pass over the data
+        if not ds.labelled:
+            if not unlabelled:
+                raise DataError(
+                    f"{spec} holds unlabelled images: only repair --method recalibrate (as --train-data) uses them; "
+                    "pass labelled data (imagefolder:DIR with a folder per class, or a bundle)"
+                )
+            return ds
         ds = data_mod.match_classes(ds, self.ckpt.metadata.class_names)
         data_mod.check_fits(ds, self.num_classes, min_classes=min_classes)
         return ds

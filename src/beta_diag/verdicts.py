@@ -150,7 +150,7 @@ class Arm:
     trainable: int
     seconds: float
     verify: Verdict
-    train: Verdict
+    train: Verdict | None  # None: unlabelled training images (a recalibration)
     history: tuple[dict[str, Any], ...]
     gate: Gate
     keep: Verdict | None = None  # on the data it must not get worse on (--keep-data); None without any
@@ -168,7 +168,7 @@ class Arm:
             "trainable": self.trainable,
             "seconds": self.seconds,
             "verify": self.verify.to_dict(),
-            "train": self.train.to_dict(),
+            "train": None if self.train is None else self.train.to_dict(),
             "history": list(self.history),
             "gate": self.gate.to_dict(),
         }
