@@ -60,12 +60,16 @@ def main() -> None:
     parser.add_argument(
         "--lr", type=float, default=REPAIR_TRAINING.lr, help="repair --lr for every arm (the figures before 2026-11-24 used 0.01)"
     )
+    parser.add_argument(
+        "--auto-layers", default="flags", help="--auto-layers for the auto arm (flags: the recorded figures; search: the default)"
+    )
     args = parser.parse_args()
     print(
         "command: python benchmarks/planted_repair.py"
         + (" --quick" if args.quick else f" --seeds {args.seeds}")
         + (f" --distill {args.distill:g}" if args.distill != RepairConfig.distill else "")
-        + (f" --lr {args.lr:g}" if args.lr != REPAIR_TRAINING.lr else ""),
+        + (f" --lr {args.lr:g}" if args.lr != REPAIR_TRAINING.lr else "")
+        + (f" --auto-layers {args.auto_layers}" if args.auto_layers != "flags" else ""),
         flush=True,
     )
     start = time.perf_counter()
@@ -80,7 +84,7 @@ def main() -> None:
         repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.lr),
         baseline="full",
         distill=args.distill,
-        auto_layers=AutoLayers.flags,
+        auto_layers=AutoLayers(args.auto_layers),
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,6 +111,7 @@ def main() -> None:
                     "seed": seed,
                     "drop": drop,
                     "flagged": list(auto.plan["groups"]),
+                    "winner": (auto.search or {}).get("winner"),
                     "random_group": pick,
                     "auto": arm_row(auto.surgical, base, after),
                     "random": arm_row(rand.surgical, base, after),
