@@ -71,6 +71,12 @@ def test_layers_auto_recalibrates_when_the_cause_is_statistics(tmp_path: Path) -
     planned = json.loads(res.stdout)
     assert [c["name"] for c in planned["candidates"]][0] == "recalibrate" and planned["trainable"] == 0
     assert planned["because"].startswith("the cause is statistics") and "recalibration first" in planned["because"]
+    out = tmp_path / "fixed.safetensors"
+    ran = runner.invoke(app, [*[a for a in args if a != "--dry-run"], "-o", str(out)])
+    assert ran.exit_code == 0, ran.output
+    d = json.loads(ran.stdout)  # recalibration alone passed the gate: the search ended there, one validation point
+    assert d["search"]["winner"] == "recalibrate" and [t["candidate"] for t in d["search"]["tried"]] == ["recalibrate"]
+    assert d["surgical"]["gate"]["tries"] == 1 and d["verdict"].startswith("recalibrated the BatchNorm statistics") and out.is_file()
     healthy = runner.invoke(app, ["repair", str(SGD), "--limit", "600", "--dry-run", "--json", "--quiet"])
     assert healthy.exit_code == 0, healthy.output
     h = json.loads(healthy.stdout)

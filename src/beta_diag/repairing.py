@@ -162,6 +162,7 @@ def plan(
     verify_ds = session.load_data(verify)
     before: dict[str, Predictions] = {}
     cands: list[Candidate] = []
+    settles = False
     recalibrate = RepairMethod(config.method) is RepairMethod.recalibrate
     because = "--method recalibrate" if recalibrate else "named by --layers"
     if recalibrate:
@@ -181,7 +182,8 @@ def plan(
             resolve = functools.partial(resolve_layers, session.model)
             cands = search.candidates(session.model, result, auto_groups(result, AutoLayers.both), resolve)
             cause = f"the cause is {result.cause.kind}: " if result.cause is not None else ""
-            settle = " (recalibration first: it ends the search when the gate accepts it alone)" if search.settles(result, cands) else ""
+            settles = search.settles(result, cands)
+            settle = " (recalibration first: it ends the search when the gate accepts it alone)" if settles else ""
             because = f"{cause}the best on validation of {len(cands)} candidates ({', '.join(c.name for c in cands)}) and the learning rate{settle}"
         else:
             names = auto_groups(result, config.auto_layers)
@@ -240,7 +242,7 @@ def plan(
         because=because,
         keep=_keep_data(session, keep_data, verify_ds, pool),
         candidates=tuple(cands),
-        settles=bool(cands) and "recalibration first" in because,
+        settles=settles,
     )
 
 
@@ -371,6 +373,7 @@ def _searched(
         anchor,
         config.cache_features,
         progress,
+        settle=lambda tuned: p.settles and choose(tuned.curve, config.accept_p).accepted,
     )
     ranked = s.ranked()
     if not ranked:
