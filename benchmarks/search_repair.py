@@ -148,8 +148,9 @@ def main() -> None:
                         f"{k} {100 * row[k]['accuracy']:.1f}% / {100 * row[k]['keep_loss']:+.1f}"
                         for k in ("auto", "auto_unguarded", "full", "first_block", "auto_rgn")
                     )
-                    + f"; auto won by {row['auto']['winner']}{', passed over ' + row['auto']['passed_over'] if row['auto']['passed_over'] else ''}"
-                    f" ({row['auto']['tried']} arms, cost {row['search_cost']:.2f}x full); Auto-RGN {rgn}",
+                    + f"; auto won by {row['auto']['winner']}"
+                    + (f", passed over {row['auto']['passed_over']}" if row["auto"]["passed_over"] else "")
+                    + f" ({row['auto']['tried']} arms, cost {row['search_cost']:.2f}x full); Auto-RGN {rgn}",
                     flush=True,
                 )
     mean = {k: statistics.mean(r[k]["accuracy"] for r in rows) for k in ("auto", "auto_unguarded", "full", "first_block", "auto_rgn")}

@@ -69,7 +69,7 @@ def test_layers_auto_recalibrates_when_the_cause_is_statistics(tmp_path: Path) -
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     planned = json.loads(res.stdout)
-    assert [c["name"] for c in planned["candidates"]][0] == "recalibrate" and planned["trainable"] == 0
+    assert planned["candidates"][0]["name"] == "recalibrate" and planned["trainable"] == 0
     assert planned["because"].startswith("the cause is statistics") and "recalibration first" in planned["because"]
     out = tmp_path / "fixed.safetensors"
     ran = runner.invoke(app, [*[a for a in args if a != "--dry-run"], "-o", str(out)])

@@ -160,7 +160,8 @@ def test_cli_repair_auto_json_plot_and_input_untouched(tiny: dict[str, Path], tm
     assert found["tries"] == sum(t["epochs"] for t in tried) == report["surgical"]["gate"]["tries"]
     assert all(t["epochs"] == 2 or t["stopped_early"] or t["lr"] is None for t in tried)
     best = min(tried, key=lambda t: (-t["val_net"], t["val_loss"]))
-    assert found["winner"].startswith(best["candidate"]) and report["surgical"]["gate"]["curve"][best["best_epoch"]]["val_net"] == best["val_net"]
+    assert found["winner"].startswith(best["candidate"])
+    assert report["surgical"]["gate"]["curve"][best["best_epoch"]]["val_net"] == best["val_net"]
     lrs = sorted(t["lr"] for t in tried if t["candidate"] == best["candidate"] and t["lr"] is not None)
     assert lrs == pytest.approx([0.001, 0.003, 0.009])  # the learning-rate grid around --lr, on the winner
     assert report["accepted"] and "the best of" in report["verdict"] and plan_d["groups"] == report["surgical"]["groups"]

@@ -184,7 +184,8 @@ def plan(
             cause = f"the cause is {result.cause.kind}: " if result.cause is not None else ""
             settles = search.settles(result, cands)
             settle = " (recalibration first: it ends the search when the gate accepts it alone)" if settles else ""
-            because = f"{cause}the best on validation of {len(cands)} candidates ({', '.join(c.name for c in cands)}) and the learning rate{settle}"
+            listed = ", ".join(c.name for c in cands)
+            because = f"{cause}the best on validation of {len(cands)} candidates ({listed}) and the learning rate{settle}"
         else:
             names = auto_groups(result, config.auto_layers)
             cause = f"the cause is {result.cause.kind}; " if result.cause is not None else ""

@@ -36,7 +36,8 @@ class Diverged(ConfigError):
 
 
 def predict(session: Session, model: nn.Module, cut: prefix.Split | None, feats: Dataset | None, ds: Dataset) -> Predictions:
-    """``model``'s outputs on ``ds``: the suffix of its ``cut`` on the prefix features ``feats`` when both are given, else the whole model."""
+    """``model``'s outputs on ``ds``: the suffix of its ``cut`` on the prefix features ``feats`` when both are given,
+    else the whole model."""
     if cut is None or feats is None:
         return replace(session, model=model).evaluate(ds)
     return Predictions(prefix.outputs(cut, feats, session.device), ds.labels.clone())
