@@ -10,7 +10,7 @@ groups (`--layers auto`), one group chosen at random (seeded), and the whole mod
 Reports per arm what it ships: accuracy recovered (share of the drop won back), fixed / broken / net, seconds,
 and how many repairs the validation gate refused (a refused repair ships the damaged model: recovered 0).
 --distill W: every arm repairs with `--distill W` (does keeping the damaged model's right answers slow the recovery?).
---quick: one seed, one group (fc), one epoch, 1,000 verification images.
+--quick: one seed, one group (fc), one epoch, 1,000 training and 1,000 verification images.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main() -> None:
     start = time.perf_counter()
     session = open_session(SGD, "cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
+    train = DataChoice(limit=1000 if args.quick else None)  # --quick: the repairs train on 1,000 of the bundled images
     ds = session.load_data(verify)
     base = session.evaluate(ds).accuracy
     names = [g.name for g in layer_groups(session.model)]
@@ -93,12 +94,15 @@ def main() -> None:
                 _, model, drop = calibrate(session, ds, group, "noise", seed, base)
                 damaged = replace(session, model=model)
                 cfg = replace(config, training=replace(config.training, seed=seed))
-                auto = repair(damaged, "auto", Path(tmp) / "auto.safetensors", verify=verify, config=cfg, device="cpu", force=True)
+                auto = repair(
+                    damaged, "auto", Path(tmp) / "auto.safetensors", train=train, verify=verify, config=cfg, device="cpu", force=True
+                )
                 pick = random.Random(f"{group}/{seed}").choice(names)
                 rand = repair(
                     damaged,
                     [pick],
                     Path(tmp) / "rand.safetensors",
+                    train=train,
                     verify=verify,
                     config=replace(cfg, baseline="none"),
                     device="cpu",

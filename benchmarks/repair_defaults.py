@@ -15,7 +15,7 @@ The rule (``choose``): among the variants within 2 points of the best recovery i
 worst-seed net in (2), ties by the mean net. The script exits 1 if RepairConfig's defaults are not its choice.
 (3) Only then the chosen and the old default (LR 0.01, no distill) on the verification data: the
     bundle with `--layers auto`, and the whole 10,000-image test set (which holds the bundle).
---quick: two variants, one seed, one epoch, the fc fault only, 1,000 selection and verification
+--quick: two variants, one seed, one epoch, the fc fault only, 1,000 training, selection and verification
 images (no check of the defaults). Needs Debian's dataset-fashion-mnist; without it, says so and exits 0.
 """
 
@@ -102,7 +102,8 @@ def main() -> int:
             config = RepairConfig(
                 repair_training(epochs=epochs, lr=variant[0], seed=seed), distill=variant[1], auto_layers=AutoLayers.flags
             )  # as recorded
-            return repair(ckpt, layers, out, verify=choice, config=config, device="cpu", force=True).surgical.verify
+            train = DataChoice(limit=limit)  # --quick: 1,000 of the bundled training images
+            return repair(ckpt, layers, out, train=train, verify=choice, config=config, device="cpu", force=True).surgical.verify
 
         print(
             f"(1) damaged models: {', '.join(groups)} (noise, seed 0), --layers auto, verified on {len(verify_ds)} test images; "

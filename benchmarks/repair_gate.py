@@ -12,7 +12,7 @@ bundled 5,000) and to the 3,000 held-out test images; `--layers auto`, the full 
 single group (the oracle: the best of them), each gated as shipped; Auto-RGN's top group beside
 them. Accuracy is what ships: the repaired model when the gate accepts it, else the original.
 Goal: auto at least the full fine-tune's accuracy, over the seeds. --quick: the SGD sample, one
-seed, one epoch, 1,000 verification images, one shift (invert) without the per-group oracle.
+seed, one epoch, 1,000 training and verification images, one shift (invert) without the per-group oracle.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
                 session,
                 "auto",
                 tmp / "h.safetensors",
+                train=DataChoice(limit=1000 if quick else None),
                 verify=DataChoice(limit=1000 if quick else None, seed=seed),
                 config=config,
                 device="cpu",

@@ -73,10 +73,11 @@ def test_planted_repair_quick(tmp_path: Path) -> None:
 
 def test_repair_gate_quick(tmp_path: Path) -> None:
     out = tmp_path / "g.json"
-    stdout = run_script("repair_gate.py", "--out", str(out))
+    # the healthy part only: its shifts part is superseded by search_repair.py, whose figures BENCHMARKS.md now records
+    stdout = run_script("repair_gate.py", "--part", "healthy", "--out", str(out))
     result = json.loads(out.read_text())
-    assert [r["sample"] for r in result["healthy"]] == ["sgd"] and [r["shift"] for r in result["shifts"]] == ["invert"]
-    assert "runs kept the original" in stdout and "auto at least the full fine-tune's held-out accuracy in" in stdout
+    assert [r["sample"] for r in result["healthy"]] == ["sgd"] and "shifts" not in result
+    assert "1 of 1 runs kept the original" in stdout  # the healthy SGD sample: the gate ships nothing
     for row in result["healthy"]:
         assert row["net"] == (row["candidate_net"] if row["accepted"] else 0)
 
