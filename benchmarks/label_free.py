@@ -64,7 +64,7 @@ def main() -> None:
                     "damaged": r.surgical.verify.accuracy_before,
                     "repaired": after,
                     "undamaged": clean,
-                    "method": r.plan["config"]["method"],
+                    "method": (r.search or {}).get("winner") or r.plan["config"]["method"],  # the search's winner, when it searched
                     "groups": r.plan["groups"],
                     "accepted": r.accepted,
                 }
