@@ -45,6 +45,8 @@ def test_recalibration_repairs_overwritten_statistics_and_records_it(tmp_path: P
     )
     assert sha(damaged) == before and out.is_file()
     assert checkpoint.load(out).metadata.repair["config"]["method"] == "recalibrate"  # type: ignore[index]
+    printed = checkpoint.load(out).fingerprint  # recorded on the data the repair trained on: the 4,000 left after validation
+    assert printed is not None and printed.images == 4000 and printed.data == {"spec": TRAIN, "split": "train"}
     weights = {k: v for k, v in checkpoint.load(out).state_dict.items() if "running" not in k and "num_batches" not in k}
     assert all(torch.equal(v, checkpoint.load(damaged).state_dict[k]) for k, v in weights.items())  # no weight moved
 

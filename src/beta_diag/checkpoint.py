@@ -24,7 +24,9 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from beta_diag import distributed, infer, models
+from beta_diag import fingerprint as fingerprint_mod
 from beta_diag.errors import CheckpointError
+from beta_diag.fingerprint import Fingerprint
 from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES, MAX_HISTORY, MAX_INPUT_SIDE, MAX_NAME
 from beta_diag.outputs import atomic_path, check_output
 
@@ -169,6 +171,7 @@ class Checkpoint:
     arch_from_user: bool = False  # True when --arch named the architecture, not the file
     notes: tuple[str, ...] = ()  # what loading assumed or converted (a wrapper key, a stripped prefix), for stderr and --json
     resolved: bool = False  # True once ``inferred`` has filled in what the weights say; an override clears it
+    fingerprint: Fingerprint | None = None  # the activation statistics it carries (fingerprint.py), kept apart from the weights
 
     def with_overrides(
         self,
@@ -239,6 +242,7 @@ class Checkpoint:
             info["tensors"] = len(self.state_dict)
             info["parameters"] = sum(t.numel() for t in self.state_dict.values())
         info["history_summary"] = schedules.history_summary(self.metadata.history)
+        info["fingerprint"] = None if self.fingerprint is None else self.fingerprint.describe()
         return info
 
     def build_model(self) -> nn.Module:
@@ -433,9 +437,15 @@ def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoi
     suffix = file.suffix.lower()
     if state_key is not None and suffix not in (".pt", ".pth", ".bin"):
         raise CheckpointError(f"{file}: --state-key is for .pt/.pth files, whose dicts may hold the weights under a key: drop it")
+    header: Any = None
     if suffix == ".safetensors":
         tensors, raw = _read_safetensors(file)
         notes: list[str] = []
+        if "fingerprint" in raw:
+            try:
+                header = json.loads(raw["fingerprint"])
+            except (json.JSONDecodeError, RecursionError):
+                header = "unreadable"  # parse names the fix
         meta_values: dict[str, Any] = dict(Metadata.from_strings(raw, str(file)).to_dict())
         if config:
             meta_values = {
@@ -449,8 +459,12 @@ def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoi
         raise CheckpointError(
             f"{file}: unsupported file type '{suffix}': pass a .safetensors, .pt or .pth file, or a folder holding model.safetensors"
         )
+    marked = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(fingerprint_mod.PREFIX)]}
+    found = fingerprint_mod.parse(header, marked, str(file))
     tensors, stripped = _unwrap(tensors)
-    return Checkpoint(path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file), notes=tuple(notes + stripped))
+    return Checkpoint(
+        path=file, state_dict=tensors, metadata=metadata, sha256=file_sha256(file), notes=tuple(notes + stripped), fingerprint=found
+    )
 
 
 def canonical(blob: bytes) -> memoryview:
@@ -478,13 +492,18 @@ def save(
     metadata: Metadata,
     force: bool = False,
     inputs: tuple[Path, ...] = (),
+    fingerprint: Fingerprint | None = None,
 ) -> str:
-    """Write a ``.safetensors`` checkpoint atomically; returns its sha256."""
+    """Write a ``.safetensors`` checkpoint atomically, with ``fingerprint`` when given; returns its sha256."""
     out = Path(path)
     if distributed.is_main():  # the others checked before any work; now process 0 may have written it
         check_output(out, force, inputs, checkpoint_file=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    blob = canonical(save_bytes(tensors, metadata=metadata.to_strings()))
+    strings = metadata.to_strings()
+    if fingerprint is not None:
+        tensors |= fingerprint.tensors()
+        strings["fingerprint"] = json.dumps(fingerprint.header())
+    blob = canonical(save_bytes(tensors, metadata=strings))
     with atomic_path(out, force) as tmp, open(tmp, "wb") as f:  # atomic_path names the output on a write error
         f.write(blob)
     return hashlib.sha256(blob).hexdigest()

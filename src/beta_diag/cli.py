@@ -140,7 +140,7 @@ def train(
     )
     with report.progress(quiet or as_json) as progress:
         result = train_model(arch, data, test_data, parse_arch_args(arch_arg), config, limit, test_limit, progress)
-    sha = checkpoint.save(output, result.model.state_dict(), result.metadata, force=force)
+    sha = checkpoint.save(output, result.model.state_dict(), result.metadata, force=force, fingerprint=result.fingerprint)
     history = list(result.metadata.history)
     summary = {
         "path": str(output),
@@ -440,6 +440,9 @@ def archs(as_json: opt.Json = False, verbose: opt.Verbose = False) -> None:
     report.print_json(names) if as_json else report.stdout().print("\n".join(names))
 
 
+from beta_diag import cli_monitor  # noqa: F401 - registers fingerprint and drift on ``app``
+
+
 def main() -> None:
     """The console script. Under torchrun, processes other than 0 print nothing on stdout."""
     for stream in (sys.stdout, sys.stderr):  # a terminal or pipe that cannot encode a character gets '?', not a crash
@@ -452,7 +455,7 @@ def main() -> None:
         app()
         clean = True
     except SystemExit as done:  # typer ends every command with SystemExit
-        clean = done.code in (0, 3, None)  # 3: nothing to rank or repair, a clean end
+        clean = done.code in (0, 3, 4, None)  # 3: nothing to rank or repair; 4: drift found a shift: clean ends
         raise
     finally:
         distributed.leave(clean)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 
 from beta_diag import data as data_mod
 from beta_diag import drift as drift_mod
+from beta_diag import fingerprint
 from beta_diag.causes import Cause, Evidence, decide
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.drift import Drift
@@ -86,10 +87,13 @@ def input_difference(data: Dataset, train: Dataset, pre: Preprocess) -> float:
     return float(z2[se > 0].mean()) if bool((se > 0).any()) else 0.0
 
 
+Watch = Callable[[torch.nn.Module], drift_mod.Recorder]  # a model -> the recorder of its drift (BatchNorm or fingerprint)
+
+
 def _profile(
-    model: torch.nn.Module, ds: Dataset, pre: Preprocess, device: torch.device, groups: Sequence[Group]
+    model: torch.nn.Module, ds: Dataset, pre: Preprocess, device: torch.device, groups: Sequence[Group], watch: Watch
 ) -> tuple[Predictions, Drift]:
-    recorder = drift_mod.Recorder(model)
+    recorder = watch(model)
     try:
         preds = evaluate(model, ds, pre, device, on_batch=recorder.commit)
     finally:
@@ -137,6 +141,7 @@ def probe(
     recorded_accuracy: float | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    watch: Watch = drift_mod.Recorder,
 ) -> Evidence:
     """Measure what ``decide`` needs: the user's data as ``rank`` evaluated it, and, when ``train`` (a
     sample of the training data) is given, the control pass and the recalibration probe on copies."""
@@ -164,12 +169,12 @@ def probe(
         return evidence if train is None else replace(evidence, why_no_control=data_drift.reason)
     if progress:
         progress("control", 0, 4)
-    train_preds, train_drift = _profile(model, train, pre, device, groups)
+    train_preds, train_drift = _profile(model, train, pre, device, groups, watch)
     if progress:
         progress("control", 1, 4)
     fresh = recalibrated(model, train, pre, device)
-    order = [layer.name for layer in train_drift.layers]
     agree = {a.name: a for a in agreement(model, fresh)}
+    order = [layer.name for layer in train_drift.layers] if data_drift.source == "batchnorm" else list(agree)  # the BatchNorms
     agree_list = [agree[n] for n in order if n in agree]
     index = data_mod.subset_index(len(data), len(train), seed) if len(data) > len(train) else torch.arange(len(data))
     sample = data.subset(index)
@@ -197,7 +202,7 @@ def probe(
                 continue
             c = pre.input_shape[0]
             cand = Preprocess(pre.input_shape, tuple(mean) * (c // len(mean)), tuple(std) * (c // len(std)))
-            _, d = _profile(model, few, cand, device, groups)
+            _, d = _profile(model, few, cand, device, groups, watch)
             normalisations[label] = {"mean": list(cand.mean), "std": list(cand.std), "first_kl": d.layers[0].kl if d.layers else None}
     if progress:
         progress("control", 4, 4)
@@ -257,6 +262,20 @@ def diagnose(
             why = f"no training data for the control pass ({exc})"
     recorded = recorded_accuracy(session.ckpt.metadata.history)
     seed = train.seed if train is not None else 0
-    e = probe(session.model, session.preprocess, session.device, data, preds, data_drift, sample, groups, why, recorded, seed, progress)
+    e = probe(
+        session.model,
+        session.preprocess,
+        session.device,
+        data,
+        preds,
+        data_drift,
+        sample,
+        groups,
+        why,
+        recorded,
+        seed,
+        progress,
+        watch=lambda model: fingerprint.recorder(session.ckpt.fingerprint, model, groups),
+    )
     cause = decide(e, checkpoint=str(session.ckpt.path))
     return replace(cause, evidence=json.loads(json.dumps(cause.evidence)))  # plain JSON values, as a saved ranking reads them back

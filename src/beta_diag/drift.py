@@ -26,14 +26,18 @@ changes the spread of what it hands on), whichever is larger; but a variance tha
 mean stayed within sampling noise is charged to the BatchNorm's own group (its running variance
 changed, not its input: a damaged layer upstream moves the mean of what it hands on too). No jump above the threshold: no drift
 found, so any fault lies after the last BatchNorm or does not show in activation statistics.
+
+The same test runs against any ``Reference``: a BatchNorm's running statistics for its input (the
+default), or a checkpoint's fingerprint (``fingerprint.py``) for each layer group's output, whose own
+sampling noise is added to the data's. A fingerprint point has no feeder: its drift is its own group's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -63,6 +67,36 @@ def _buffer(module: nn.modules.batchnorm._NormBase, name: str) -> torch.Tensor:
     value = getattr(module, name)
     assert isinstance(value, torch.Tensor)
     return value.detach().double()
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What one place's activations looked like over the training data, per channel: the input of a BatchNorm
+    (its running statistics) or the output of a fingerprinted module. ``group``: the group a fingerprint point
+    stands for (None: the BatchNorm's own group at the ranking's granularity). ``noise``: the reference's own
+    sampling noise in the mean and variance parts (zero for running statistics, whose noise is unknown)."""
+
+    name: str
+    at: Literal["input", "output"]
+    mean: torch.Tensor = field(repr=False)  # (C,) float64, on the CPU
+    var: torch.Tensor = field(repr=False)  # (C,) float64, without eps
+    eps: float
+    axis: int = 1  # the channel axis of the tensor seen (-1: tokens, channels last)
+    group: str | None = None
+    noise: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def channels(self) -> int:
+        return int(self.mean.numel())
+
+
+def batchnorm_references(model: nn.Module) -> list[Reference]:
+    """Every BatchNorm with running statistics, as a reference for its own input."""
+    return [
+        Reference(name, "input", _buffer(m, "running_mean").cpu(), _buffer(m, "running_var").cpu(), float(m.eps))
+        for name, m in model.named_modules()
+        if name and _tracks(m)
+    ]
 
 
 def unavailable_reason(model: nn.Module) -> str | None:
@@ -120,6 +154,7 @@ class Drift:
     layers: tuple[LayerDrift, ...] = ()
     rule: Rule = Rule()
     downstream: tuple[str, ...] = ()  # groups whose layers run after the last BatchNorm: drift cannot see them
+    source: str = "batchnorm"  # what drift was measured against: "batchnorm" (running statistics) or "fingerprint"
 
     @property
     def finding(self) -> str:
@@ -127,6 +162,8 @@ class Drift:
         if not self.available:
             return f"drift unavailable: {self.reason}"
         if self.suspect is None:
+            if self.source == "fingerprint":
+                return "no activation drift found against the fingerprint: the fault does not show in activation statistics"
             after = f" (in {', '.join(self.downstream)})" if self.downstream else ""
             return f"no activation drift found: any fault lies after the last BatchNorm{after} or does not show in activation statistics"
         return (
@@ -157,6 +194,7 @@ class Drift:
             layers,
             Rule(**d["rule"]) if d.get("rule") else Rule(),
             tuple(d.get("downstream", ())),
+            d.get("source", "batchnorm"),
         )
 
 
@@ -213,35 +251,39 @@ def _owner(name: str, groups: Sequence[Group]) -> str | None:
 
 
 class Recorder:
-    """Forward hooks on every BatchNorm with running statistics, for one evaluation pass.
+    """Forward hooks at every reference (default: every BatchNorm with running statistics), for one evaluation pass.
 
-    Each hook takes its batch's per-example, per-channel mean and mean square of the input (two
+    Each hook takes its batch's per-example, per-channel mean and mean square of the tensor it watches (two
     fused reductions over the activation); ``commit`` (called with the batch's logits and labels)
-    centres them at the running means in float64, m1 = mean - m and m2 = square - 2 m mean + m^2
+    centres them at the reference means in float64, m1 = mean - m and m2 = square - 2 m mean + m^2
     (the mean square of the centred input), and adds m1, m2 and their products (m1^2, m2^2, m1 m2: the sampling noise,
     with examples, not positions, as the independent draws) to the totals over all examples and
-    over the errors: for all BatchNorms at once, one small matrix product per batch on the model's
+    over the errors: for all references at once, one small matrix product per batch on the model's
     device, no host transfer. Per-example statistics are float32 (one image's positions), totals
-    float64. A BatchNorm called more than once per forward pass is left out (its calls see different
-    inputs). Also records, on the first batch, the order in which parameter-owning layers run.
+    float64. A module called more than once per forward pass is left out (its calls see different
+    tensors). Also records, on the first batch, the order in which parameter-owning layers run.
+    Unlabelled data (labels -1) count as no error.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, references: Sequence[Reference] | None = None, source: str = "batchnorm") -> None:
         self.model = model
-        self.norms: dict[str, nn.modules.batchnorm._NormBase] = {name: m for name, m in model.named_modules() if name and _tracks(m)}
+        self.source = source
+        refs = batchnorm_references(model) if references is None else list(references)
+        modules = dict(model.named_modules())
+        self.refs: dict[str, Reference] = {r.name: r for r in refs if r.name in modules}
         self.order: list[str] = []
         self.pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.repeated: set[str] = set()
-        self.layout: list[str] | None = None  # the BatchNorms of the first batch, in call order: columns of ``total``
-        self.irregular = False  # a later batch ran other BatchNorms than the first
-        self.running_means: torch.Tensor | None = None  # (sum C,) float64
+        self.layout: list[str] | None = None  # the references of the first batch, in call order: columns of ``total``
+        self.irregular = False  # a later batch ran other references than the first
+        self.ref_means: torch.Tensor | None = None  # (sum C,) float64
         self.total: torch.Tensor | None = None  # (2, 6, sum C) float64: [all, errors] x [n, m1, m2, m1^2, m2^2, m1 m2] summed
         self.batch_totals: list[torch.Tensor] = []  # under torchrun: this process's per-batch sums, to add in global order
-        self.handles = [m.register_forward_hook(self._stats(name)) for name, m in self.norms.items()]
+        self.handles = [modules[name].register_forward_hook(self._stats(name)) for name in self.refs]
         self.order_handles = [
             m.register_forward_hook(self._seen(name))
             for name, m in model.named_modules()
-            if name and any(True for _ in m.parameters(recurse=False)) and name not in self.norms
+            if name and any(True for _ in m.parameters(recurse=False)) and name not in self.refs
         ]
 
     def _seen(self, name: str) -> Any:
@@ -252,15 +294,19 @@ class Recorder:
         return hook
 
     def _stats(self, name: str) -> Any:
+        ref = self.refs[name]
+
         def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+            seen = (args[0] if args else None) if ref.at == "input" else output
+            if not isinstance(seen, torch.Tensor) or seen.dim() < 2 or seen.shape[ref.axis] != ref.channels:
                 return
             if name in self.pending:
                 self.repeated.add(name)
                 return
             if self.layout is None and name not in self.order:
                 self.order.append(name)
-            x = args[0].detach().float()  # (B, C, ...)
+            x = seen.detach().float()
+            x = x if ref.axis == 1 else x.movedim(ref.axis, 1)  # (B, C, ...)
             dims = tuple(range(2, x.dim()))
             # two fused reductions (torch.var_mean is 10-40x slower here on CPU): per-example mean and mean square, (B, C)
             positions = math.prod(x.shape[2:])
@@ -278,20 +324,16 @@ class Recorder:
             self.layout = list(self.pending)
             for h in self.order_handles:  # the call order is known after one batch
                 h.remove()
-            self.running_means = torch.cat([_buffer(self.norms[n], "running_mean") for n in self.layout])
+            self.ref_means = torch.cat([self.refs[n].mean for n in self.layout]).to(logits.device)
         elif list(self.pending) != self.layout:
             self.irregular = True
         if not self.irregular:
             mean = torch.cat([self.pending[n][0] for n in self.layout], 1).double()  # (B, sum C)
-            assert self.running_means is not None  # set with the layout
-            m1 = mean - self.running_means
-            m2 = (
-                torch.cat([self.pending[n][1] for n in self.layout], 1).double()
-                - 2 * self.running_means * mean
-                + self.running_means.square()
-            )
+            assert self.ref_means is not None  # set with the layout
+            m1 = mean - self.ref_means
+            m2 = torch.cat([self.pending[n][1] for n in self.layout], 1).double() - 2 * self.ref_means * mean + self.ref_means.square()
             m = torch.stack([torch.ones_like(m1), m1, m2, m1.square(), m2.square(), m1 * m2], 1)  # (B, 6, sum C)
-            wrong = (logits.argmax(1) != labels).to(m)
+            wrong = ((logits.argmax(1) != labels) & (labels >= 0)).to(m)
             add = torch.einsum("kb,bsc->ksc", torch.stack([torch.ones_like(wrong), wrong]), m)  # (2, 6, sum C)
             self.total = add if self.total is None else self.total + add
             if distributed.current().size > 1:
@@ -319,33 +361,46 @@ class Recorder:
             for add in ordered[1:]:
                 self.total = self.total + add
 
+    def channel_sums(self, errors: bool = False) -> dict[str, torch.Tensor]:
+        """Per reference called once per pass: the (6, C) float64 totals over every example (or the errors)."""
+        self._reduce()
+        if self.total is None or self.layout is None or self.irregular:
+            return {}
+        split = self.total[int(errors)].cpu().split([self.refs[n].channels for n in self.layout], dim=1)
+        return {n: t for n, t in zip(self.layout, split) if n not in self.repeated}
+
     def result(self, groups: Sequence[Group], rule: Rule = Rule()) -> Drift:
         """The profile over what was evaluated, and the suspect among ``groups``."""
-        reason = unavailable_reason(self.model)
+        reason = unavailable_reason(self.model) if self.source == "batchnorm" else None
         if reason is not None:
-            return Drift(False, reason)
+            return Drift(False, reason, source=self.source)
         self._reduce()
         if self.irregular:
-            return Drift(False, "its BatchNorm layers do not run on every batch alike")
+            return Drift(False, "the layers it watches do not run on every batch alike", source=self.source)
         sums = (
             {}
             if self.total is None or self.layout is None
-            else dict(zip(self.layout, self.total.cpu().split([self.norms[n].num_features for n in self.layout], dim=2)))
+            else dict(zip(self.layout, self.total.cpu().split([self.refs[n].channels for n in self.layout], dim=2)))
         )
         layers = []
         for name in [n for n in self.order if n in sums and n not in self.repeated]:
-            module = self.norms[name]
-            feeder = next((n for n in reversed(self.order[: self.order.index(name)]) if n not in self.norms), None)
-            parts, err = _parts(module, sums[name][0]), _parts(module, sums[name][1])
+            ref = self.refs[name]
+            feeder = (
+                None
+                if ref.at == "output"
+                else next((n for n in reversed(self.order[: self.order.index(name)]) if n not in self.refs), None)
+            )
+            parts, err = _parts(ref, sums[name][0]), _parts(ref, sums[name][1])
             assert parts is not None  # a layer in the layout saw every evaluated example
             mean, var, mean_noise, var_noise = parts
+            own = ref.group if ref.group is not None else _owner(name, groups)
             layers.append(
                 LayerDrift(
                     name,
-                    _owner(name, groups),
+                    own,
                     feeder,
                     None if feeder is None else _owner(feeder, groups),
-                    module.num_features,
+                    ref.channels,
                     mean,
                     var,
                     mean_noise,
@@ -354,30 +409,43 @@ class Recorder:
                 )
             )
         if not layers:
-            why = (
-                "every BatchNorm is called more than once per pass" if self.repeated else "no BatchNorm with running statistics was called"
-            )
-            return Drift(False, f"{why} on the data")
+            what = "watched layer" if self.source == "fingerprint" else "BatchNorm"
+            why = f"every {what} is called more than once per pass" if self.repeated else f"no {what} with a reference was called"
+            return Drift(False, f"{why} on the data", source=self.source)
         suspect, margin, layer, per_group = localise(layers, rule)
-        last = max(self.order.index(n) for n in self.norms if n in self.order)
+        last = max(self.order.index(n) for n in self.refs if n in self.order)
         downstream = tuple(dict.fromkeys(g for n in self.order[last + 1 :] if (g := _owner(n, groups)) is not None))
-        return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), rule, downstream)
+        return Drift(True, None, suspect, margin, layer, per_group, tuple(layers), rule, downstream, self.source)
 
 
-def _parts(module: nn.modules.batchnorm._NormBase, sums: torch.Tensor) -> tuple[float, float, float, float] | None:
+def moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel, from a recorder's (6, C) totals centred at the reference mean m: mu - m, the data's variance
+    s2, and the sampling variances of both estimates (Var(mu) and, by the delta method, Var(s2))."""
+    n = float(sums[0, 0])
+    m1, m2, q1, q2, q12 = (sums[i] / n for i in range(1, 6))  # m1 = mu - m
+    var = (m2 - m1.square()).clamp_min(0.0)
+    var_m1, var_m2, cov = (q1 - m1.square()) / n, (q2 - m2.square()) / n, (q12 - m1 * m2) / n
+    var_s2 = (var_m2 - 4 * m1 * cov + 4 * m1.square() * var_m1).clamp_min(0.0)
+    return m1, var, var_m1, var_s2
+
+
+def _parts(ref: Reference, sums: torch.Tensor) -> tuple[float, float, float, float] | None:
     """Channel-averaged mean part, variance part and their sampling noise from ``sums`` (6, C); None without examples.
 
     KL(N(mu, s2) || N(m, v)) with mu - m = E[m1], s2 = E[m2] - E[m1]^2. Noise: what sampling adds to
     each part on average, to second order in the estimates' errors: 0.5 Var(mu)/v and
-    0.25 Var(s2)/v^2, with Var(s2) = Var(E m2) - 4 mu Cov(E m1, E m2) + 4 mu^2 Var(E m1) (delta method)."""
-    n = float(sums[0, 0])
-    if n == 0:
+    0.25 Var(s2)/v^2, with Var(s2) = Var(E m2) - 4 mu Cov(E m1, E m2) + 4 mu^2 Var(E m1) (delta method),
+    plus the reference's own (``Reference.noise``)."""
+    if float(sums[0, 0]) == 0:
         return None
-    ref = _buffer(module, "running_var").cpu() + module.eps  # (C,)
-    m1, m2, q1, q2, q12 = (sums[i] / n for i in range(1, 6))  # m1 = mu - m
-    var = (m2 - m1.square()).clamp_min(0.0)
-    r = (var + module.eps) / ref
-    var_m1, var_m2, cov = (q1 - m1.square()) / n, (q2 - m2.square()) / n, (q12 - m1 * m2) / n
-    var_s2 = (var_m2 - 4 * m1 * cov + 4 * m1.square() * var_m1).clamp_min(0.0)
-    parts = (0.5 * m1.square() / ref, 0.5 * (r - 1.0 - torch.log(r)), 0.5 * var_m1.clamp_min(0.0) / ref, 0.25 * var_s2 / ref.square())
-    return tuple(float(p.mean()) for p in parts)  # type: ignore[return-value]
+    ref_var = ref.var + ref.eps  # (C,)
+    m1, var, var_m1, var_s2 = moments(sums)
+    r = (var + ref.eps) / ref_var
+    parts = (
+        0.5 * m1.square() / ref_var,
+        0.5 * (r - 1.0 - torch.log(r)),
+        0.5 * var_m1.clamp_min(0.0) / ref_var,
+        0.25 * var_s2 / ref_var.square(),
+    )
+    mean, var_part, mean_noise, var_noise = (float(p.mean()) for p in parts)
+    return mean, var_part, mean_noise + ref.noise[0], var_noise + ref.noise[1]

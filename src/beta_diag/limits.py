@@ -5,6 +5,7 @@ Each is far beyond any classifier beta-diag is for; a file beyond one is refused
 
 MAX_INPUT_SIDE = 4096  # pixels: beyond this a single image's activations alone exhaust memory
 MAX_CHANNELS = 256  # input channels
+MAX_FEATURES = 1 << 20  # channels of one layer's output (a fingerprint point)
 MAX_CLASSES = 1_000_000  # classes, labels and class names
 MAX_NAME = 1_000  # characters in one class name
 MAX_HISTORY = 100_000  # epochs of recorded history

@@ -62,6 +62,9 @@ StateKey = Annotated[
 ]
 Ckpt = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
 Plot = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure to this path.")]
+Alpha = Annotated[
+    float, typer.Option("--alpha", min=1e-12, max=0.5, help="drift: the false-alarm rate of the shift test on unshifted data.")
+]
 
 # training, shared by train, repair and schedule; their defaults are each command's library defaults
 Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Epochs to train (schedule: to plan).")]

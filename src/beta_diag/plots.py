@@ -85,6 +85,17 @@ def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = 
     plt.close(fig)
 
 
+def drift(check: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """``drift``: the drift profile along depth (each watched point's KL, mean and variance parts)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(check.drift.layers)), 4))
+    _drift_profile(ax, check.drift)
+    verdict = "shifted" if check.shifted else "no shift"
+    fig.suptitle(f"{verdict} (p = {check.p_value:.3g}, alpha {check.alpha:g}); {check.drift.finding}".replace("$", r"\$"), fontsize=7)
+    _save(fig, path, force, inputs)
+    plt.close(fig)
+
+
 def _drift_profile(ax: Any, drift: Any) -> None:
     xs = range(len(drift.layers))
     tiny = drift.rule.floor * 1e-4  # log axis: a zero part is drawn at the bottom
@@ -102,7 +113,7 @@ def _drift_profile(ax: Any, drift: Any) -> None:
         ax.annotate(f"suspect: {drift.suspect}", (i, drift.layers[i].kl), ha="center", va="bottom", fontsize=8, color="#d62728")
     ax.set_yscale("log")
     ax.set_xticks(list(xs), [layer.name for layer in drift.layers], rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("KL of input statistics vs running statistics")
+    ax.set_ylabel("KL vs the fingerprint" if drift.source == "fingerprint" else "KL of input statistics vs running statistics")
     ax.set_title("activation drift along depth", fontsize=9)
     ax.legend(fontsize=7)
 

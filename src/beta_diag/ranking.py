@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from beta_diag import causes, outputs
+from beta_diag import causes, fingerprint, outputs
 from beta_diag import control as control_mod
-from beta_diag import drift as drift_mod
 from beta_diag.attribution import per_example_norms
 from beta_diag.causes import Cause
 from beta_diag.configs import Granularity, Metric, RankConfig
@@ -222,7 +221,7 @@ def rank(
     every = layer_groups(session.model, config.granularity)  # drift looks at all of them, the ranking at those --groups selects
     found = _select_groups(every, config)
     ds = dataset if dataset is not None else session.load_data(data)
-    recorder = drift_mod.Recorder(session.model)  # drift rides the evaluation pass
+    recorder = fingerprint.recorder(session.ckpt.fingerprint, session.model, every)  # drift rides the evaluation pass
     try:
         preds = session.evaluate(ds, progress, on_batch=recorder.commit)
     finally:

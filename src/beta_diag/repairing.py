@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from beta_diag import checkpoint, groups, outputs, prefix, ranking, search
+from beta_diag import checkpoint, fingerprint, groups, outputs, prefix, ranking, search
 from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig, RepairMethod
 from beta_diag.data import Dataset
 from beta_diag.errors import BetaDiagError, ConfigError
@@ -331,7 +331,8 @@ def apply(p: Plan, output: str | Path | None = None, force: bool = False, progre
         raise ConfigError(
             f"the repair diverged: {len(diverged)} tensors hold NaN/Inf (first {diverged[0]}): nothing written; lower --lr or --distill"
         )
-    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, surgical), force=force, inputs=inputs)
+    found_fp = fingerprint.measure(repaired, session.preprocess, session.device, p.train)  # on the data it trained on
+    sha = checkpoint.save(out, state, _metadata(session, out, plan_dict, surgical), force=force, inputs=inputs, fingerprint=found_fp)
     return replace(report, output=str(out), sha256=sha)
 
 

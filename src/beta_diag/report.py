@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from beta_diag import distributed
-from beta_diag.drift import times
+from beta_diag.drift import jumps, times
 from beta_diag.runtime import Progress as ProgressFn
 from beta_diag.runtime import without_timing
 
@@ -106,6 +107,13 @@ def info_table(info: dict[str, Any]) -> None:
         for g in info["groups"]:
             groups.add_row(g["name"], f"{g['numel']:,}", f"{100 * g['share']:.2f}%")
         out.print(groups)
+    fp = info.get("fingerprint")
+    out.print(
+        "fingerprint: none (record one with beta-diag fingerprint)"
+        if not fp
+        else f"fingerprint: {fp['points']} points ({', '.join(f'{n} {k}' for k, n in fp['kinds'].items())}) over {fp['images']:,} images"
+        f" of {escape(str(fp['data'].get('spec')))} ({escape(str(fp['data'].get('split')))})"
+    )
     summary = info.get("history_summary")
     if summary:
         regimes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["regimes"].items())
@@ -115,6 +123,45 @@ def info_table(info: dict[str, Any]) -> None:
             f"history: {summary['epochs']} epochs{took}, final test accuracy "
             f"{'n/a' if acc is None else f'{100 * acc:.2f}%'}; regimes: {regimes}"
         )
+
+
+def fingerprint_summary(summary: dict[str, Any]) -> None:
+    fp = summary["fingerprint"]
+    stdout().print(
+        f"wrote {escape(summary['path'])}: a fingerprint of {fp['points']} points over {fp['images']:,} images of "
+        f"{escape(str(fp['data'].get('spec')))} ({escape(str(fp['data'].get('split')))}); sha256 {summary['sha256'][:16]}..."
+    )
+
+
+def drift_table(check: Any) -> None:
+    """``drift``: one row per watched point in call order, then the suspect and the shift test's verdict."""
+    d = check.drift
+    out = stdout()
+    against = "the fingerprint" if d.source == "fingerprint" else "the BatchNorm running statistics"
+    table = Table(
+        "point",
+        "group",
+        "drift (KL)",
+        "noise",
+        "jump",
+        "max |z|",
+        title=f"drift of {check.images:,} images of {escape(check.spec)} ({escape(check.split)}) against {against}",
+        title_justify="left",
+    )
+    for layer, jump in zip(d.layers, jumps(d.layers, d.rule.floor)):
+        table.add_row(
+            escape(layer.name),
+            escape(str(layer.group or layer.feeder_group or "")),
+            f"{layer.kl:.3g}",
+            f"{layer.noise:.2g}",
+            f"x{times(jump)}",
+            f"{check.per_point.get(layer.name, 0.0):.1f}",
+        )
+    out.print(table)
+    out.print(d.finding)
+    verdict = "SHIFTED" if check.shifted else "no shift"
+    worst = f"; the largest |z| {check.worst_z:.1f} at {escape(str(check.worst))}" if check.worst else ""
+    out.print(f"[bold]{verdict}[/]: p = {check.p_value:.3g} (alpha {check.alpha:g}, Bonferroni over {check.tests:,} z-scores){worst}")
 
 
 def schedule_table(schedules: list[dict[str, Any]]) -> None:

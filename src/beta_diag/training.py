@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from beta_diag import data as data_mod
-from beta_diag import distributed
+from beta_diag import distributed, fingerprint
 from beta_diag.checkpoint import Metadata, nonfinite
 from beta_diag.configs import DISTILL_TEMPERATURE, OptimizerName, TrainConfig
 from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
+from beta_diag.fingerprint import Fingerprint
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device, without_timing
 from beta_diag.schedules import MomentumScheduler, epoch_record, lr_scheduler
@@ -189,6 +190,7 @@ class TrainResult:
     model: nn.Module
     metadata: Metadata  # records no wall-clock, so the same command writes the same bytes
     seconds: float
+    fingerprint: Fingerprint | None = None  # its activation statistics on the training data (fingerprint.py)
 
 
 def train(
@@ -257,4 +259,5 @@ def train(
         },
         history=tuple(without_timing(history)),  # type: ignore[arg-type]
     )
-    return TrainResult(model.cpu().eval(), meta, sum(h["seconds"] for h in history))
+    found = fingerprint.measure(model, preprocess, resolve_device(config.device), train_ds, progress)
+    return TrainResult(model.cpu().eval(), meta, sum(h["seconds"] for h in history), found)

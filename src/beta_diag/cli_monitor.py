@@ -1,0 +1,100 @@
+"""The fingerprint and drift commands: record what a model's layers see on its training data, and watch new data against it."""
+
+from __future__ import annotations
+
+import typer
+
+from beta_diag import options as opt
+from beta_diag import outputs
+from beta_diag.cli import app, handle_errors, say_notes
+from beta_diag.options import data_files, load_checkpoint
+
+SHIFT_EXIT = 4  # drift: the data have shifted (0: they have not)
+
+
+@app.command()
+@handle_errors
+def fingerprint(
+    ckpt: opt.Ckpt,
+    output: opt.TrainOutput,
+    data: opt.Data = None,
+    limit: opt.Limit = None,
+    seed: opt.Seed = 0,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    device: opt.Device = "auto",
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+) -> None:
+    """Write a copy of the checkpoint with a fingerprint: every layer group's output statistics on the training data.
+
+    --data: the data to record on (default: the training data the checkpoint's metadata names; labels unused).
+    """
+    from beta_diag import checkpoint, report
+    from beta_diag.fingerprint import record
+    from beta_diag.session import DataChoice, open_session
+
+    outputs.check_output(output, force, (ckpt, *data_files(data)), checkpoint_file=True)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+    say_notes(session.ckpt.path, session.ckpt.notes)
+    ds = session.load_data(DataChoice(data, "train", limit, seed), default_split="train", unlabelled=True)
+    with report.progress(quiet or as_json) as progress:
+        found = record(session, ds, progress)
+    inputs = (ckpt, *data_files(data, ds.spec))  # the data the metadata named, too
+    sha = checkpoint.save(output, session.ckpt.state_dict, session.ckpt.metadata, force=force, inputs=inputs, fingerprint=found)
+    summary = {"path": str(output), "sha256": sha, "fingerprint": found.describe()}
+    report.print_json(summary) if as_json else report.fingerprint_summary(summary)
+
+
+@app.command()
+@handle_errors
+def drift(
+    ckpt: opt.Ckpt,
+    data: opt.Data = None,
+    split: opt.Split = None,
+    limit: opt.Limit = None,
+    seed: opt.Seed = 0,
+    alpha: opt.Alpha = 0.05,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    device: opt.Device = "auto",
+    plot: opt.Plot = None,
+    force: opt.Force = False,
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+) -> None:
+    """Label-free monitoring: per-group drift of the data against the checkpoint's fingerprint (or its BatchNorm
+    statistics), the suspect, and whether the data as a whole have shifted.
+
+    No labels needed (images:DIR, a bundle without labels). Exit codes: 0 no shift, 4 shift, 1 error, 2 usage:
+    a deployment script can gate on it. --alpha bounds the false-alarm rate per run on unshifted data.
+    """
+    from beta_diag import monitor, plots, report
+    from beta_diag.errors import ConfigError
+    from beta_diag.session import DataChoice, open_session
+
+    if plot is not None:
+        outputs.check_output(plot, force, (ckpt, *data_files(data)))
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+    say_notes(session.ckpt.path, session.ckpt.notes)
+    ds = session.load_data(DataChoice(data, split, limit, seed), unlabelled=True)
+    with report.progress(quiet or as_json) as progress:
+        result = monitor.check(session, ds, alpha, progress)
+    if not result.drift.available:
+        raise ConfigError(f"{session.ckpt.path}: {result.drift.reason}: record a fingerprint first (beta-diag fingerprint CKPT -o OUT)")
+    if plot is not None:
+        plots.drift(result, plot, force, (ckpt, *data_files(data, ds.spec)))
+    report.print_json(result.to_dict()) if as_json else report.drift_table(result)
+    if result.shifted:
+        raise typer.Exit(SHIFT_EXIT)
