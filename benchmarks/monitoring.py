@@ -9,7 +9,7 @@ of benchmarks/causes.py at both severities (the same images). Score: the shift t
 (``monitor.check``). Reported per corruption and batch size: AUROC clean vs corrupted; the detection rate
 at a 5% false-alarm rate (threshold: the clean batches' 95th percentile) and at the test's own alpha 0.05;
 and the test's false-alarm rate on clean batches (goal: at most 0.05). Goal (issue 26): AUROC >= 0.95 at
-500 images on every corruption but the mildest. --quick: the SGD sample, 4 batches, two corruptions.
+500 images on every corruption but the mildest. --quick: the SGD sample, 4 batches, one corruption (contrast-2).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     start = time.perf_counter()
     kinds = corruptions(0)
     if args.quick:
-        kinds = {k: kinds[k] for k in ("contrast-1", "noise-2")}
+        kinds = {k: kinds[k] for k in ("contrast-2",)}
     results: dict[str, dict] = {}
     for name in samples:
         session = open_session({"sgd": SGD, "adam": ADAM}[name], "cpu")

@@ -127,3 +127,12 @@ def test_peers_quick() -> None:
 def test_cause_cost_quick() -> None:
     out = run_script("cause_cost.py")
     assert "cause: none; the control pass and probe add" in out and "% of rank (goal <= 25%)" in out
+
+
+def test_monitoring_quick(tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    run_script("monitoring.py", "--out", str(out))
+    rows = json.loads(out.read_text())["sgd"]
+    assert set(rows) == {"100", "500"}
+    for row in rows.values():  # contrast x0.3 moves the first layer's output by many standard errors: every batch detected
+        assert row["contrast-2"]["auroc"] == 1.0 and row["contrast-2"]["detect_at_alpha"] == 1.0 and 0 <= row["false_alarms"] <= 1
