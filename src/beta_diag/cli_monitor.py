@@ -81,7 +81,6 @@ def drift(
     a deployment script can gate on it. --alpha bounds the false-alarm rate per run on unshifted data.
     """
     from beta_diag import monitor, plots, report
-    from beta_diag.errors import ConfigError
     from beta_diag.session import DataChoice, open_session
 
     if plot is not None:
@@ -91,8 +90,6 @@ def drift(
     ds = session.load_data(DataChoice(data, split, limit, seed), unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         result = monitor.check(session, ds, alpha, progress)
-    if not result.drift.available:
-        raise ConfigError(f"{session.ckpt.path}: {result.drift.reason}: record a fingerprint first (beta-diag fingerprint CKPT -o OUT)")
     if plot is not None:
         plots.drift(result, plot, force, (ckpt, *data_files(data, ds.spec)))
     report.print_json(result.to_dict()) if as_json else report.drift_table(result)

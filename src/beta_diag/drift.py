@@ -279,6 +279,7 @@ class Recorder:
         self.ref_means: torch.Tensor | None = None  # (sum C,) float64
         self.total: torch.Tensor | None = None  # (2, 6, sum C) float64: [all, errors] x [n, m1, m2, m1^2, m2^2, m1 m2] summed
         self.batch_totals: list[torch.Tensor] = []  # under torchrun: this process's per-batch sums, to add in global order
+        self.reduced = False
         self.handles = [modules[name].register_forward_hook(self._stats(name)) for name in self.refs]
         self.order_handles = [
             m.register_forward_hook(self._seen(name))
@@ -348,8 +349,9 @@ class Recorder:
         """Under torchrun each process saw every size-th batch: add all processes' batches in batch order,
         as one process adds them, so that the figures are bit-identical to one process's."""
         world = distributed.current()
-        if world.size == 1:
+        if world.size == 1 or self.reduced:
             return
+        self.reduced = True  # channel_sums and result both ask: gather once
         everyone = world.round((self.layout, self.order, self.irregular, self.batch_totals))
         self.layout = next((p[0] for p in everyone if p[0] is not None), None)  # type: ignore[index]
         self.order = next((p[1] for p in everyone if p[0] is not None), self.order)  # type: ignore[index]

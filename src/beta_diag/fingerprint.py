@@ -21,7 +21,6 @@ model ignores them (``checkpoint.load`` sets them apart); ``info`` shows them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -172,9 +171,8 @@ def measure(model: nn.Module, pre: Preprocess, device: torch.device, ds: Dataset
         mean, var, var_mean, var_var = moments(sums[p.name])  # centred at zero: mean is the channel mean itself
         n = float(sums[p.name][0, 0])
         stats[p.name] = torch.stack([mean, var, n * var_mean, n * var_var]).float()  # per image: var_a, var_m2
-    ordered = tuple(sorted(points, key=lambda p: recorder.order.index(p.name) if p.name in recorder.order else math.inf))
     return Fingerprint(
-        ordered,
+        tuple(points),  # points_of found them in call order
         stats,
         len(ds),
         {"spec": ds.spec, "split": ds.split},

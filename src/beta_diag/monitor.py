@@ -24,7 +24,8 @@ import torch
 from beta_diag import fingerprint
 from beta_diag.configs import Granularity
 from beta_diag.data import Dataset
-from beta_diag.drift import Drift, Reference, moments
+from beta_diag.drift import Drift, Reference, moments, unavailable_reason
+from beta_diag.errors import ConfigError
 from beta_diag.groups import layer_groups
 from beta_diag.session import Session
 
@@ -77,22 +78,27 @@ def check(session: Session, ds: Dataset, alpha: float = DEFAULT_ALPHA, progress:
     """Drift and the shift test of ``ds`` against ``session``'s checkpoint (module docstring); labels unused."""
     groups = layer_groups(session.model, Granularity.group)
     found = session.ckpt.fingerprint
+    reason = unavailable_reason(session.model) if found is None else None
+    if reason is not None:  # refused before the pass over the data, not after it
+        raise ConfigError(
+            f"{session.ckpt.path}: drift needs a reference, and {reason}: record a fingerprint first (beta-diag fingerprint CKPT -o OUT)"
+        )
     recorder = fingerprint.recorder(found, session.model, groups)
     try:
         session.evaluate(ds, progress, on_batch=recorder.commit)
     finally:
         recorder.remove()
     result = recorder.result(groups)
+    if not result.available:  # its layers did not run alike on every batch, or none was called
+        raise ConfigError(f"{session.ckpt.path}: {result.reason}: record a fingerprint first (beta-diag fingerprint CKPT -o OUT)")
     per_point: dict[str, float] = {}
     tests = 0
-    if result.available:
-        sums = recorder.channel_sums()
-        spreads = found.spreads() if found is not None and recorder.source == "fingerprint" else {}
-        for layer in result.layers:
-            z = z_scores(recorder.refs[layer.name], sums[layer.name], spreads.get(layer.name))
-            finite = torch.nan_to_num(z.abs(), nan=math.inf)
-            per_point[layer.name] = float(finite.max())
-            tests += z.numel()
+    sums = recorder.channel_sums()
+    spreads = found.spreads() if found is not None and recorder.source == "fingerprint" else {}
+    for layer in result.layers:
+        z = z_scores(recorder.refs[layer.name], sums[layer.name], spreads.get(layer.name))
+        per_point[layer.name] = float(torch.nan_to_num(z.abs(), nan=math.inf).max())
+        tests += z.numel()
     worst = max(per_point, key=lambda k: per_point[k]) if per_point else None
     z_max = per_point[worst] if worst else 0.0
     p_min = math.erfc(z_max / math.sqrt(2)) if math.isfinite(z_max) else 0.0
