@@ -149,3 +149,22 @@ def test_train_records_a_fingerprint_so_a_model_without_batchnorm_gets_drift(tin
     watched = runner.invoke(app, ["drift", str(printed), *args, "--json"])
     assert watched.exit_code in (0, 4), watched.output
     assert json.loads(watched.stdout)["drift"]["available"] and json.loads(watched.stdout)["source"] == "fingerprint"
+
+
+def test_the_sample_without_batchnorm_carries_its_fingerprint_and_drift_names_its_faults(tmp_path: Path) -> None:
+    """The bundled ConvNeXt-style sample (GroupNorm/LayerNorm only): healthy, no suspect and no shift on its test data;
+    its final LayerNorm damaged, drift from the fingerprint names that group."""
+    sample = SAMPLES / "fmnist_convnext24_adam_beta.safetensors"
+    ckpt = checkpoint.load(sample)
+    assert ckpt.fingerprint is not None and ckpt.fingerprint.images == 30_000
+    model = open_session(ckpt, "cpu").model
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    healthy = rank(sample, DataChoice(TEST, limit=600), config=FAST, device="cpu")
+    assert healthy.drift is not None and healthy.drift.source == "fingerprint" and healthy.drift.suspect is None
+    assert [layer.name for layer in healthy.drift.layers] == ["stem", "stage1", "stage2", "stage3", "norm", "fc"]
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v + v.abs().mean() * torch.randn(v.shape, generator=gen) if k == "norm.weight" else v for k, v in ckpt.state_dict.items()}
+    damaged = tmp_path / "norm_damaged.safetensors"
+    checkpoint.save(damaged, state, ckpt.metadata, fingerprint=ckpt.fingerprint)
+    r = rank(damaged, DataChoice(TEST, limit=600), config=FAST, device="cpu")
+    assert r.drift is not None and r.drift.suspect == "norm"  # seen although accuracy barely moves

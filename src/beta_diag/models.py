@@ -1,6 +1,7 @@
 """Architecture registry: name -> builder.
 
-Names: the CIFAR-style ResNets of the paper (``resnet18_cifar``, ``resnet20_cifar``), every
+Names: the CIFAR-style ResNets of the paper (``resnet18_cifar``, ``resnet20_cifar``), a small ConvNeXt-style
+network without BatchNorm (``convnext_cifar``), every
 torchvision classification model (``resnet18``, ``vit_b_16``, ...), and ``package.module:factory``
 for a user's own architecture. Builders take keyword arguments; ``num_classes`` always.
 """
@@ -87,9 +88,57 @@ def resnet20_cifar(num_classes: int = 10, width: int = 16, in_channels: int = 3)
     return CifarResNet([3, 3, 3], [width, 2 * width, 4 * width], num_classes, in_channels)
 
 
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block (Liu et al. 2022): 7x7 depthwise convolution, a LayerNorm over channels and positions
+    (GroupNorm with one group), an inverted 4x MLP of 1x1 convolutions with GELU, and a residual connection."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.GroupNorm(1, dim)
+        self.pwconv1 = nn.Conv2d(dim, 4 * dim, 1)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Conv2d(4 * dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+
+
+class SmallConvNeXt(nn.Module):
+    """A ConvNeXt-style network for small images, with no BatchNorm anywhere.
+
+    Top-level children with parameters: stem (2x2 patchify + norm), stage1..stageN (a downsampling norm and
+    2x2 convolution, then blocks), norm (LayerNorm after global pooling), fc.
+    """
+
+    def __init__(self, depths: list[int], widths: list[int], num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 2, 2), nn.GroupNorm(1, widths[0]))
+        in_planes = widths[0]
+        for i, (n, planes) in enumerate(zip(depths, widths, strict=True)):
+            down: list[nn.Module] = [] if i == 0 else [nn.GroupNorm(1, in_planes), nn.Conv2d(in_planes, planes, 2, 2)]
+            self.add_module(f"stage{i + 1}", nn.Sequential(*down, *(ConvNeXtBlock(planes) for _ in range(n))))
+            in_planes = planes
+        self.n_stages = len(depths)
+        self.norm = nn.LayerNorm(in_planes)
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # (B, w, H/2, W/2)
+        for i in range(self.n_stages):
+            x = getattr(self, f"stage{i + 1}")(x)
+        return self.fc(self.norm(x.mean((2, 3))))  # (B, classes)
+
+
+def convnext_cifar(num_classes: int = 10, width: int = 24, in_channels: int = 3) -> nn.Module:
+    """3 stages of 2 ConvNeXt blocks, widths w, 2w, 4w, GroupNorm/LayerNorm only; 6 top-level groups."""
+    return SmallConvNeXt([2, 2, 2], [width, 2 * width, 4 * width], num_classes, in_channels)
+
+
 LOCAL_MODELS: dict[str, Builder] = {
     "resnet18_cifar": resnet18_cifar,
     "resnet20_cifar": resnet20_cifar,
+    "convnext_cifar": convnext_cifar,
 }
 
 
