@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from beta_diag import distributed, outputs
+from beta_diag import distributed, entry, outputs
 from beta_diag import options as opt
 from beta_diag.configs import (
     DEFAULT_BOOTSTRAP,
@@ -33,6 +33,7 @@ from beta_diag.configs import (
 )
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
 from beta_diag.options import data_files, load_checkpoint, parse_arch_args, rank_config
+from beta_diag.shown import plain
 
 app = typer.Typer(
     name="beta-diag",
@@ -61,16 +62,16 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except NoErrorsToDiagnose as exc:
             if not who:
-                print(f"Nothing to rank: {exc}", file=sys.stderr)
+                print(f"Nothing to rank: {plain(exc, None)}", file=sys.stderr)
             raise typer.Exit(3) from None
         except BetaDiagError as exc:
             if verbose:
                 traceback.print_exc()
-            print(f"{who}Error: {exc}", file=sys.stderr)
+            print(f"{who}Error: {plain(exc, None)}", file=sys.stderr)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            print(f"{who}Error: interrupted; no output was written", file=sys.stderr)
-            raise typer.Exit(130) from None
+            print(f"{who}Error: {'terminated' if entry.TERMINATED else 'interrupted'}; no output was written", file=sys.stderr)
+            raise typer.Exit(143 if entry.TERMINATED else 130) from None
         except typer.Exit:
             raise
         except BrokenPipeError:  # the reader of stdout left (| head): what it read is all it wanted
@@ -80,7 +81,8 @@ def handle_errors(func: F) -> F:
             if verbose:
                 traceback.print_exc()
             print(
-                f"{who}Error: internal error ({type(exc).__name__}: {exc}); rerun with --verbose and report the traceback", file=sys.stderr
+                f"{who}Error: internal error ({type(exc).__name__}: {plain(exc, None)}); rerun with --verbose and report the traceback",
+                file=sys.stderr,
             )
             raise typer.Exit(1) from None
 
@@ -92,7 +94,7 @@ def say_notes(source: object, notes: tuple[str, ...] | list[str]) -> None:
     (a failing command prints its one error line only)."""
     if distributed.is_main():
         for note in notes:
-            print(f"Note: {source}: {note}", file=sys.stderr)
+            print(f"Note: {plain(source, None)}: {plain(note, None)}", file=sys.stderr)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from beta_diag import distributed
 from beta_diag.errors import ConfigError
 from beta_diag.outputs import atomic_path, check_output
 from beta_diag.schedules import BAND, critical_momentum
+from beta_diag.shown import plain
 
 REGIME_COLOUR = {"underdamped": "#d62728", "critical": "#2ca02c", "overdamped": "#1f77b4"}
 
@@ -19,6 +20,7 @@ def _pyplot() -> Any:
         import matplotlib
 
         matplotlib.use("Agg")
+        matplotlib.rcParams["text.parse_math"] = False  # a $ in a name or path is a dollar sign, not mathtext
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'beta-diag[plot]'") from None
@@ -38,8 +40,8 @@ def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, i
     fig, (ax_lr, ax_mu, ax_reg) = plt.subplots(1, 3, figsize=(15, 4))
     for sched in schedules:
         epochs = [h["epoch"] for h in sched["epochs"]]
-        ax_lr.plot(epochs, [h["lr"] for h in sched["epochs"]], label=sched["name"])
-        ax_mu.plot(epochs, [h["momentum"] for h in sched["epochs"]], label=sched["name"])
+        ax_lr.plot(epochs, [h["lr"] for h in sched["epochs"]], label=plain(sched["name"]))
+        ax_mu.plot(epochs, [h["momentum"] for h in sched["epochs"]], label=plain(sched["name"]))
     ref = schedules[0]["epochs"]
     epochs = [h["epoch"] for h in ref]
     mu_c = [critical_momentum(h["lr"], clamp=None) for h in ref]
@@ -75,12 +77,12 @@ def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = 
     for i, g in enumerate(r.groups):
         if r.config.bootstrap:  # no replicates: no P(flagged) to show
             ax.annotate(f"P={g.p_flagged:.2f}", (i, g.score_hi), ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_xticks(range(len(names)), [plain(n) for n in names], rotation=45, ha="right")
     ax.set_ylabel(r.config.metric.value)
-    ax.set_title(r.flag_finding, fontsize=9)
+    ax.set_title(plain(r.flag_finding, None), fontsize=9)
     if layers:
         _drift_profile(axes[0][1], r.drift)
-    fig.suptitle(textwrap.fill(r.verdict.replace("$", r"\$"), 180), fontsize=7)  # the cause first; a $ is not mathtext
+    fig.suptitle(textwrap.fill(plain(r.verdict, None), 180), fontsize=7)  # the cause first; a $ is not mathtext
     _save(fig, path, force, inputs)
     plt.close(fig)
 
@@ -91,7 +93,7 @@ def drift(check: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] 
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(check.drift.layers)), 4))
     _drift_profile(ax, check.drift)
     verdict = "shifted" if check.shifted else "no shift"
-    fig.suptitle(f"{verdict} (p = {check.p_value:.3g}, alpha {check.alpha:g}); {check.drift.finding}".replace("$", r"\$"), fontsize=7)
+    fig.suptitle(plain(f"{verdict} (p = {check.p_value:.3g}, alpha {check.alpha:g}); {check.drift.finding}", None), fontsize=7)
     _save(fig, path, force, inputs)
     plt.close(fig)
 
@@ -112,7 +114,7 @@ def _drift_profile(ax: Any, drift: Any) -> None:
         i = [layer.name for layer in drift.layers].index(drift.suspect_layer)
         ax.annotate(f"suspect: {drift.suspect}", (i, drift.layers[i].kl), ha="center", va="bottom", fontsize=8, color="#d62728")
     ax.set_yscale("log")
-    ax.set_xticks(list(xs), [layer.name for layer in drift.layers], rotation=60, ha="right", fontsize=6)
+    ax.set_xticks(list(xs), [plain(layer.name) for layer in drift.layers], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("KL vs the fingerprint" if drift.source == "fingerprint" else "KL of input statistics vs running statistics")
     ax.set_title("activation drift along depth", fontsize=9)
     ax.legend(fontsize=7)
@@ -128,10 +130,10 @@ def comparison(c: Any, path: Path, force: bool = False, inputs: tuple[Path, ...]
         ax.plot(xs, ys, "-", color="#bbbbbb")
         ax.scatter(xs, ys, c=["#d62728" if g.flagged else "#7f7f7f" for g in rows], zorder=3)
         ax.annotate(name, (len(rows) - 1 + 0.05, ys[-1]), va="center", fontsize=8)
-    ax.set_xticks(range(len(c.rankings)), [Path(lab).stem for lab in c.labels], rotation=15)
+    ax.set_xticks(range(len(c.rankings)), [plain(Path(lab).stem) for lab in c.labels], rotation=15)
     ax.set_ylabel("rank (1 = most implicated)")
     ax.invert_yaxis()
-    ax.set_title(c.verdict, fontsize=8)
+    ax.set_title(plain(c.verdict, None), fontsize=8)
     _save(fig, path, force, inputs)
     plt.close(fig)
 
@@ -149,7 +151,7 @@ def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = (
     ax_cls.bar(
         [x + 0.2 for x in xs], [r.surgical.verify.per_class[c]["errors_after"] for c in classes], 0.4, label="after", color="#2ca02c"
     )
-    ax_cls.set_xticks(list(xs), classes, rotation=45, ha="right")
+    ax_cls.set_xticks(list(xs), [plain(c) for c in classes], rotation=45, ha="right")
     ax_cls.set_title("held-out errors per class")
     ax_cls.legend()
     for name, arm in (("surgical", r.surgical), ("full", r.baseline)):
@@ -199,10 +201,10 @@ def confusion(matrix: list[list[float]], groups: list[str], title: str, path: Pa
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             ax.annotate(f"{value:.2f}", (j, i), ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
-    ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right")
+    ax.set_xticks(range(len(groups)), [plain(g) for g in groups], rotation=45, ha="right")
     ax.set_yticks(range(len(groups)), groups)
     ax.set_xlabel("ranked first")
     ax.set_ylabel("damaged group")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title, None), fontsize=9)
     _save(fig, path, force)
     plt.close(fig)

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -22,6 +21,7 @@ from beta_diag import distributed
 from beta_diag.drift import jumps, times
 from beta_diag.runtime import Progress as ProgressFn
 from beta_diag.runtime import without_timing
+from beta_diag.shown import ShownConsole, bold, plain
 
 if TYPE_CHECKING:  # the renderers' inputs, named for the type checker only (report imports no model code)
     from beta_diag.comparison import Comparison, Pair
@@ -33,11 +33,11 @@ REGIME_STYLE = {"underdamped": "red", "critical": "green", "overdamped": "blue"}
 
 
 def stdout() -> Console:
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
+    return ShownConsole(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
 
 
 def stderr() -> Console:
-    return Console(file=sys.stderr, soft_wrap=True)
+    return ShownConsole(file=sys.stderr, soft_wrap=True)
 
 
 def _clean(value: Any) -> Any:
@@ -91,11 +91,11 @@ def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
 def info_table(info: dict[str, Any]) -> None:
     out = stdout()
     meta = info["metadata"]
-    out.print(f"[bold]{info['path']}[/]  sha256 {info['sha256'][:16]}...")
+    out.print(bold(plain(info["path"], None)) + Text(f"  sha256 {info['sha256'][:16]}..."))
     table = Table("field", "value", title="metadata", title_justify="left")
     for key in ("arch", "arch_kwargs", "num_classes", "input_shape", "mean", "std", "dataset", "class_names"):
         if meta.get(key) not in (None, {}, []):
-            table.add_row(key, json.dumps(meta[key]) if not isinstance(meta[key], str) else meta[key])
+            table.add_row(key, json.dumps(meta[key]) if not isinstance(meta[key], str) else plain(meta[key], None))
     for key in ("training", "data", "repair"):
         if meta.get(key):
             table.add_row(key, json.dumps(meta[key], sort_keys=True))
@@ -105,14 +105,14 @@ def info_table(info: dict[str, Any]) -> None:
             "group", "parameters", "share", title=f"{info['parameters']:,} parameters in {len(info['groups'])} groups", title_justify="left"
         )
         for g in info["groups"]:
-            groups.add_row(g["name"], f"{g['numel']:,}", f"{100 * g['share']:.2f}%")
+            groups.add_row(plain(g["name"]), f"{g['numel']:,}", f"{100 * g['share']:.2f}%")
         out.print(groups)
     fp = info.get("fingerprint")
     out.print(
         "fingerprint: none (record one with beta-diag fingerprint)"
         if not fp
         else f"fingerprint: {fp['points']} points ({', '.join(f'{n} {k}' for k, n in fp['kinds'].items())}) over {fp['images']:,} images"
-        f" of {escape(str(fp['data'].get('spec')))} ({escape(str(fp['data'].get('split')))})"
+        f" of {plain(fp['data'].get('spec'))} ({plain(fp['data'].get('split'))})"
     )
     summary = info.get("history_summary")
     if summary:
@@ -128,8 +128,8 @@ def info_table(info: dict[str, Any]) -> None:
 def fingerprint_summary(summary: dict[str, Any]) -> None:
     fp = summary["fingerprint"]
     stdout().print(
-        f"wrote {escape(summary['path'])}: a fingerprint of {fp['points']} points over {fp['images']:,} images of "
-        f"{escape(str(fp['data'].get('spec')))} ({escape(str(fp['data'].get('split')))}); sha256 {summary['sha256'][:16]}..."
+        f"wrote {plain(summary['path'], None)}: a fingerprint of {fp['points']} points over {fp['images']:,} images of "
+        f"{plain(fp['data'].get('spec'))} ({plain(fp['data'].get('split'))}); sha256 {summary['sha256'][:16]}..."
     )
 
 
@@ -145,29 +145,29 @@ def drift_table(check: Any) -> None:
         "noise",
         "jump",
         "max |z|",
-        title=f"drift of {check.images:,} images of {escape(check.spec)} ({escape(check.split)}) against {against}",
+        title=f"drift of {check.images:,} images of {plain(check.spec)} ({plain(check.split)}) against {against}",
         title_justify="left",
     )
     for layer, jump in zip(d.layers, jumps(d.layers, d.rule.floor)):
         table.add_row(
-            escape(layer.name),
-            escape(str(layer.group or layer.feeder_group or "")),
+            plain(layer.name),
+            plain(layer.group or layer.feeder_group or ""),
             f"{layer.kl:.3g}",
             f"{layer.noise:.2g}",
             f"x{times(jump)}",
             f"{check.per_point.get(layer.name, 0.0):.1f}",
         )
     out.print(table)
-    out.print(d.finding)
+    out.print(plain(d.finding, None))
     verdict = "SHIFTED" if check.shifted else "no shift"
-    worst = f"; the largest |z| {check.worst_z:.1f} at {escape(str(check.worst))}" if check.worst else ""
-    out.print(f"[bold]{verdict}[/]: p = {check.p_value:.3g} (alpha {check.alpha:g}, Bonferroni over {check.tests:,} z-scores){worst}")
+    worst = f"; the largest |z| {check.worst_z:.1f} at {plain(check.worst)}" if check.worst else ""
+    out.print(bold(verdict) + Text(f": p = {check.p_value:.3g} (alpha {check.alpha:g}, Bonferroni over {check.tests:,} z-scores){worst}"))
 
 
 def schedule_table(schedules: list[dict[str, Any]]) -> None:
     out = stdout()
     for sched in schedules:
-        table = Table("epoch", "lr", "momentum", "mu_c", "zeta", "regime", "test acc", title=sched["name"], title_justify="left")
+        table = Table("epoch", "lr", "momentum", "mu_c", "zeta", "regime", "test acc", title=plain(sched["name"]), title_justify="left")
         for h in sched["epochs"]:
             acc = h.get("test_acc")
             table.add_row(
@@ -176,7 +176,7 @@ def schedule_table(schedules: list[dict[str, Any]]) -> None:
                 f"{h['momentum']:.4f}",
                 f"{h['mu_c']:.4f}",
                 f"{h['zeta']:.3f}",
-                f"[{REGIME_STYLE[h['regime']]}]{h['regime']}[/]",
+                Text(h["regime"], style=REGIME_STYLE[h["regime"]]),
                 "" if acc is None else f"{100 * acc:.2f}%",
             )
         out.print(table)
@@ -185,7 +185,7 @@ def schedule_table(schedules: list[dict[str, Any]]) -> None:
 
 def train_summary(result: dict[str, Any]) -> None:
     schedule_table([{"name": f"trained {result['path']}", "epochs": result["history"], "regimes": result["regimes"]}])
-    stdout().print(f"wrote {result['path']} (sha256 {result['sha256'][:16]}...) in {result['seconds']:.1f} s")
+    stdout().print(f"wrote {plain(result['path'], None)} (sha256 {result['sha256'][:16]}...) in {result['seconds']:.1f} s")
 
 
 def rank_table(ranking: Ranking) -> None:
@@ -193,7 +193,7 @@ def rank_table(ranking: Ranking) -> None:
     out = stdout()
     metric = ranking.config.metric.value
     out.print(
-        f"{ranking.checkpoint}: {ranking.examples} examples of {ranking.data} ({ranking.split}), accuracy {100 * ranking.accuracy:.2f}%, "
+        f"{plain(ranking.checkpoint, None)}: {ranking.examples} examples of {plain(ranking.data)} ({plain(ranking.split)}), accuracy {100 * ranking.accuracy:.2f}%, "
         f"{len(ranking.error_index)} errors"
         + (f", {ranking.correct_sampled} correct examples for contrast" if ranking.correct_sampled else "")
     )
@@ -220,7 +220,7 @@ def rank_table(ranking: Ranking) -> None:
         extra = [drift_cell(drift, g.name)] if drift else []
         table.add_row(
             str(g.rank),
-            g.name,
+            plain(g.name),
             f"{100 * g.param_share:.2f}%",
             f"{g.score:.4g}",
             f"{g.scores['norm']:.4g}",
@@ -233,10 +233,10 @@ def rank_table(ranking: Ranking) -> None:
     out.print(table)
     if ranking.by_class:
         names = list(ranking.group_names)
-        by = Table("class", *names, title="mean share of the squared error gradient, by true class", title_justify="left")
+        by = Table("class", *map(plain, names), title="mean share of the squared error gradient, by true class", title_justify="left")
         for cls, row in ranking.by_class.items():
             top = max(row, key=lambda n: row[n])
-            by.add_row(cls, *[f"[bold]{row[n]:.2f}[/]" if n == top else f"{row[n]:.2f}" for n in names])
+            by.add_row(plain(cls), *[bold(f"{row[n]:.2f}") if n == top else f"{row[n]:.2f}" for n in names])
         out.print(by)
     cause_lines(ranking)
 
@@ -249,19 +249,19 @@ def cause_lines(ranking: Ranking) -> None:
         out.print(
             Text("cause: ", style="bold")
             + Text(f"{c.kind}", style="bold red" if c.kind != "none" else "bold green")
-            + Text(f": {c.summary}")
+            + Text(f": {plain(c.summary, None)}")
         )
-        out.print(Text("suggested: ", style="bold") + Text(c.suggested))
-    out.print(Text("where: ", style="bold") + Text(ranking.place_finding))
+        out.print(Text("suggested: ", style="bold") + Text(plain(c.suggested, None)))
+    out.print(Text("where: ", style="bold") + Text(plain(ranking.place_finding, None)))
 
 
-def drift_cell(drift: Drift, name: str) -> str:
+def drift_cell(drift: Drift, name: str) -> str | Text:
     """A group's charged drift jump, the suspect marked; blank for a group no BatchNorm is charged to."""
     value = (drift.groups or {}).get(name)
     if value is None:
         return ""
     text = f"x{times(value)}"
-    return f"[bold]{text} suspect[/]" if name == drift.suspect else text
+    return bold(f"{text} suspect") if name == drift.suspect else text
 
 
 def compare_table(comparison: Comparison) -> None:
@@ -273,8 +273,11 @@ def compare_table(comparison: Comparison) -> None:
         cause = "" if r.cause is None else f"; cause {r.cause.kind}" + (f" at {r.cause.place}" if r.cause.place else "")
         out.print(
             Text(
-                f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; "
-                f"flagged {', '.join(r.flagged)}{cause}{found}"
+                plain(
+                    f"{label} {path}: accuracy {100 * r.accuracy:.2f}%, {len(r.error_index)} errors; "
+                    f"flagged {', '.join(r.flagged)}{cause}{found}",
+                    None,
+                )
             )
         )
     metric = comparison.rankings[0].config.metric.value
@@ -282,7 +285,9 @@ def compare_table(comparison: Comparison) -> None:
     order = sorted(comparison.group_names, key=lambda n: comparison.rankings[0].group(n).rank)
     for name in order:
         rows = [r.group(name) for r in comparison.rankings]
-        table.add_row(name, *[str(g.rank) for g in rows], *[f"{g.score:.4g}" for g in rows], *["yes" if g.flagged else "" for g in rows])
+        table.add_row(
+            plain(name), *[str(g.rank) for g in rows], *[f"{g.score:.4g}" for g in rows], *["yes" if g.flagged else "" for g in rows]
+        )
     out.print(table)
     pairs = Table(
         "pair",
@@ -313,9 +318,13 @@ def compare_table(comparison: Comparison) -> None:
     out.print(pairs)
     if len(comparison.rankings) > 2:
         out.print(
-            f"flagged by all: {', '.join(comparison.flagged_by_all) or 'none'}; by a majority: {', '.join(comparison.flagged_by_majority) or 'none'}"
+            plain(
+                f"flagged by all: {', '.join(comparison.flagged_by_all) or 'none'}; "
+                f"by a majority: {', '.join(comparison.flagged_by_majority) or 'none'}",
+                None,
+            )
         )
-    out.print(f"[bold]{comparison.verdict}[/]")
+    out.print(bold(plain(comparison.verdict, None)))
 
 
 def comparison_ci(pair: Pair, k: int) -> str:
@@ -327,17 +336,19 @@ def plan_table(plan: dict[str, Any]) -> None:
     """``Plan.to_dict()`` as a table."""
     out = stdout()
     table = Table("field", "value", title="repair plan (dry run: nothing trained or written)", title_justify="left")
-    table.add_row("groups", Text(", ".join(plan["groups"]) or "the best candidate on validation"))
+    table.add_row("groups", plain(", ".join(plan["groups"]) or "the best candidate on validation", None))
     for cand in plan.get("candidates", []):
-        table.add_row("candidate", Text(f"{cand['name']}: {', '.join(cand['groups']) or 'no layer'} ({cand['trainable']:,} parameters)"))
-    table.add_row("because", Text(plan.get("because", "")))
+        table.add_row(
+            "candidate", plain(f"{cand['name']}: {', '.join(cand['groups']) or 'no layer'} ({cand['trainable']:,} parameters)", None)
+        )
+    table.add_row("because", plain(plan.get("because", ""), None))
     table.add_row("trainable parameters", f"{plan['trainable']:,} of {plan['total']:,} ({100 * plan['fraction']:.1f}%)")
     t, v, w = plan["train_data"], plan["val_data"], plan["verify_data"]
-    table.add_row("training data", f"{t['spec']} ({t['split']}, {t['examples']} examples, focus {t['focus']})")
-    table.add_row("validation data", f"{v['spec']} ({v['split']}, {v['examples']} examples: {v['from']})")
-    table.add_row("verification data", f"{w['spec']} ({w['split']}, {w['examples']} examples)")
+    table.add_row("training data", f"{plain(t['spec'])} ({plain(t['split'])}, {t['examples']} examples, focus {t['focus']})")
+    table.add_row("validation data", f"{plain(v['spec'])} ({plain(v['split'])}, {v['examples']} examples: {v['from']})")
+    table.add_row("verification data", f"{plain(w['spec'])} ({plain(w['split'])}, {w['examples']} examples)")
     k = plan.get("keep_data")
-    table.add_row("keep data", Text(f"{k['spec']} ({k['split']}, {k['examples']} examples): must not get worse" if k else "none"))
+    table.add_row("keep data", f"{plain(k['spec'])} ({plain(k['split'])}, {k['examples']} examples): must not get worse" if k else "none")
     c = plan["config"]
     table.add_row(
         "schedule", f"{c['epochs']} epochs, {plan['steps']} steps, {c['optimizer']} with {c['momentum']} momentum, cosine LR from {c['lr']}"
@@ -376,7 +387,7 @@ def search_table(found: dict[str, Any], examples: int) -> None:
         )
     stdout().print(table)
     for line in found["skipped"]:
-        stdout().print(Text(f"skipped: {line}"))
+        stdout().print(plain(f"skipped: {line}", None))
 
 
 def repair_summary(r: RepairReport) -> None:
@@ -392,7 +403,7 @@ def repair_summary(r: RepairReport) -> None:
         "net (95%)",
         "p",
         "train-data net",
-        title=f"verified on {r.plan['verify_data']['spec']} ({r.plan['verify_data']['split']}, never trained on)"
+        title=f"verified on {plain(r.plan['verify_data']['spec'])} ({plain(r.plan['verify_data']['split'])}, never trained on)"
         + ("" if r.accepted else ": the kept epoch, not written"),
         title_justify="left",
     )
@@ -403,7 +414,7 @@ def repair_summary(r: RepairReport) -> None:
         lo, hi = v.net_interval
         table.add_row(
             name,
-            ", ".join(arm.groups),
+            plain(", ".join(arm.groups)),
             f"{100 * arm.trainable / r.plan['total']:.1f}%",
             f"{arm.seconds:.1f}",
             f"{100 * v.accuracy_before:.2f}% -> {100 * v.accuracy_after:.2f}%",
@@ -420,14 +431,13 @@ def repair_summary(r: RepairReport) -> None:
         if arm is not None and arm.keep is not None:
             k = arm.keep
             out.print(
-                Text(
-                    f"keep data ({name}), {r.plan['keep_data']['spec']}: {100 * k.accuracy_before:.2f}% -> {100 * k.accuracy_after:.2f}%, "
-                    f"fixed {k.fixed}, broke {k.broken}, p = {k.p_value:.2g}" + (" (forgets)" if arm.forgets else "")
-                )
+                f"keep data ({name}), {plain(r.plan['keep_data']['spec'])}: "
+                f"{100 * k.accuracy_before:.2f}% -> {100 * k.accuracy_after:.2f}%, "
+                f"fixed {k.fixed}, broke {k.broken}, p = {k.p_value:.2g}" + (" (forgets)" if arm.forgets else "")
             )
     per = Table("class", "errors before", "errors after", "fixed", "broken", title="held-out, per class (surgical)", title_justify="left")
     for cls, row in r.surgical.verify.per_class.items():
-        per.add_row(cls, str(row["errors_before"]), str(row["errors_after"]), str(row["fixed"]), str(row["broken"]))
+        per.add_row(plain(cls), str(row["errors_before"]), str(row["errors_after"]), str(row["fixed"]), str(row["broken"]))
     out.print(per)
     if r.compute_saving is not None:
         out.print(
@@ -456,4 +466,4 @@ def repair_summary(r: RepairReport) -> None:
             f"{point['val_net']:+d}",
         )
     out.print(curve)
-    out.print(f"[bold]{r.verdict}[/]")
+    out.print(bold(plain(r.verdict, None)))
