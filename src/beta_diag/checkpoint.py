@@ -28,7 +28,7 @@ from beta_diag import fingerprint as fingerprint_mod
 from beta_diag.errors import CheckpointError
 from beta_diag.fingerprint import Fingerprint
 from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES, MAX_HISTORY, MAX_INPUT_SIDE, MAX_NAME
-from beta_diag.outputs import atomic_path, check_output
+from beta_diag.outputs import atomic_path, check_input, check_output
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -427,13 +427,15 @@ def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoi
         file = path / "model.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{path}: folder has no model.safetensors: pass the checkpoint file itself")
-        if (path / "config.json").is_file():
+        if (path / "config.json").exists():
+            check_input(path / "config.json", "checkpoint's config.json", CheckpointError)
             try:
                 config = json.loads((path / "config.json").read_text())
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 raise CheckpointError(f"{path / 'config.json'}: not valid JSON (or nested too deeply): fix or remove it") from None
             if not isinstance(config, dict):
                 raise CheckpointError(f"{path / 'config.json'}: must hold a JSON object of metadata keys: fix or remove it")
+    check_input(file, "checkpoint", CheckpointError)  # a pipe or device would hang or be read as weights
     suffix = file.suffix.lower()
     if state_key is not None and suffix not in (".pt", ".pth", ".bin"):
         raise CheckpointError(f"{file}: --state-key is for .pt/.pth files, whose dicts may hold the weights under a key: drop it")

@@ -6,6 +6,9 @@ data, rankings). Special files (devices, FIFOs, sockets), symbolic links and fol
 with the reason, and two outputs of one command may not share a path. Writes go to a temporary
 name in the same folder, are flushed to disk (fsync), and are renamed onto the output; the rule
 is checked again just before the rename.
+
+Inputs have one rule too (``check_input``): a file is read only when it is a regular file (a link to one
+is fine), so that a named pipe or a device never hangs a command or is read as data.
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ def _refuse_special(out: Path) -> None:
         what += f" (to {target})"
     hint = "pass a file path to -o" if stat.S_ISDIR(mode) else "beta-diag replaces only regular files: choose another output path"
     raise OutputError(f"{out}: is {what}: {hint}")
+
+
+def check_input(path: str | os.PathLike[str], what: str, error: type[Exception] = OutputError) -> None:
+    """Refuse to open ``path`` for reading unless it is a regular file; a missing path is left to the caller's message."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror}: check the path and its permissions") from None
+    if not stat.S_ISREG(mode):
+        hint = "pass the file inside it" if stat.S_ISDIR(mode) else "beta-diag reads only regular files: save it to a file first"
+        raise error(f"{path}: the {what} is {_kind(mode)}, not a file: {hint}")
 
 
 def check_output(out: Path, force: bool, inputs: Iterable[Path] = (), checkpoint_file: bool = False) -> None:

@@ -176,6 +176,7 @@ class Ranking:
 def load(path: str | Path) -> Ranking:
     """Read a ranking saved by ``rank --out``."""
     path = Path(path)
+    outputs.check_input(path, "ranking", ConfigError)
     try:
         d = json.loads(path.read_text())
         if d.get("format") != FORMAT:

@@ -27,6 +27,7 @@ import torch
 
 from beta_diag.errors import DataError
 from beta_diag.limits import MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_NAME
+from beta_diag.outputs import check_input
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -89,11 +90,13 @@ def _fashion_mnist(root: Path | None, split: str, size: tuple[int, int] | None) 
                         f"fashion-mnist: {name}(.gz) not found in {root}: install it with `apt-get install dataset-fashion-mnist` "
                         "or pass fashion-mnist:DIR"
                     )
-                elif found[0].suffix == ".gz":
-                    with gzip.open(found[0], "rb") as src, open(raw / name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
                 else:
-                    (raw / name).symlink_to(found[0].resolve())
+                    check_input(found[0], "data file", DataError)
+                    if found[0].suffix == ".gz":
+                        with gzip.open(found[0], "rb") as src, open(raw / name, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                    else:
+                        (raw / name).symlink_to(found[0].resolve())
         try:
             ds = FashionMNIST(tmp, train=split == "train", download=False)
         except Exception as exc:  # noqa: BLE001 - torchvision raises many types for damaged files
@@ -122,6 +125,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
+    check_input(path, "data batch", DataError)
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
@@ -272,6 +276,7 @@ def _images(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
 def _bundle(path: Path, split: str, size: tuple[int, int] | None) -> Decoded:
     from safetensors import safe_open
 
+    check_input(path, "data bundle", DataError)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
@@ -373,7 +378,7 @@ class DataSpec:
         return self if self.path is None else replace(self, path=(base / self.path).resolve())
 
     def read(self, split: str, size: tuple[int, int] | None) -> Decoded:
-        if self.kind == "bundle" and not self.path.is_file():  # type: ignore[union-attr]
+        if self.kind == "bundle" and not self.path.exists():  # type: ignore[union-attr]
             raise DataError(f"data bundle {self} not found: check the path")
         if self.kind != "bundle" and self.path is not None and not self.path.is_dir():
             raise DataError(f"{self}: folder {self.path} does not exist: check the path")
