@@ -4,12 +4,23 @@ write, we accept. Each refusal exits 1 with one `Error:` line naming the fix, no
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
 
-from tests.test_hardening import refused
+from beta_diag import infer
+from beta_diag.cli import app
+from beta_diag.configs import RankConfig, TrainConfig
+from beta_diag.errors import ConfigError
+from tests.test_hardening import refused, with_meta
+
+runner = CliRunner()
 
 ROOT = os.geteuid() == 0
 
@@ -37,3 +48,42 @@ def test_an_unreadable_input_names_the_permission(tiny: dict[str, Path], tmp_pat
     locked.write_bytes(tiny["ckpt"].read_bytes())
     locked.chmod(0)
     refused(["info", locked], "permission", [])
+
+
+# --- 2. every limit before any allocation ----------------------------------------------------------
+
+
+def test_a_class_count_inside_arch_kwargs_obeys_the_class_limit(tiny: dict[str, Path], tmp_path: Path) -> None:
+    crafted = with_meta(tiny, tmp_path, "classes.safetensors", arch_kwargs={"width": 4, "in_channels": 1, "num_classes": 10**12})
+    refused(["info", crafted], "metadata 'arch_kwargs' num_classes must be a positive integer up to 1,000,000", [crafted])
+
+
+def test_a_model_that_cannot_be_built_on_the_meta_device_is_sketched_before_it_is_built(tmp_path: Path) -> None:
+    """RegNet computes its widths with tensors; 1,000,000 classes on regnet_y_128gf would be 8 billion parameters (32 GB)."""
+    bomb = tmp_path / "regnet.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bomb), metadata={"arch": "regnet_y_128gf", "arch_kwargs": json.dumps({"num_classes": 1_000_000})})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    refused(["info", bomb], "weights do not match architecture", [bomb])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500 * 1024  # under 500 MB more, not 32 GB
+    sketch = infer.skeleton("regnet_y_400mf", {"num_classes": 1000})  # large tensors on the meta device, small ones real
+    assert sketch is not None and sketch.fc.weight.shape == (1000, 440) and sketch.fc.weight.is_meta and not sketch.fc.bias.is_meta
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value", "message"),
+    [("rank", "--bootstrap", "1000000000", "lessthanorequalto100000"), ("train", "--batch-size", "10000000", "lessthanorequalto65536")],
+)
+def test_sizes_given_as_options_are_bounded(
+    tiny: dict[str, Path], tmp_path: Path, command: str, option: str, value: str, message: str
+) -> None:
+    args = [command, str(tiny["ckpt"])] if command == "rank" else [command, "-o", str(tmp_path / "m.safetensors")]
+    result = runner.invoke(app, [*args, "--data", str(tiny["test"]), option, value])
+    assert result.exit_code == 2 and message in "".join(result.output.replace("\u2502", "").split())  # rich boxes usage errors
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_bounds_them_too() -> None:
+    with pytest.raises(ConfigError, match="pass 0 to 100,000 replicates"):
+        RankConfig(bootstrap=200_000).check()
+    with pytest.raises(ConfigError, match="epochs must be 1 to 100,000"):
+        TrainConfig(epochs=10**9).check()

@@ -55,7 +55,9 @@ def test_hostile_names_print_as_themselves_in_every_table_note_and_error(tiny: d
     assert info.exit_code == 0, info.output
     shows_literally(info.output)
     assert "[bold]model[red].safetensors" in info.stdout and "[/]\\x1b[31m" in info.stdout and "[bold red]red[/]" in info.stdout
-    ranked = runner.invoke(app, ["rank", str(ckpt), "--data", str(bundle), "--by-class", "--bootstrap", "0", "--plot", str(tmp_path / "$r$.png")])
+    ranked = runner.invoke(
+        app, ["rank", str(ckpt), "--data", str(bundle), "--by-class", "--bootstrap", "0", "--plot", str(tmp_path / "$r$.png")]
+    )
     assert ranked.exit_code == 0, ranked.output
     shows_literally(ranked.output)
     assert "two\\x0alines" in ranked.stdout and "[link=file:///etc/passwd]x[/link]" in ranked.stdout

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from beta_diag import distributed, infer, models
+from beta_diag import distributed, infer, models, schedules
 from beta_diag import fingerprint as fingerprint_mod
 from beta_diag.errors import CheckpointError
 from beta_diag.fingerprint import Fingerprint
@@ -105,6 +105,14 @@ class Metadata:
         v = values
         check("arch", isinstance(v.get("arch"), str), "a string")
         check("arch_kwargs", isinstance(v.get("arch_kwargs"), dict), "a JSON object")
+        inner = v.get("arch_kwargs")
+        count = inner.get("num_classes", 1) if isinstance(inner, dict) else 1
+        if not (
+            isinstance(count, int) and not isinstance(count, bool) and 0 < count <= MAX_CLASSES
+        ):  # the same bound, wherever it is given
+            raise CheckpointError(
+                f"{source}: metadata 'arch_kwargs' num_classes must be a positive integer up to {MAX_CLASSES:,}, got {count!r}: fix or remove it"
+            )
         check(
             "num_classes",
             isinstance(v.get("num_classes"), int) and 0 < v.get("num_classes", 0) <= MAX_CLASSES,
@@ -132,6 +140,9 @@ class Metadata:
             and all(isinstance(h, dict) for h in v.get("history") or []),
             f"a list of up to {MAX_HISTORY:,} JSON objects",
         )
+        problem = schedules.history_problem(v.get("history") or [])
+        if problem is not None:
+            raise CheckpointError(f"{source}: metadata 'history' {problem}: fix or remove it")
         return cls(
             arch=v.get("arch"),
             arch_kwargs=v.get("arch_kwargs") or {},
@@ -224,7 +235,7 @@ class Checkpoint:
     def describe(self) -> dict[str, Any]:
         """What ``info`` shows: metadata, notes, parameters per layer group (or tensors, with no architecture),
         and the training history summarised."""
-        from beta_diag import groups, schedules
+        from beta_diag import groups
 
         info: dict[str, Any] = {
             "path": str(self.path),
@@ -257,9 +268,15 @@ class Checkpoint:
             )
         kwargs = self._arch_kwargs()
         suggest = lambda: infer.suggest_arch_arg(str(meta.arch), kwargs, self.state_dict)
-        # checked once, before the real build when the model can be sketched on the meta device, so metadata naming
-        # a huge model allocates nothing; a constructor that computes with tensors (RegNet) is checked after it
-        skeleton = infer.skeleton(meta.arch, kwargs, on_cpu=False)
+        # checked before the real build, on a sketch that allocates nothing large, so metadata naming a huge model
+        # allocates nothing; a model that cannot be sketched is built for real only when --arch named it
+        skeleton = infer.skeleton(meta.arch, kwargs)
+        if skeleton is None and not self.arch_from_user:
+            models.check_arguments(meta.arch, kwargs)  # arguments it does not take: that error, with its fix
+            raise CheckpointError(
+                f"{self.path}: '{meta.arch}' with {kwargs} cannot be sketched before it is built, so its size cannot be checked "
+                f"against the weights first: if you trust the file, pass --arch {meta.arch}"
+            )
         model = models.build(meta.arch, kwargs) if skeleton is None else None
         check_weights((skeleton or model).state_dict(), self.state_dict, str(self.path), suggest)  # type: ignore[union-attr]
         model = model or models.build(meta.arch, kwargs)

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from beta_diag.errors import ConfigError
+from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
 
 # ranking (scores, groups)
 
@@ -93,8 +94,8 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse values no training can use: a non-finite or non-positive LR, non-finite decay or warm-up."""
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("epochs and batch size must be positive: check --epochs and --batch-size")
+        if not (1 <= self.epochs <= MAX_EPOCHS and 1 <= self.batch_size <= MAX_BATCH):
+            raise ConfigError(f"epochs must be 1 to {MAX_EPOCHS:,} and the batch size 1 to {MAX_BATCH:,}: check --epochs and --batch-size")
         check_lr(self.lr)
         for option, value in (("--weight-decay", self.weight_decay), ("--warmup", self.warmup_epochs)):
             if not (math.isfinite(value) and value >= 0):
@@ -232,7 +233,9 @@ class RankConfig:
         return d
 
     def check(self) -> None:
-        if self.bootstrap < 0:
-            raise ConfigError("--bootstrap must be 0 or more replicates")
+        if not 0 <= self.bootstrap <= MAX_BOOTSTRAP:
+            raise ConfigError(f"--bootstrap {self.bootstrap}: pass 0 to {MAX_BOOTSTRAP:,} replicates (1,000 gives stable intervals)")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ConfigError(f"batch size {self.batch_size}: pass 1 to {MAX_BATCH:,}")
         if self.control < 0:
             raise ConfigError(f"--control {self.control}: pass a number of training images, or 0 (--no-control) to skip the control pass")

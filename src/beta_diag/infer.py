@@ -5,8 +5,9 @@ From the weights, for a registry architecture: ``num_classes`` (the classifier's
 ``image_size`` (its position embedding's length times the patch size). Then the input: the
 metadata's shape, else the model's own ``image_size`` (ViT), else C x 32 x 32 from the first
 convolution; mean and std 0.5 when none are named. Every inference and assumption is returned as a
-note, for stderr and ``--json``. Models are built on the meta device, so nothing is allocated; an
-architecture whose constructor computes with tensors (RegNet) is built on the CPU instead.
+note, for stderr and ``--json``. Models are sketched on the meta device, so nothing is allocated; an
+architecture whose constructor computes with small tensors (RegNet's widths) is sketched with only its
+large tensors on the meta device (``LargeOnMeta``), so a file naming a huge model allocates nothing either.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from beta_diag import models
 
@@ -30,17 +32,34 @@ def first_conv_channels(state_dict: dict[str, torch.Tensor]) -> int | None:
     return int(first.shape[1]) if first is not None else None
 
 
-def skeleton(arch: str, kwargs: dict[str, Any], on_cpu: bool = True) -> nn.Module | None:
-    """The architecture's modules and parameter shapes, on the meta device (no memory); when its constructor
-    computes with tensors (RegNet), built for real if ``on_cpu``, else None."""
+class LargeOnMeta(TorchFunctionMode):
+    """Tensor factories asked for more than ``SMALL`` elements (parameters, buffers) make meta tensors; smaller ones
+    (a constructor's own arithmetic: RegNet computes its widths with tensors) stay on the CPU."""
+
+    SMALL = 1 << 16
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full})
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            first = args[0] if args else kwargs.get("size", ())
+            size = first if isinstance(first, (tuple, list, torch.Size)) else [a for a in args if isinstance(a, int)]
+            if math.prod(int(x) for x in size) > self.SMALL:
+                kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+def skeleton(arch: str, kwargs: dict[str, Any]) -> nn.Module | None:
+    """The architecture's modules and parameter shapes with nothing large allocated: on the meta device, or, when
+    its constructor computes with tensors, with its large tensors there (``LargeOnMeta``); None when neither builds."""
     try:
         with torch.device("meta"):
             return models.build(arch, kwargs)
-    except Exception:  # noqa: BLE001 - some constructors compute with tensors; try for real below
-        if not on_cpu:
-            return None
+    except Exception:  # noqa: BLE001, S110 - some constructors compute with tensors; sketch them with small tensors real
+        pass
     try:
-        return models.build(arch, kwargs)
+        with LargeOnMeta():
+            return models.build(arch, kwargs)
     except Exception:  # noqa: BLE001 - build_model reports it with the fix
         return None
 
@@ -121,7 +140,7 @@ def suggest_arch_arg(arch: str, kwargs: dict[str, Any], state_dict: dict[str, to
     """``--arch-arg KEY=N`` for an integer argument of the builder that makes every weight's shape fit the
     file, tried from the first differing weight's size ratio (resnet18_cifar saved at width 16: ``width=16``);
     None when no single integer argument does."""
-    model = skeleton(arch, kwargs, on_cpu=False)
+    model = skeleton(arch, kwargs)
     try:
         params = inspect.signature(models.resolve(arch)).parameters
     except (TypeError, ValueError):
@@ -140,7 +159,7 @@ def suggest_arch_arg(arch: str, kwargs: dict[str, Any], state_dict: dict[str, to
         for f, m in zip(have, want):
             if f == m or (f * current) % m:
                 continue
-            trial = skeleton(arch, {**kwargs, name: f * current // m}, on_cpu=False)
+            trial = skeleton(arch, {**kwargs, name: f * current // m})
             fits = trial is not None and all(k in state_dict and state_dict[k].shape == v.shape for k, v in trial.state_dict().items())
             if fits:
                 return f"--arch-arg {name}={f * current // m}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,16 @@ def resolve(arch: str) -> Builder:
         f"unknown architecture '{arch}': use one of {shown}, ... ({len(names) + len(LOCAL_MODELS)} in all; "
         "`beta-diag archs` lists them) or package.module:factory"
     )
+
+
+def check_arguments(arch: str, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments ``arch``'s builder does not take, without building it."""
+    try:
+        inspect.signature(resolve(arch)).bind(**kwargs)
+    except TypeError as exc:
+        raise ModelError(f"cannot build '{arch}' with {kwargs}: {exc}; check the architecture arguments") from None
+    except ValueError:  # a builder without a signature: building it will tell
+        pass
 
 
 def build(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:

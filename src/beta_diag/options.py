@@ -15,6 +15,7 @@ import typer
 from beta_diag import configs
 from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Focus, MomentumSchedule, OptimizerName, RankConfig
 from beta_diag.errors import BetaDiagError, ConfigError
+from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
 
 if TYPE_CHECKING:
     from beta_diag.checkpoint import Checkpoint
@@ -67,9 +68,9 @@ Alpha = Annotated[
 ]
 
 # training, shared by train, repair and schedule; their defaults are each command's library defaults
-Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Epochs to train (schedule: to plan).")]
+Epochs = Annotated[int, typer.Option("--epochs", min=1, max=MAX_EPOCHS, help="Epochs to train (schedule: to plan).")]
 Lr = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (train without it: 0.05 for sgd, 0.001 for adam/adamw).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Examples per step.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Examples per step.")]
 Optimizer = Annotated[OptimizerName, typer.Option("--optimizer", help="sgd (heavy-ball momentum), adam or adamw.")]
 Momentum = Annotated[MomentumSchedule, typer.Option("--momentum", help="Momentum schedule (beta: mu(t) = 1 - 2 sqrt(lr(t))).")]
 Warmup = Annotated[float, typer.Option("--warmup", min=0.0, help="Linear warm-up, in epochs.")]
@@ -90,7 +91,7 @@ Contrast = Annotated[
     bool,
     typer.Option("--contrast", help="Also score as many correct examples as errors: the contrast and specific scores (one more pass)."),
 ]
-Bootstrap = Annotated[int, typer.Option("--bootstrap", help="Bootstrap replicates over the errors (0: none).")]
+Bootstrap = Annotated[int, typer.Option("--bootstrap", min=0, max=MAX_BOOTSTRAP, help="Bootstrap replicates over the errors (0: none).")]
 TrainDataSpec = Annotated[
     str | None,
     typer.Option(

@@ -159,6 +159,32 @@ def plan(
     return records
 
 
+HISTORY_NUMBERS = ("lr", "momentum", "mu_c", "zeta")  # every recorded epoch has them (``epoch_record``)
+HISTORY_OPTIONAL = ("train_loss", "train_acc", "test_acc", "seconds", "anchor_loss")
+HISTORY_SHARES = ("train_acc", "test_acc")  # accuracies: 0 to 1
+
+
+def history_problem(history: Iterable[Any]) -> str | None:
+    """What is wrong with a training history read from a file, or None: each entry an object with a positive integer
+    ``epoch``, finite numbers where ``epoch_record`` and ``fit`` put them, and a known ``regime``."""
+    known = {r.value for r in Regime}
+    for i, h in enumerate(history):
+        where = f"entry {i + 1}"
+        if not isinstance(h, dict):
+            return f"{where} is not a JSON object"
+        if not (isinstance(h.get("epoch"), int) and not isinstance(h.get("epoch"), bool) and h["epoch"] >= 1):
+            return f"{where} has no positive integer 'epoch'"
+        for key in HISTORY_NUMBERS + tuple(k for k in HISTORY_OPTIONAL if h.get(k) is not None):
+            value = h.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"{where} '{key}' must be a finite number, got {value!r}"
+            if key in HISTORY_SHARES and not 0 <= value <= 1:
+                return f"{where} '{key}' must be an accuracy from 0 to 1, got {value!r}"
+        if h.get("regime") not in known:
+            return f"{where} 'regime' must be one of {', '.join(sorted(known))}, got {h.get('regime')!r}"
+    return None
+
+
 def regime_fractions(history: Iterable[dict]) -> dict[str, float]:
     """Fraction of epochs in each damping regime."""
     regimes = [h["regime"] for h in history]
