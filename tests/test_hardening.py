@@ -124,7 +124,7 @@ def with_meta(t: dict[str, Path], tmp: Path, name: str, **changes: object) -> Pa
         ),  # 1e12 parameters, never built
         ({"num_classes": 4_000_000_000}, "must be a positive integer up to 1,000,000"),
         ({"input_shape": [1, 60000, 60000]}, "sides up to 4096"),
-        ({"class_names": [f"c{i}" for i in range(1_000_001)]}, "a list of up to 1,000,000 strings"),
+        ({"class_names": [f"c{i}" for i in range(1_000_001)]}, "a list of up to 1,000,000 distinct strings"),
         ({"class_names": "[" * 100_000 + "]" * 100_000}, "nested too deeply"),
         ({"class_names": {"a": 1}}, "metadata 'class_names' must be a list"),
         ({"history": [1, 2, 3]}, "metadata 'history' must be a list of up to 100,000 JSON objects"),

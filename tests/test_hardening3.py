@@ -4,6 +4,7 @@ write, we accept. Each refusal exits 1 with one `Error:` line naming the fix, no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from beta_diag import infer
+from beta_diag import data, infer
 from beta_diag.cli import app
 from beta_diag.configs import RankConfig, TrainConfig
 from beta_diag.errors import ConfigError
@@ -87,3 +88,37 @@ def test_the_library_bounds_them_too() -> None:
         RankConfig(bootstrap=200_000).check()
     with pytest.raises(ConfigError, match="epochs must be 1 to 100,000"):
         TrainConfig(epochs=10**9).check()
+
+
+# --- 5. metadata validated as a schema when read ---------------------------------------------------
+
+GOOD = {"epoch": 1, "lr": 0.05, "momentum": 0.55, "mu_c": 0.55, "zeta": 1.0, "regime": "critical", "test_acc": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({k: v for k, v in GOOD.items() if k != "lr"}, "entry 1 'lr' must be a finite number, got None"),
+        ({**GOOD, "momentum": "0.9"}, "entry 1 'momentum' must be a finite number, got '0.9'"),
+        ({**GOOD, "regime": "chaotic"}, "entry 1 'regime' must be one of critical, overdamped, underdamped, got 'chaotic'"),
+        ({**GOOD, "test_acc": float("nan")}, "entry 1 'test_acc' must be a finite number, got nan"),
+        ({**GOOD, "test_acc": 3.0}, "entry 1 'test_acc' must be an accuracy from 0 to 1, got 3.0"),
+        ({**GOOD, "epoch": "one"}, "entry 1 has no positive integer 'epoch'"),
+    ],
+)
+def test_a_malformed_history_is_refused_when_read(tiny: dict[str, Path], tmp_path: Path, entry: dict, message: str) -> None:
+    crafted = with_meta(tiny, tmp_path, "history.safetensors", history=[entry])
+    for command in ("info", "schedule"):
+        refused([command, crafted], f"metadata 'history' {message}: fix or remove it", [crafted])
+
+
+def test_class_names_are_distinct_and_cover_the_labels(tiny: dict[str, Path], tmp_path: Path) -> None:
+    ds = data.load(str(tiny["test"]), "test")
+    few = tmp_path / "few_names.safetensors"
+    data.save_bundle(few, dataclasses.replace(ds, class_names=("a", "b")))
+    refused(["rank", tiny["ckpt"], "--data", few, "--by-class"], "label 3 but 2 class names: name every class the labels use", [few])
+    twice = tmp_path / "twice.safetensors"
+    data.save_bundle(twice, dataclasses.replace(ds, class_names=("a", "b", "a", "d")))
+    refused(["rank", tiny["ckpt"], "--data", twice], "class names 'a' appear more than once: name each class once", [twice])
+    crafted = with_meta(tiny, tmp_path, "dup.safetensors", class_names=["x", "y", "x", "z"])
+    refused(["info", crafted], "metadata 'class_names' must be a list of up to 1,000,000 distinct strings", [crafted])

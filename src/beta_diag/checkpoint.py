@@ -129,8 +129,11 @@ class Metadata:
         names = v.get("class_names")
         check(
             "class_names",
-            isinstance(names, list) and len(names) <= MAX_CLASSES and all(isinstance(n, str) and len(n) <= MAX_NAME for n in names),
-            f"a list of up to {MAX_CLASSES:,} strings of up to {MAX_NAME} characters",
+            isinstance(names, list)
+            and len(names) <= MAX_CLASSES
+            and all(isinstance(n, str) and len(n) <= MAX_NAME for n in names)
+            and len(set(names)) == len(names),
+            f"a list of up to {MAX_CLASSES:,} distinct strings of up to {MAX_NAME} characters",
         )
         check("data", isinstance(v.get("data"), dict), "a JSON object")
         check(

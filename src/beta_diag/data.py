@@ -142,6 +142,13 @@ def load(
         )
     if not names:
         names = tuple(str(i) for i in range(int(labels.max()) + 1))
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"{spec} ({split}): class names {', '.join(map(repr, twice[:5]))} appear more than once: name each class once")
+    if not unlabelled and int(labels.max()) >= len(names):
+        raise DataError(
+            f"{spec} ({split}): label {int(labels.max())} but {len(names)} class names: name every class the labels use (0..C-1)"
+        )
     ds = Dataset(images.contiguous(), labels, names, str(spec), split, decoded.notes, source)
     if limit is not None and limit < len(ds):
         ds = ds.subset(subset_index(len(ds), limit, seed))
