@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from beta_diag import data, infer
+from beta_diag import checkpoint, data, infer
 from beta_diag.cli import app
 from beta_diag.configs import RankConfig, TrainConfig
 from beta_diag.errors import ConfigError
@@ -122,3 +122,24 @@ def test_class_names_are_distinct_and_cover_the_labels(tiny: dict[str, Path], tm
     refused(["rank", tiny["ckpt"], "--data", twice], "class names 'a' appear more than once: name each class once", [twice])
     crafted = with_meta(tiny, tmp_path, "dup.safetensors", class_names=["x", "y", "x", "z"])
     refused(["info", crafted], "metadata 'class_names' must be a list of up to 1,000,000 distinct strings", [crafted])
+
+
+# --- 4. finite after the cast --------------------------------------------------------------------
+
+
+def test_values_are_checked_in_the_dtype_the_model_runs_in(tiny: dict[str, Path], tmp_path: Path) -> None:
+    ck = checkpoint.load(tiny["ckpt"])
+    meta = ck.metadata.to_strings()
+
+    def crafted(name: str, key: str, value: torch.Tensor) -> Path:
+        save_file({**ck.state_dict, key: value}, str(tmp_path / name), metadata=meta)
+        return tmp_path / name
+
+    big = crafted("big.safetensors", "fc.weight", ck.state_dict["fc.weight"].double().fill_(1e300))  # finite in float64 only
+    refused(["rank", big, "--data", tiny["test"]], "weights hold NaN/Inf values (fc: ", [big])
+    var = ck.state_dict["bn1.running_var"].clone()
+    var[0] = -1.0
+    negative = crafted("negative.safetensors", "bn1.running_var", var)
+    refused(["info", negative], "BatchNorm running variances below zero (bn1.running_var)", [negative])
+    eight = crafted("float8.safetensors", "fc.weight", ck.state_dict["fc.weight"].to(torch.float8_e4m3fn))
+    refused(["info", eight], "weights of dtype float8_e4m3fn, which beta-diag does not load: re-save them as float32", [eight])

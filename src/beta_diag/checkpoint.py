@@ -301,9 +301,18 @@ def _describe_keys(kind: str, keys: list[str], n: int = 5) -> str:
     return f"{len(keys)} {kind} ({shown})"
 
 
-def nonfinite(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Floating tensors holding NaN/Inf, with how many such values each holds (a corrupt file, a diverged run)."""
-    counts = {k: int((~torch.isfinite(t)).sum()) for k, t in state_dict.items() if t.is_floating_point()}
+LOADABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # floating dtypes a model is loaded from
+
+
+def nonfinite(state_dict: dict[str, torch.Tensor], as_in: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Floating tensors holding NaN/Inf, with how many such values each holds (a corrupt file, a diverged run);
+    with ``as_in`` (the model's state dict), counted after the cast to the model's dtype: 1e300 in float64 is Inf in float32."""
+
+    def cast(k: str, t: torch.Tensor) -> torch.Tensor:
+        want = as_in[k].dtype if as_in is not None and k in as_in and as_in[k].is_floating_point() else t.dtype
+        return t.to(want)
+
+    counts = {k: int((~torch.isfinite(cast(k, t))).sum()) for k, t in state_dict.items() if t.is_floating_point()}
     return {k: n for k, n in counts.items() if n}
 
 
@@ -312,7 +321,8 @@ def check_weights(
 ) -> None:
     """Refuse weights that do not fit ``expected`` (a model's state dict, possibly on the meta device): missing or
     unexpected keys, other shapes (``suggest()`` names the option value that fits, when one does), integer
-    tensors where the model holds floats (a relabelled dtype), and NaN/Inf values."""
+    tensors where the model holds floats (a relabelled dtype), floating dtypes a model cannot load (float8, complex),
+    negative running variances, and values that are NaN/Inf in the dtype the model runs in."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -340,8 +350,20 @@ def check_weights(
             f"{source}: {len(relabelled)} tensor(s) hold integers where the model holds floats: "
             f"{', '.join(relabelled[:3])}: the checkpoint is corrupt; retrain or restore it"
         )
+    exotic = sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values() if t.is_floating_point() and t.dtype not in LOADABLE})
+    if exotic or any(t.is_complex() for t in state_dict.values()):
+        raise CheckpointError(
+            f"{source}: weights of dtype {', '.join(exotic) or 'complex'}, which beta-diag does not load: "
+            "re-save them as float32, float16 or bfloat16"
+        )
+    negative = [k for k, t in state_dict.items() if k.endswith("running_var") and t.is_floating_point() and bool((t < 0).any())]
+    if negative:
+        raise CheckpointError(
+            f"{source}: BatchNorm running variances below zero ({', '.join(negative[:3])}): the checkpoint is corrupt; "
+            "retrain or restore it"
+        )
     bad: dict[str, int] = {}
-    for k, n in nonfinite(state_dict).items():
+    for k, n in nonfinite(state_dict, expected).items():
         bad[k.split(".")[0]] = bad.get(k.split(".")[0], 0) + n
     if bad:
         listed = ", ".join(f"{g}: {n}" for g, n in sorted(bad.items()))
