@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from beta_diag import checkpoint, data, infer
 from beta_diag.cli import app
 from beta_diag.configs import RankConfig, TrainConfig
-from beta_diag.errors import ConfigError
+from beta_diag.errors import CheckpointError, ConfigError
 from tests.test_hardening import refused, with_meta
 
 runner = CliRunner()
@@ -143,3 +143,20 @@ def test_values_are_checked_in_the_dtype_the_model_runs_in(tiny: dict[str, Path]
     refused(["info", negative], "BatchNorm running variances below zero (bn1.running_var)", [negative])
     eight = crafted("float8.safetensors", "fc.weight", ck.state_dict["fc.weight"].to(torch.float8_e4m3fn))
     refused(["info", eight], "weights of dtype float8_e4m3fn, which beta-diag does not load: re-save them as float32", [eight])
+
+
+# --- 6. what we write, we accept ---------------------------------------------------------------------
+
+
+def test_train_and_save_refuse_what_a_reader_would_refuse(tiny: dict[str, Path], tmp_path: Path) -> None:
+    tall = tmp_path / "tall.safetensors"
+    save_file({"images": torch.zeros(8, 1, 5000, 1, dtype=torch.uint8), "labels": torch.arange(8) % 2}, str(tall))
+    out = tmp_path / "model.safetensors"
+    refused(["train", "--data", tall, "--test-data", tall, "--epochs", "1", "-o", out], "1 to 4096 pixels per side", [tall])
+    ck = checkpoint.load(tiny["ckpt"])
+    bad = dataclasses.replace(ck.metadata, input_shape=(1, 5000, 1))
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(not written\): metadata 'input_shape' must be"):
+        checkpoint.save(out, ck.state_dict, bad)
+    with pytest.raises(CheckpointError, match=r"\(not written\): 3 class names for 4 classes"):
+        checkpoint.save(out, ck.state_dict, dataclasses.replace(ck.metadata, class_names=("a", "b", "c"), num_classes=4))
+    assert list(tmp_path.iterdir()) == [tall]

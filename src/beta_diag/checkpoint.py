@@ -544,6 +544,9 @@ def save(
         check_output(out, force, inputs, checkpoint_file=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     strings = metadata.to_strings()
+    Metadata.from_strings(strings, f"{out} (not written)")  # what we write, we accept: the checks every reader applies
+    if metadata.class_names and metadata.num_classes is not None and len(metadata.class_names) != metadata.num_classes:
+        raise CheckpointError(f"{out} (not written): {len(metadata.class_names)} class names for {metadata.num_classes} classes")
     if fingerprint is not None:
         tensors |= fingerprint.tensors()
         strings["fingerprint"] = json.dumps(fingerprint.header())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from beta_diag.errors import DataError
-from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES
+from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES, MAX_INPUT_SIDE
 from beta_diag.readers import DataSpec
 
 SPLITS = ("train", "test")
@@ -135,10 +135,10 @@ def load(
             f"{spec} ({split}): label {int(labels.min() if labels.min() < 0 else labels.max())}: "
             f"labels must be class indices 0..C-1, C up to {MAX_CLASSES:,}"
         )
-    if images.shape[-1] == 0 or images.shape[-2] == 0 or images.shape[1] == 0 or images.shape[1] > MAX_CHANNELS:
+    if not (0 < images.shape[1] <= MAX_CHANNELS and 0 < images.shape[-2] <= MAX_INPUT_SIDE and 0 < images.shape[-1] <= MAX_INPUT_SIDE):
         raise DataError(
             f"{spec} ({split}): images of shape {tuple(images.shape[1:])}: pass images with 1 to {MAX_CHANNELS} channels "
-            "and at least one pixel per side"
+            f"and 1 to {MAX_INPUT_SIDE} pixels per side (at least one pixel per side)"
         )
     if not names:
         names = tuple(str(i) for i in range(int(labels.max()) + 1))
