@@ -10,8 +10,10 @@ import os
 import resource
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -160,3 +162,32 @@ def test_train_and_save_refuse_what_a_reader_would_refuse(tiny: dict[str, Path],
     with pytest.raises(CheckpointError, match=r"\(not written\): 3 class names for 4 classes"):
         checkpoint.save(out, ck.state_dict, dataclasses.replace(ck.metadata, class_names=("a", "b", "c"), num_classes=4))
     assert list(tmp_path.iterdir()) == [tall]
+
+
+# --- 7. smaller items ----------------------------------------------------------------------------------
+
+
+def test_a_limit_decodes_only_the_images_it_keeps_and_16_bit_images_are_scaled(tmp_path: Path) -> None:
+    for label in ("a", "b"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(np.full((8, 8), 40000 if label == "a" else 1000, dtype=np.uint16)).save(
+                tmp_path / "folder" / label / f"{i}.png"
+            )
+    ds = data.load(f"imagefolder:{tmp_path / 'folder'}", "test", limit=5, image_size=(8, 8))
+    whole = data.load(f"imagefolder:{tmp_path / 'folder'}", "test", image_size=(8, 8))
+    kept = data.subset_index(60, 5, 0)
+    assert len(ds) == 5 and torch.equal(ds.images, whole.images[kept]) and torch.equal(ds.labels, whole.labels[kept])
+    assert any("5 of 5 images of 16 bits or more scaled to 8 bits" in n for n in ds.notes)
+    bright = whole.images[whole.labels == 0]
+    assert int(bright.max()) == round(40000 * 255 / 65535) == 156  # scaled, not clipped at 255
+    assert int(whole.images[whole.labels == 1].max()) == 4
+
+
+def test_an_output_folder_that_cannot_take_a_file_is_one_line(tiny: dict[str, Path], tmp_path: Path) -> None:
+    if ROOT:
+        pytest.skip("root writes into read-only folders")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    refused(["fingerprint", tiny["ckpt"], "--data", tiny["train"], "-o", locked / "fp.safetensors"], "cannot create a file beside it", [])

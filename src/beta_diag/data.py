@@ -125,7 +125,8 @@ def load(
     if limit is not None and limit < 1:
         raise DataError(f"--limit {limit}: pass a positive number of examples")
     source = DataSpec.parse(spec)
-    decoded = source.read(split, image_size)
+    keep = None if limit is None else lambda n: subset_index(n, limit, seed).tolist() if limit < n else list(range(n))
+    decoded = source.read(split, image_size, keep)  # a folder decodes only the images --limit keeps
     images, labels, names = decoded.images, decoded.labels, decoded.class_names
     if labels.numel() == 0:
         raise DataError(f"{spec} ({split}) holds no examples: pass data with images in it")

@@ -114,6 +114,10 @@ def atomic_path(out: Path, force: bool = True) -> Iterator[Path]:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
         raise OutputError(f"{tmp}: a temporary file of this process already exists: remove it and run again") from None
+    except OSError as exc:  # no free inodes or space, a read-only folder, no permission
+        raise OutputError(
+            f"{out}: cannot create a file beside it ({exc.strerror or exc}): free some space or choose another output path"
+        ) from None
     try:
         try:
             yield tmp

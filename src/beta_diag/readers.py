@@ -21,8 +21,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from beta_diag.errors import DataError
@@ -56,6 +57,8 @@ class Decoded:
     class_names: tuple[str, ...]
     notes: tuple[str, ...] = ()
 
+
+Pick = Callable[[int], list[int]]  # of N examples, the indices --limit keeps (a folder decodes only those)
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -226,6 +229,15 @@ def _image_files(root: Path, folder: Path) -> tuple[tuple[str, ...], list[tuple[
     return tuple(classes), samples
 
 
+def _to_8bit(img: Any) -> Any:
+    """A 16-bit or float grey image as 8-bit grey: integers 0-65535 and floats 0-1 scaled to 0-255 (not clipped at 255)."""
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float64)
+    scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def _decode(
     root: Path, split: str, samples: list[tuple[Path, int]], size: tuple[int, int] | None, kind: str
 ) -> tuple[torch.Tensor, tuple[str, ...]]:
@@ -234,7 +246,7 @@ def _decode(
     from torchvision.transforms.functional import pil_to_tensor
 
     size = size or DEFAULT_SIZE
-    images, resized, coloured = [], 0, 0
+    images, resized, coloured, wide = [], 0, 0, 0
     for path, _ in samples:
         try:
             with warnings.catch_warnings():
@@ -245,30 +257,41 @@ def _decode(
                             f"{path}: {img.width}x{img.height} pixels, beyond {MAX_IMAGE_PIXELS:,}: downscale or remove the image"
                         )
                     resized += img.size != (size[1], size[0])
+                    deep = img.mode.startswith(("I", "F"))  # 16-bit (I;16, I) or float: scaled to 8 bits, not clipped
+                    wide += deep
                     coloured += img.mode != "RGB"
-                    images.append(pil_to_tensor(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)))
+                    img8 = _to_8bit(img) if deep else img
+                    images.append(pil_to_tensor(img8.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)))
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise DataError(f"{path}: cannot decode image ({type(exc).__name__}): remove or replace the file") from None
     n, where = len(images), f"{kind}:{root} ({split})"
-    notes = ([f"{where}: {resized} of {n} images resized to {size[0]}x{size[1]} when read (bilinear)"] if resized else []) + (
-        [f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else []
+    notes = (
+        ([f"{where}: {resized} of {n} images resized to {size[0]}x{size[1]} when read (bilinear)"] if resized else [])
+        + ([f"{where}: {wide} of {n} images of 16 bits or more scaled to 8 bits (0-65535 to 0-255) when read"] if wide else [])
+        + ([f"{where}: {coloured} of {n} images converted to RGB when read"] if coloured else [])
     )
     return torch.stack(images), tuple(notes)
 
 
-def _imagefolder(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+def _picked(samples: list[tuple[Path, int]], pick: Pick | None) -> list[tuple[Path, int]]:
+    return samples if pick is None else [samples[i] for i in pick(len(samples))]
+
+
+def _imagefolder(root: Path, split: str, size: tuple[int, int] | None, pick: Pick | None = None) -> Decoded:
     folder = root / split if (root / split).is_dir() else root
     classes, samples = _image_files(root, folder)
+    samples = _picked(samples, pick)
     images, notes = _decode(root, split, samples, size, "imagefolder")
     return Decoded(images, torch.tensor([t for _, t in samples], dtype=torch.long), classes, notes)
 
 
-def _images(root: Path, split: str, size: tuple[int, int] | None) -> Decoded:
+def _images(root: Path, split: str, size: tuple[int, int] | None, pick: Pick | None = None) -> Decoded:
     """Unlabelled images: every image file under the folder (its SPLIT sub-folder when there is one), labels UNLABELLED."""
     folder = root / split if (root / split).is_dir() else root
     samples = _walk_images(f"images:{root}", folder.resolve(), folder.resolve(), 0)
     if not samples:
         raise DataError(f"images:{root}: no image files in {folder}: add images (png, jpg, ...)")
+    samples = _picked(samples, pick)
     images, notes = _decode(root, split, samples, size, "images")
     return Decoded(images, torch.full((len(samples),), UNLABELLED, dtype=torch.long), (), notes)
 
@@ -313,22 +336,24 @@ def _named(path: Path | None) -> Path:
 
 @dataclass(frozen=True)
 class Reader:
-    """A data format: ``read(path, split, size)``; whether the spec must name a path; whether a file is
-    one split whatever --split says; whether labels follow sorted folder names (matched to the model's)."""
+    """A data format: ``read(path, split, size, pick)``; whether the spec must name a path; whether a file is
+    one split whatever --split says; whether labels follow sorted folder names (matched to the model's).
+    ``pick``: applied by the folder readers before decoding, so that --limit 64 decodes 64 images; the others
+    ignore it (``data.load`` takes the same subset after reading)."""
 
-    read: Callable[[Path | None, str, tuple[int, int] | None], Decoded]
+    read: Callable[[Path | None, str, tuple[int, int] | None, Pick | None], Decoded]
     needs_path: bool = True
     one_split: bool = False
     labels_by_folder: bool = False
 
 
 READERS: dict[str, Reader] = {
-    "fashion-mnist": Reader(_fashion_mnist, needs_path=False),
-    "cifar10": Reader(lambda root, split, size: _cifar("cifar10", _named(root), split, size)),
-    "cifar100": Reader(lambda root, split, size: _cifar("cifar100", _named(root), split, size)),
-    "imagefolder": Reader(lambda root, split, size: _imagefolder(_named(root), split, size), labels_by_folder=True),
-    "images": Reader(lambda root, split, size: _images(_named(root), split, size)),  # no labels: for recalibration
-    "bundle": Reader(lambda path, split, size: _bundle(_named(path), split, size), one_split=True),  # named by its file: FILE.safetensors
+    "fashion-mnist": Reader(lambda root, split, size, pick: _fashion_mnist(root, split, size), needs_path=False),
+    "cifar10": Reader(lambda root, split, size, pick: _cifar("cifar10", _named(root), split, size)),
+    "cifar100": Reader(lambda root, split, size, pick: _cifar("cifar100", _named(root), split, size)),
+    "imagefolder": Reader(lambda root, split, size, pick: _imagefolder(_named(root), split, size, pick), labels_by_folder=True),
+    "images": Reader(lambda root, split, size, pick: _images(_named(root), split, size, pick)),  # no labels: for recalibration
+    "bundle": Reader(lambda path, split, size, pick: _bundle(_named(path), split, size), one_split=True),  # FILE.safetensors
 }
 SPECS_HELP = "fashion-mnist, fashion-mnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR, images:DIR (unlabelled) or FILE.safetensors"
 
@@ -377,9 +402,9 @@ class DataSpec:
         base = (base_dir or Path.cwd()).resolve()
         return self if self.path is None else replace(self, path=(base / self.path).resolve())
 
-    def read(self, split: str, size: tuple[int, int] | None) -> Decoded:
+    def read(self, split: str, size: tuple[int, int] | None, pick: Pick | None = None) -> Decoded:
         if self.kind == "bundle" and not self.path.exists():  # type: ignore[union-attr]
             raise DataError(f"data bundle {self} not found: check the path")
         if self.kind != "bundle" and self.path is not None and not self.path.is_dir():
             raise DataError(f"{self}: folder {self.path} does not exist: check the path")
-        return self.reader.read(self.path, split, size)
+        return self.reader.read(self.path, split, size, pick)
