@@ -81,3 +81,19 @@ def test_sigterm_ends_a_command_like_ctrl_c_with_nothing_left_behind(tiny: dict[
     assert proc.returncode == 143, err
     assert err.strip().splitlines()[-1].startswith("Error: terminated")  # in training, or still starting on a loaded machine
     assert list(tmp_path.iterdir()) == []  # no temporary file stays
+
+
+def test_every_command_shows_hostile_names_literally(tiny: dict[str, Path], tmp_path: Path) -> None:
+    ckpt, bundle = hostile_copy(tiny, tmp_path)
+    name, data_name = "[bold]model[red].safetensors", "$data$ [red].safetensors"
+    for args, shown in (
+        (["compare", ckpt, ckpt, "--data", bundle, "--bootstrap", "0", "--plot", tmp_path / "$c$.png"], name),
+        (["repair", ckpt, "--data", bundle, "--train-data", tiny["train"], "--layers", "fc", "--dry-run"], data_name),
+        (["drift", ckpt, "--data", bundle, "--plot", tmp_path / "$d$.png"], data_name),
+        (["schedule", ckpt], name),
+        (["fingerprint", ckpt, "--data", bundle, "-o", tmp_path / "[red]fp[red].safetensors"], "[red]fp[red].safetensors"),
+    ):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code in (0, 4), (args[0], result.output)
+        shows_literally(result.output)
+        assert "".join(shown.split()) in "".join(result.stdout.split()), (args[0], result.output)  # tables may wrap a long path
