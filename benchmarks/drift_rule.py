@@ -2,7 +2,7 @@
 
     python benchmarks/drift_rule.py RESULTS.json [MORE.json ...] [--choose 0,1]
 
-RESULTS.json comes from ``benchmarks/planted_faults.py --out`` (several files, e.g. one per sample, are pooled); each row keeps the damaged model's drift
+RESULTS.json comes from ``benchmarks/planted_faults.py --out`` or ``benchmarks/planted_fingerprint.py --out`` (several files, e.g. one per sample, are pooled); each row keeps the damaged model's drift
 profile, so the rule (``beta_diag.drift.localise``) can be re-applied with other constants without
 re-running. On the seeds in --choose, every rule (floor, threshold, unmoved: ``beta_diag.drift.Rule``)
 of a small grid is scored by hits@1 (the suspect is the damaged group; no suspect counts as naming
@@ -38,6 +38,12 @@ def hits(rows: list[dict], rule: Rule) -> float:
     return float(np.mean([named(Drift.from_dict(r["drift"]), rule) == r["group"] for r in rows])) if rows else float("nan")
 
 
+def first(rows: list[dict], score: str) -> float:
+    """hits@1 of another score, over the rows that carry it (planted_fingerprint.py's convnext rows do not: NaN)."""
+    ranked = [r["ranks"][score] == 1 for r in rows if score in r.get("ranks", {})]
+    return float(np.mean(ranked)) if ranked else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+")
@@ -45,7 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"command: python benchmarks/drift_rule.py {' '.join(map(str, args.results))} --choose {args.choose}")
     loaded = [json.loads(p.read_text()) for p in args.results]
-    rows, names = [r for res in loaded for r in res["rows"]], loaded[0]["groups"]
+    rows = [r for res in loaded for r in res["rows"]]
+    # "groups": one list (planted_faults.py, one architecture) or one per sample (planted_fingerprint.py)
+    count = {r["sample"]: len(g if isinstance(g := res["groups"], list) else g[r["sample"]]) for res in loaded for r in res["rows"]}
     chosen = {int(s) for s in args.choose.split(",")}
     choose = [r for r in rows if r["seed"] in chosen]
     held = [r for r in rows if r["seed"] not in chosen]
@@ -67,14 +75,11 @@ def main() -> None:
         by_kind: dict[str, list[dict]] = defaultdict(list)
         for r in part:
             by_kind[r["kind"]].append(r)
-        print(f"\n{label}: hits@1 of the damaged group ({len(part)} models; random {1 / len(names):.2f})")
+        print(f"\n{label}: hits@1 of the damaged group ({len(part)} models; random {np.mean([1 / count[r['sample']] for r in part]):.2f})")
         print(f"{'kind':10s} {'models':>6s} {'drift':>6s} {'coherence':>9s} {'auto_rgn':>8s}")
         blind = [r for r in part if r["group"] not in Drift.from_dict(r["drift"]).downstream]  # drift names fc only by elimination
         for kind, rs in [*sorted(by_kind.items()), ("all", part), ("all but fc", blind)]:
-            print(
-                f"{kind:10s} {len(rs):6d} {hits(rs, rule):6.2f} "
-                f"{np.mean([r['ranks']['coherence'] == 1 for r in rs]):9.2f} {np.mean([r['ranks']['auto_rgn'] == 1 for r in rs]):8.2f}"
-            )
+            print(f"{kind:10s} {len(rs):6d} {hits(rs, rule):6.2f} {first(rs, 'coherence'):9.2f} {first(rs, 'auto_rgn'):8.2f}")
         misses = [
             (r["sample"], r["kind"], r["group"], named(Drift.from_dict(r["drift"]), rule))
             for r in part
