@@ -46,10 +46,16 @@ class Session:
             return choice.spec, split
         meta = self.ckpt.metadata
         recorded = meta.data.get(split)
-        if isinstance(recorded, dict) and recorded.get("spec"):
-            return str(DataSpec.parse(recorded["spec"]).resolved(self.ckpt.path.parent)), split
-        if meta.dataset:
-            return str(DataSpec.parse(meta.dataset).resolved(self.ckpt.path.parent)), split
+        named = recorded["spec"] if isinstance(recorded, dict) and recorded.get("spec") else meta.dataset
+        if named:
+            spec = DataSpec.parse(named).resolved(self.ckpt.path.parent)  # a relative path: from the checkpoint's folder
+            if spec.path is not None and not spec.path.exists():
+                option = "--train-data" if split == "train" else "--data"
+                raise DataError(
+                    f"{self.ckpt.path}: its metadata names {split} data {spec.path}, which is not there "
+                    f"(was the checkpoint copied without it?): pass {option} with the data"
+                )
+            return str(spec), split
         raise DataError(f"{self.ckpt.path}: metadata names no data: pass --data, e.g. --data fashion-mnist")
 
     def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2, unlabelled: bool = False) -> Dataset:
