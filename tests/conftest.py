@@ -76,3 +76,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     damaged = root / "damaged.safetensors"
     checkpoint.save(damaged, state, result.metadata)
     return {"root": root, "train": train_file, "test": test_file, "ckpt": ckpt, "damaged": damaged}
+
+
+@pytest.fixture(autouse=True)
+def _no_plain_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain progress lines come every 10 s when stderr is no terminal; a slow test on a loaded machine must not see one
+    among the lines it checks (the test of those lines sets its own interval)."""
+    from beta_diag import report
+
+    monkeypatch.setattr(report, "PLAIN_EVERY", float("inf"))

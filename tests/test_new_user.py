@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import SAMPLES
 from typer.testing import CliRunner
 
+from beta_diag import report
 from beta_diag.cli import app
 
 runner = CliRunner()
@@ -28,3 +31,13 @@ def test_a_copied_checkpoint_names_the_option_that_replaces_its_missing_data(tmp
     shutil.copy(SAMPLES / "fmnist_test_3k.safetensors", tmp_path)
     result = runner.invoke(app, ["drift", str(copy), "--limit", "200", "--quiet"])
     assert result.exit_code in (0, 4) and "fmnist_test_3k.safetensors" in "".join(result.stdout.split()), result.output
+
+
+def test_a_long_command_shows_signs_of_life_when_stderr_is_no_terminal(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "PLAIN_EVERY", 0.0)  # every update: the real interval is 10 s
+    result = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--data", str(tiny["test"]), "--bootstrap", "20"])
+    assert result.exit_code == 0
+    lines = [line for line in result.stderr.splitlines() if " s elapsed" in line]
+    assert lines and all(re.fullmatch(r"[^:]+: [\d,]+/[\d,]+, \d+ s elapsed(, about \d+ s left)?", line) for line in lines), result.stderr
+    quiet = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--data", str(tiny["test"]), "--bootstrap", "20", "--quiet"])
+    assert " s elapsed" not in quiet.stderr

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,12 +62,39 @@ def print_json(value: Any, timings: bool = False) -> None:
     sys.stdout.write(dumps(value if timings else without_timing(value)) + "\n")
 
 
+PLAIN_EVERY = 10.0  # seconds between plain progress lines when stderr is no terminal (a log, a CI job)
+
+
+def plain_progress() -> ProgressFn:
+    """A progress callback printing one plain line to stderr at most every ``PLAIN_EVERY`` seconds (none before the
+    first PLAIN_EVERY): phase, done/total, elapsed, and an estimate of what is left of the phase."""
+    start = time.monotonic()
+    last = [start]
+    began: dict[str, float] = {}
+
+    def update(description: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        began.setdefault(description, now)
+        if now - last[0] < PLAIN_EVERY:
+            return
+        last[0] = now
+        took = now - began[description]
+        left = f", about {took / done * (total - done):.0f} s left" if 0 < done < total else ""
+        print(f"{plain(description)}: {done:,}/{total:,}, {now - start:.0f} s elapsed{left}", file=sys.stderr, flush=True)
+
+    return update
+
+
 @contextlib.contextmanager
 def progress(quiet: bool = False) -> Iterator[ProgressFn | None]:
-    """A progress callback drawing rich bars on stderr; None when quiet or stderr is not a TTY."""
+    """A progress callback drawing rich bars on stderr; on a stderr that is no terminal, plain lines every
+    ``PLAIN_EVERY`` seconds; None when quiet."""
     console = stderr()
-    if quiet or not console.is_terminal or not distributed.is_main():  # under torchrun, process 0 draws
+    if quiet or not distributed.is_main():  # under torchrun, process 0 tells
         yield None
+        return
+    if not console.is_terminal:
+        yield plain_progress()
         return
     bars = Progress(
         TextColumn("{task.description}"),
