@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import SAMPLES
 from typer.testing import CliRunner
 
 from beta_diag import report
 from beta_diag.cli import app
+from beta_diag.session import DataChoice, open_session
 
 runner = CliRunner()
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -41,3 +45,28 @@ def test_a_long_command_shows_signs_of_life_when_stderr_is_no_terminal(tiny: dic
     assert lines and all(re.fullmatch(r"[^:]+: [\d,]+/[\d,]+, \d+ s elapsed(, about \d+ s left)?", line) for line in lines), result.stderr
     quiet = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--data", str(tiny["test"]), "--bootstrap", "20", "--quiet"])
     assert " s elapsed" not in quiet.stderr
+
+
+def test_eval_reports_each_checkpoint_on_each_data_set_in_one_table(tiny: dict[str, Path]) -> None:
+    args = ["eval", str(tiny["ckpt"]), str(tiny["damaged"]), "--data", str(tiny["test"]), "--data", str(tiny["train"]), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["evaluations"]
+    assert [(Path(r["checkpoint"]).name, Path(r["data"]).name) for r in rows] == [
+        (c, d) for c in ("tiny.safetensors", "damaged.safetensors") for d in ("test.safetensors", "train.safetensors")
+    ]
+    # an independent reference: the model's own predictions over the same data
+    session = open_session(tiny["damaged"], "cpu")
+    ds = session.load_data(DataChoice(str(tiny["test"])))
+    logits = session.evaluate(ds).logits
+    r = rows[2]
+    assert r["examples"] == len(ds) and r["accuracy"] == pytest.approx(float((logits.argmax(1) == ds.labels).float().mean()))
+    assert r["mean_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ds.labels)), rel=1e-5)
+    for c, name in enumerate(ds.class_names):
+        mask = ds.labels == c
+        assert r["per_class"][name]["accuracy"] == pytest.approx(float((logits.argmax(1)[mask] == c).float().mean()))
+    pairs = Counter((int(t), int(p)) for t, p in zip(ds.labels, logits.argmax(1)) if t != p)
+    assert r["confusions"][0]["count"] == max(pairs.values()) and sum(c["count"] for c in r["confusions"]) <= sum(pairs.values())
+    assert rows[0]["accuracy"] > rows[2]["accuracy"]  # the damaged classifier is worse
+    table = runner.invoke(app, args[:-1])
+    assert table.exit_code == 0 and "per-class accuracy" in table.stdout and "c0 -> " in table.stdout

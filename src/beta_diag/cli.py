@@ -442,7 +442,7 @@ def archs(as_json: opt.Json = False, verbose: opt.Verbose = False) -> None:
     report.print_json(names) if as_json else report.stdout().print("\n".join(names))
 
 
-from beta_diag import cli_monitor  # noqa: F401 - registers fingerprint and drift on ``app``
+from beta_diag import cli_eval, cli_monitor  # noqa: F401 - register eval, fingerprint and drift on ``app``
 
 
 def main() -> None:

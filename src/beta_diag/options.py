@@ -62,6 +62,10 @@ StateKey = Annotated[
     ),
 ]
 Ckpt = Annotated[Path, typer.Argument(help="Checkpoint: .safetensors, .pt/.pth, or a folder holding model.safetensors.")]
+Ckpts = Annotated[list[Path], typer.Argument(help="One or more checkpoints (each as for rank).")]
+EvalData = Annotated[
+    list[str] | None, typer.Option("--data", help="Data spec, repeatable: each checkpoint on each (default: its own held-out data).")
+]
 Plot = Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG figure to this path.")]
 Alpha = Annotated[
     float, typer.Option("--alpha", min=1e-12, max=0.5, help="drift: the false-alarm rate of the shift test on unshifted data.")

@@ -24,9 +24,10 @@ from beta_diag.runtime import Progress as ProgressFn
 from beta_diag.runtime import without_timing
 from beta_diag.shown import ShownConsole, bold, plain
 
-if TYPE_CHECKING:  # the renderers' inputs, named for the type checker only (report imports no model code)
+if TYPE_CHECKING:
     from beta_diag.comparison import Comparison, Pair
     from beta_diag.drift import Drift
+    from beta_diag.evaluation import Evaluation  # the renderers' inputs, named for the type checker only (report imports no model code)
     from beta_diag.ranking import Ranking
     from beta_diag.verdicts import RepairReport
 
@@ -495,3 +496,25 @@ def repair_summary(r: RepairReport) -> None:
         )
     out.print(curve)
     out.print(bold(plain(r.verdict, None)))
+
+
+def eval_table(results: list[Evaluation]) -> None:
+    """``eval``: one row per checkpoint and data set, then per-class accuracy side by side."""
+    out = stdout()
+    table = Table("", "checkpoint", "data", "examples", "accuracy", "mean loss", "top confusions (true -> predicted)", title="evaluation")
+    for i, r in enumerate(results):
+        confused = ", ".join(f"{plain(c['true'], 24)} -> {plain(c['predicted'], 24)} {c['count']}" for c in r.confusions[:3])
+        table.add_row(
+            plain(r.checkpoint),
+            f"{plain(r.data)} ({plain(r.split)})",
+            f"{r.examples:,}",
+            f"{100 * r.accuracy:.2f}%",
+            f"{r.mean_loss:.4f}",
+            confused,
+        )
+    out.print(table)
+    classes = list(dict.fromkeys(c for r in results for c in r.per_class))
+    per = Table("class", *[f"[{i + 1}]" for i in range(len(results))], title="per-class accuracy ([n]: row n above)", title_justify="left")
+    for c in classes:
+        per.add_row(plain(c), *[f"{100 * r.per_class[c]['accuracy']:.1f}%" if c in r.per_class else "" for r in results])
+    out.print(per)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,10 @@ class Session:
             return ds
         ds = data_mod.match_classes(ds, self.ckpt.metadata.class_names)
         data_mod.check_fits(ds, self.num_classes, min_classes=min_classes)
+        named = self.ckpt.metadata.class_names
+        numbered = ds.class_names == tuple(str(i) for i in range(len(ds.class_names)))  # data that name no classes
+        if named and len(named) == self.num_classes and numbered and len(ds.class_names) <= len(named):
+            ds = replace(ds, class_names=tuple(named))  # per-class tables say the model's names
         return ds
 
     def evaluate(self, ds: Dataset, progress: Any = None, on_batch: Any = None) -> Predictions:

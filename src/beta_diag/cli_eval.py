@@ -1,0 +1,47 @@
+"""The eval command: accuracy, loss, per-class accuracy and top confusions of checkpoints on data sets, one pass each."""
+
+from __future__ import annotations
+
+from beta_diag import options as opt
+from beta_diag.cli import app, handle_errors, say_notes
+from beta_diag.options import load_checkpoint
+
+
+@app.command("eval")
+@handle_errors
+def evaluate(
+    ckpts: opt.Ckpts,
+    data: opt.EvalData = None,
+    split: opt.Split = None,
+    limit: opt.Limit = None,
+    seed: opt.Seed = 0,
+    arch: opt.Arch = None,
+    arch_arg: opt.ArchArg = None,
+    input_size: opt.InputSize = None,
+    mean: opt.Mean = None,
+    std: opt.Std = None,
+    state_key: opt.StateKey = None,
+    device: opt.Device = "auto",
+    as_json: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+) -> None:
+    """Accuracy, mean loss, per-class accuracy (with the class names) and the top confusions of each checkpoint on
+    each data set, in one evaluation pass each: run it before and after a repair.
+
+    Example: beta-diag eval model.safetensors repaired.safetensors --data test.safetensors --data shifted.safetensors
+    """
+    from beta_diag import report
+    from beta_diag.evaluation import evaluate as run
+    from beta_diag.session import DataChoice, open_session
+
+    results = []
+    with report.progress(quiet or as_json) as progress:
+        for ckpt in ckpts:
+            session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+            say_notes(session.ckpt.path, session.ckpt.notes)
+            specs: list[str | None] = list(data) if data else [None]  # None: the checkpoint's own held-out data
+            for spec in specs:
+                ds = session.load_data(DataChoice(spec, split, limit, seed), min_classes=1)
+                results.append(run(session, ds, progress=progress))
+    report.print_json({"evaluations": [r.to_dict() for r in results]}) if as_json else report.eval_table(results)
