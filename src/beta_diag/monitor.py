@@ -64,11 +64,16 @@ class Check:
         }
 
 
-def z_scores(ref: Reference, sums: torch.Tensor, spread: torch.Tensor | None) -> torch.Tensor:
+def z_scores(ref: Reference, sums: torch.Tensor, spread: torch.Tensor | None, images: int | None = None) -> torch.Tensor:
     """(2, C): the mean's and the variance's z-scores of the data (``sums``: the recorder's (6, C) totals, centred at
-    the reference mean) against ``ref``; ``spread``: the reference's own (2, C) variances of its mean and variance."""
+    the reference mean) against ``ref``; ``spread``: the reference's own (2, C) variances of its mean and variance at
+    its ``images`` images. With a fingerprint, the data's own sampling noise under "no shift" is the fingerprint's
+    per-image spread over the data's count (estimated on its N images, stable); a small batch's own estimate of it
+    misses the rare large activations of sparse channels and inflates |z|. Without (running statistics), the data's."""
     m1, var, var_m1, var_s2 = moments(sums)
-    noise = torch.stack([var_m1.clamp_min(0.0), var_s2]) + (spread if spread is not None else 0.0)
+    n = float(sums[0, 0])
+    own = torch.stack([var_m1.clamp_min(0.0), var_s2])
+    noise = own if spread is None or images is None else spread * images / n + spread
     diff = torch.stack([m1, var - ref.var])
     floor = 1e-12 * (ref.var + ref.eps)  # a dead channel on both sides: no evidence either way
     return torch.where(diff.abs() <= floor, torch.zeros_like(diff), diff / noise.sqrt().clamp_min(1e-30))
@@ -96,7 +101,7 @@ def check(session: Session, ds: Dataset, alpha: float = DEFAULT_ALPHA, progress:
     sums = recorder.channel_sums()
     spreads = found.spreads() if found is not None and recorder.source == "fingerprint" else {}
     for layer in result.layers:
-        z = z_scores(recorder.refs[layer.name], sums[layer.name], spreads.get(layer.name))
+        z = z_scores(recorder.refs[layer.name], sums[layer.name], spreads.get(layer.name), found.images if found else None)
         per_point[layer.name] = float(torch.nan_to_num(z.abs(), nan=math.inf).max())
         tests += z.numel()
     worst = max(per_point, key=lambda k: per_point[k]) if per_point else None
