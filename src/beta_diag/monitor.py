@@ -6,8 +6,8 @@ when the checkpoint has one, else the BatchNorms' running statistics), then:
 - the drift profile and its suspect, exactly as ``rank`` reports them (``drift.py``);
 - a test of the data as a whole. Per watched channel, two z-scores: the data's channel mean against the
   reference's, and its variance against the reference's, each over the sampling noise of both sides
-  (the data's, from its own images; the fingerprint's, from its N images; running statistics carry no
-  noise of their own, so only the data's counts there). Under "no shift" each is close to standard normal
+  (a fingerprint's per-image spread over the data's count and over its own N images; running statistics carry
+  no noise of their own, so there the data's own estimate counts). Under "no shift" each is close to standard normal
   (the images are independent draws), so the smallest two-sided p-value times the number of z-scores
   (Bonferroni: valid however the channels correlate) is a p-value for the whole data: a shift is
   declared when it is below ``alpha``, which bounds the false-alarm rate per batch of data.
