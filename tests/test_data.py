@@ -188,7 +188,24 @@ def test_image_folders_are_matched_to_the_models_class_names() -> None:
         images, torch.tensor([0, 1, 1]), ("boot", "coat"), "x.safetensors", "test", source=DataSpec.parse("x.safetensors")
     )
     assert data.match_classes(bundle, ("coat", "boot")) is bundle  # bundles' labels are the model's own indices
-    with pytest.raises(DataError, match=r"folder\(s\) sandal name no class of the model \(coat, boot\): name each folder after"):
+    with pytest.raises(
+        DataError, match=r"folder\(s\) 'sandal' name no class of the model: name each folder after a class .* 'coat' or 0, 'boot' or 1"
+    ):
         data.match_classes(
             data.Dataset(images, torch.tensor([0, 1, 1]), ("boot", "sandal"), "imagefolder:/d", "test", source=FOLDERS), ("coat", "boot")
         )
+
+
+def test_folders_can_hold_class_names_that_no_folder_can_be_called() -> None:
+    """Fashion-MNIST's "T-shirt/top" cannot be a folder: "t-shirt_top", "TShirt Top" or its index 0 name it."""
+    images = torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    classes = ("T-shirt/top", "Trouser", "Ankle boot")
+    for folders, want in ((("TShirt Top", "ankle_boot"), [0, 2, 2, 0]), (("0", "2"), [0, 2, 2, 0])):
+        ds = data.Dataset(images, torch.tensor([0, 1, 1, 0]), folders, "imagefolder:/d", "test", source=FOLDERS)
+        matched = data.match_classes(ds, classes)
+        assert matched.labels.tolist() == want and matched.class_names == classes
+        assert "ignoring case and punctuation, or index" in matched.notes[-1]
+    bad = data.Dataset(images, torch.tensor([0, 1, 1, 0]), ("T-shirt", "Trouser"), "imagefolder:/d", "test", source=FOLDERS)
+    with pytest.raises(DataError, match=r"'T-shirt_top' or 0, 'Trouser' or 1, 'Ankle boot' or 2"):
+        data.match_classes(bad, classes)
+    assert data.folder_for("T-shirt/top") == "T-shirt_top" and data.folder_key("T-shirt/top") == data.folder_key("t shirt TOP")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SAMPLES
+from PIL import Image
 from typer.testing import CliRunner
 
-from beta_diag import report
+from beta_diag import data, report
 from beta_diag.cli import app
 from beta_diag.session import DataChoice, open_session
 
@@ -70,3 +71,17 @@ def test_eval_reports_each_checkpoint_on_each_data_set_in_one_table(tiny: dict[s
     assert rows[0]["accuracy"] > rows[2]["accuracy"]  # the damaged classifier is worse
     table = runner.invoke(app, args[:-1])
     assert table.exit_code == 0 and "per-class accuracy" in table.stdout and "c0 -> " in table.stdout
+
+
+def test_the_sample_on_png_folders_named_as_folders_can_be(tmp_path: Path) -> None:
+    """Exported as PNG folders, one per class, named as a folder can be ("T-shirt_top"): no converter needed."""
+    ds = data.load(str(SAMPLES / "fmnist_test_3k.safetensors"), "test", limit=200)
+    for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
+        folder = tmp_path / "png" / data.folder_for(ds.class_names[int(label)])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    assert (tmp_path / "png" / "T-shirt_top").is_dir()
+    result = runner.invoke(app, ["eval", str(SGD), "--data", f"imagefolder:{tmp_path / 'png'}", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["evaluations"][0]
+    assert row["examples"] == 200 and row["accuracy"] > 0.85 and "T-shirt/top" in row["per_class"]

@@ -162,22 +162,62 @@ def subset_index(n: int, limit: int, seed: int, skip: int = 0) -> torch.Tensor:
     return perm[skip : skip + limit].sort().values
 
 
+UNHOLDABLE = '/\\:*?"<>|'  # characters a folder name cannot hold on some system
+
+
+def folder_key(name: str) -> str:
+    """What a class folder's name is matched by: its letters and digits, case folded ("T-shirt/top", "t-shirt_top"
+    and "TShirt Top" all match)."""
+    return "".join(c for c in name.casefold() if c.isalnum())
+
+
+def folder_for(name: str) -> str:
+    """A folder name every system can hold for class ``name``: the characters it cannot hold become ``_``."""
+    return "".join("_" if c in UNHOLDABLE or not c.isprintable() else c for c in name).strip() or "_"
+
+
+def _class_of(folder: str, model_classes: tuple[str, ...]) -> int | None:
+    """The model's class a folder names: its exact name, else the one class with its ``folder_key``, else its index."""
+    if folder in model_classes:
+        return model_classes.index(folder)
+    keyed = [i for i, n in enumerate(model_classes) if folder_key(n) == folder_key(folder) and folder_key(folder)]
+    if len(keyed) == 1:
+        return keyed[0]
+    if folder.isdigit() and int(folder) < len(model_classes) and not any(n.isdigit() for n in model_classes):
+        return int(folder)
+    return None
+
+
 def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset:
     """An ImageFolder's labels follow its sorted folder names; when the model names its classes, relabel
-    by name (folders may hold a subset of them), and refuse folders the model does not know."""
+    by class (folders may hold a subset of them): a folder matches a class by its exact name, by its letters
+    and digits with case ignored (so "t-shirt_top" is "T-shirt/top", which no folder can be called), or by
+    the class index; folders the model does not know are refused with the folder names that would match."""
     if ds.source is None or not ds.source.reader.labels_by_folder or not model_classes or ds.class_names == tuple(model_classes):
         return ds
-    unknown = [n for n in ds.class_names if n not in model_classes]
+    model_classes = tuple(model_classes)
+    found = {n: _class_of(n, model_classes) for n in ds.class_names}
+    unknown = [n for n, c in found.items() if c is None]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        known = ", ".join(model_classes[:10]) + (", ..." if len(model_classes) > 10 else "")
-        raise DataError(
-            f"{ds.spec} ({ds.split}): folder(s) {shown} name no class of the model ({known}): "
-            "name each folder after one of the model's classes"
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        would = ", ".join(f"{folder_for(n)!r} or {i}" for i, n in enumerate(model_classes[:10])) + (
+            ", ..." if len(model_classes) > 10 else ""
         )
-    index = torch.tensor([list(model_classes).index(n) for n in ds.class_names])
-    note = f"{ds.spec} ({ds.split}): class folders matched to the model's class names by name"
-    return replace(ds, labels=index[ds.labels], class_names=tuple(model_classes), notes=ds.notes + (note,))
+        raise DataError(
+            f"{ds.spec} ({ds.split}): folder(s) {shown} name no class of the model: name each folder after a class "
+            f"(case, spaces and punctuation are ignored) or its index: {would}"
+        )
+    classes = [c for c in found.values() if c is not None]
+    twice = [c for c in set(classes) if classes.count(c) > 1]
+    if twice:
+        raise DataError(
+            f"{ds.spec} ({ds.split}): folders {', '.join(repr(n) for n, c in found.items() if c in twice)} name the same class "
+            f"{model_classes[twice[0]]!r}: merge them"
+        )
+    index = torch.tensor(classes)  # in folder order
+    how = "by name" if all(n in model_classes for n in ds.class_names) else "by name, ignoring case and punctuation, or index"
+    note = f"{ds.spec} ({ds.split}): class folders matched to the model's class names {how}"
+    return replace(ds, labels=index[ds.labels], class_names=model_classes, notes=ds.notes + (note,))
 
 
 def check_fits(ds: Dataset, num_classes: int, min_classes: int = 1) -> None:
