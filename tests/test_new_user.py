@@ -85,3 +85,10 @@ def test_the_sample_on_png_folders_named_as_folders_can_be(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["evaluations"][0]
     assert row["examples"] == 200 and row["accuracy"] > 0.85 and "T-shirt/top" in row["per_class"]
+
+
+def test_repair_can_be_held_to_the_data_size_the_model_saw() -> None:
+    result = runner.invoke(app, ["repair", str(SGD), "--layers", "fc", "--dry-run", "--train-limit", "500", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["train_data"]["examples"] + plan["val_data"]["examples"] == 500 and plan["val_data"]["examples"] == 100

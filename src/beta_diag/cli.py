@@ -325,6 +325,7 @@ def repair(
     data: opt.VerifyData = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
+    train_limit: opt.TrainLimit = None,
     epochs: opt.Epochs = REPAIR_TRAINING.epochs,
     lr: opt.Lr = REPAIR_TRAINING.lr,
     momentum: opt.Momentum = REPAIR_TRAINING.momentum,
@@ -394,7 +395,7 @@ def repair(
         allow_forgetting,
     )
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)  # --layers auto: the cause leads, the place follows
-    train_choice, verify_choice = DataChoice(train_data, "train", None, seed), DataChoice(data, split, limit, seed)
+    train_choice, verify_choice = DataChoice(train_data, "train", train_limit, seed), DataChoice(data, split, limit, seed)
     val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
     keep_choice = DataChoice(keep_data, "test") if keep_data else None
     opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)

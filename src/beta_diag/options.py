@@ -86,6 +86,7 @@ Seed = Annotated[
 Data = Annotated[str | None, typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
 Split = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
 Limit = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
+TrainLimit = Annotated[int | None, typer.Option("--train-limit", help="repair: train on a seeded random subset of N training examples.")]
 Metric = Annotated[configs.Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
 Granularity = Annotated[
     configs.Granularity, typer.Option("--granularity", help="group: top-level children; block: their children; module: leaf layers.")
