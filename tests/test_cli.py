@@ -180,6 +180,13 @@ ASSUMED = [
 ]
 
 
+def said(source: Path, notes: list[str]) -> list[str]:
+    """The stderr lines of ``notes``: the assumptions as a warning block first, then the other notes."""
+    assumed = [n for n in notes if n.startswith("assumed")]
+    head = [f"Warning: {source}: not read from the checkpoint, assumed (results depend on it):"] if assumed else []
+    return head + [f"  - {n}" for n in assumed] + [f"Note: {source}: {n}" for n in notes if n not in assumed]
+
+
 def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str, Path], tmp_path: Path) -> None:
     weights = checkpoint.load(tiny["ckpt"]).state_dict
     wrapped = tmp_path / "ddp_compiled.pt"
@@ -194,7 +201,7 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
         *ASSUMED,
     ]
     assert json.loads(info.stdout)["notes"] == notes and len(json.loads(info.stdout)["groups"]) == 7
-    assert info.stderr.splitlines() == [f"Note: {wrapped}: {n}" for n in notes]  # each said once
+    assert info.stderr.splitlines() == said(wrapped, notes)  # each said once, the assumptions first
     custom = tmp_path / "custom.pt"
     torch.save({"ema_weights": weights, "step": 7}, custom)
     refused = run("info", custom, *arch)
@@ -213,7 +220,8 @@ def test_training_script_layouts_load_and_say_what_was_converted(tiny: dict[str,
     compared = run("compare", wrapped, plain, "--data", str(tiny["test"]), *arch, "--bootstrap", "5", "--json")
     assert compared.exit_code == 0, compared.stderr
     assert json.loads(compared.stdout)["pairs"][0]["spearman"] == 1.0  # the same weights, however they were saved
-    assert compared.stderr.count("Note: ") == len(notes) + len(ASSUMED) + 2  # the plain file's assumptions, and for each:
+    assert compared.stderr.count("Note: ") == len(notes) - len(ASSUMED) + 2  # the conversions, and for each checkpoint:
+    assert compared.stderr.count("\n  - assumed ") == 2 * len(ASSUMED)  # both files' assumptions, as warnings
     assert compared.stderr.count(": 8x8 images are resized to the model's 32x32 (bilinear)\n") == 2
     assert json.loads(compared.stdout)["inputs"][1]["notes"] == [*ASSUMED, "8x8 images are resized to the model's 32x32 (bilinear)"]
 
@@ -230,7 +238,7 @@ def test_what_the_weights_say_is_inferred_and_said(tiny: dict[str, Path], tmp_pa
     ]
     d = json.loads(info.stdout)
     assert d["notes"] == notes and d["metadata"]["arch_kwargs"] == {"width": 4, "num_classes": 4, "in_channels": 1}
-    assert info.stderr.splitlines() == [f"Note: {plain}: {n}" for n in notes]
+    assert info.stderr.splitlines() == said(plain, notes)
     torchvision = pytest.importorskip("torchvision")
     r18 = tmp_path / "r18.safetensors"
     save_file(torchvision.models.resnet18(num_classes=7).state_dict(), str(r18))

@@ -90,10 +90,18 @@ def handle_errors(func: F) -> F:
 
 
 def say_notes(source: object, notes: tuple[str, ...] | list[str]) -> None:
-    """What opening a checkpoint assumed or converted, once on stderr, after the command succeeded
-    (a failing command prints its one error line only)."""
-    if distributed.is_main():
-        for note in notes:
+    """What opening a checkpoint assumed or converted, once on stderr, before the results and after the command
+    succeeded (a failing command prints its one error line only). Assumptions about the user's model or data come
+    first, as a warning block: a wrong one (the normalisation, the input size) explains results better than any layer."""
+    if not distributed.is_main():
+        return
+    assumed = [n for n in notes if n.startswith(("assumed", "took "))]
+    if assumed:
+        print(f"Warning: {plain(source, None)}: not read from the checkpoint, assumed (results depend on it):", file=sys.stderr)
+        for note in assumed:
+            print(f"  - {plain(note, None)}", file=sys.stderr)
+    for note in notes:
+        if note not in assumed:
             print(f"Note: {plain(source, None)}: {plain(note, None)}", file=sys.stderr)
 
 
