@@ -188,7 +188,7 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
             return Cause(
                 "statistics",
                 f"the BatchNorm statistics disagree with the model's own layers on its training data at {sum(disagree)} of {len(disagree)} "
-                f"BatchNorms, from the first: the statistics, not the weights, are wrong; {recal_text}",
+                f"{c.get('unit', 'BatchNorms')}, from the first: the statistics, not the weights, are wrong; {recal_text}",
                 "recalibrate the BatchNorm statistics on the training data (no labels or gradients needed): "
                 "beta-diag repair CKPT --method recalibrate",
                 ev,

@@ -218,7 +218,10 @@ def probe(
                 "train_kl": t.kl,
                 "train_noise": t.noise,
                 "shift": u.kl / base if math.isfinite(u.kl) else math.inf,
-                "agreement_kl": agree[u.name].kl if u.name in agree else None,
+                # a BatchNorm's own; a fingerprint point's: the largest of the BatchNorms inside it (None: it holds none)
+                "agreement_kl": agree[u.name].kl
+                if u.name in agree
+                else max((a.kl for n, a in agree.items() if n.startswith(u.name + ".")), default=None),
             }
         )
     control = {
@@ -233,6 +236,7 @@ def probe(
         "recalibrated_data_accuracy": recal_data,  # None: the statistics agree, nothing to recover
         "adapted_data_accuracy": adapt_data,  # None: the data did not move
         "layers": per_layer,
+        "unit": "BatchNorms" if data_drift.source == "batchnorm" else "watched layer groups holding BatchNorms",
         "normalisations": normalisations,
         "input_difference": input_difference(sample, train, pre),  # the seeded sample: a folder's first images are one class's
         "data_input": _channel_stats(sample, pre),
