@@ -92,3 +92,25 @@ def test_repair_can_be_held_to_the_data_size_the_model_saw() -> None:
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["train_data"]["examples"] + plan["val_data"]["examples"] == 500 and plan["val_data"]["examples"] == 100
+
+
+def test_resize_says_how_images_of_another_size_fit_the_model(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import torchvision.transforms.functional as TF
+
+    x = torch.rand(2, 1, 12, 20)
+    assert torch.allclose(data.fitted(x, (8, 8), "resize"), TF.resize(x, [8, 8], antialias=True), atol=1e-6)
+    assert torch.equal(data.fitted(x, (16, 16), "pad")[:, :, 2:14, :], TF.center_crop(x, [12, 16]))  # padded rows, cropped columns
+    assert torch.allclose(data.fitted(x, (6, 6), "crop"), TF.center_crop(TF.resize(x, [6, 10], antialias=True), [6, 6]), atol=1e-6)
+    assert torch.equal(data.fitted(x[:, :, :, :12], (13, 13), None), torch.nn.functional.pad(x[:, :, :, :12], (0, 1, 0, 1)))  # the default
+    out = tmp_path / "fp.safetensors"
+    args = ["fingerprint", str(tiny["ckpt"]), "--data", str(tiny["train"]), "--input-size", "10", "--resize", "crop", "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(app, ["info", str(out), "--json"]).stdout)
+    assert info["metadata"]["resize"] == "crop" and info["metadata"]["input_shape"] == [1, 10, 10]  # recorded: later commands fit alike
+    ranked = runner.invoke(app, ["rank", str(out), "--data", str(tiny["test"]), "--bootstrap", "0", "--no-control", "--json"])
+    assert ranked.exit_code == 0, ranked.output
+    said = "8x8 images are centre-cropped to the model's 10x10 (after scaling the shorter side to fit, bilinear, --resize crop)"
+    assert said in json.loads(ranked.stdout)["notes"] and said in ranked.stderr
+    bad = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--resize", "stretch"])
+    assert bad.exit_code == 2

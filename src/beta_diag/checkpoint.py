@@ -25,6 +25,7 @@ from torch import nn
 
 from beta_diag import distributed, infer, models, schedules
 from beta_diag import fingerprint as fingerprint_mod
+from beta_diag.configs import Fit
 from beta_diag.errors import CheckpointError
 from beta_diag.fingerprint import Fingerprint
 from beta_diag.limits import MAX_CHANNELS, MAX_CLASSES, MAX_HISTORY, MAX_INPUT_SIDE, MAX_NAME
@@ -48,6 +49,7 @@ class Metadata:
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
     dataset: str | None = None
+    resize: str | None = None  # a Fit value: how images of another size are fitted (None: pad a little, else resize)
     data: dict[str, Any] = field(default_factory=dict)  # {"train": {"spec", "split"}, "test": {...}}
     training: dict[str, Any] = field(default_factory=dict)
     history: tuple[dict[str, Any], ...] = ()
@@ -71,6 +73,7 @@ class Metadata:
             "std": list(self.std) if self.std else None,
             "class_names": list(self.class_names) if self.class_names else None,
             "dataset": self.dataset,
+            "resize": self.resize,
             "data": self.data,
             "training": self.training,
             "history": list(self.history),
@@ -80,7 +83,7 @@ class Metadata:
     @classmethod
     def from_strings(cls, raw: dict[str, str], source: str) -> Metadata:
         values: dict[str, Any] = {}
-        for key in ("arch", "dataset", *_JSON_KEYS):
+        for key in ("arch", "dataset", "resize", *_JSON_KEYS):
             if key not in raw:
                 continue
             value: Any = raw[key]
@@ -135,6 +138,7 @@ class Metadata:
             and len(set(names)) == len(names),
             f"a list of up to {MAX_CLASSES:,} distinct strings of up to {MAX_NAME} characters",
         )
+        check("resize", v.get("resize") in {f.value for f in Fit}, "one of " + ", ".join(f.value for f in Fit))
         check("data", isinstance(v.get("data"), dict), "a JSON object")
         check(
             "history",
@@ -155,6 +159,7 @@ class Metadata:
             std=tuple(v["std"]) if v.get("std") else None,
             class_names=tuple(str(c) for c in v["class_names"]) if v.get("class_names") else None,
             dataset=v.get("dataset"),
+            resize=v.get("resize"),
             data=v.get("data") or {},
             training=v.get("training") or {},
             history=tuple(v.get("history") or ()),
@@ -194,10 +199,13 @@ class Checkpoint:
         input_size: tuple[int, int] | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        resize: Fit | None = None,
     ) -> Checkpoint:
         """The same checkpoint with the architecture (``--arch``, ``--arch-arg``) or the preprocessing
-        (``--input-size``, ``--mean``, ``--std``; one value or one per channel) given by hand."""
+        (``--input-size``, ``--mean``, ``--std``: one value or one per channel; ``--resize``) given by hand."""
         meta = self.metadata
+        if resize is not None:
+            meta = replace(meta, resize=Fit(resize).value)
         if arch_kwargs:
             meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **arch_kwargs})
         channels = meta.input_shape[0] if meta.input_shape else infer.first_conv_channels(self.state_dict) or 3

@@ -171,6 +171,7 @@ def info(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     as_json: opt.Json = False,
     verbose: opt.Verbose = False,
@@ -178,7 +179,7 @@ def info(
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
     from beta_diag import report
 
-    result = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key).describe()
+    result = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize).describe()
     say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
 
@@ -235,6 +236,7 @@ def rank(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     device: opt.Device = "auto",
     out: opt.RankingOut = None,
@@ -257,7 +259,7 @@ def rank(
         if path is not None:
             outputs.check_output(path, force, (ckpt, *data_files(data, train_data)))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob, contrast, 0 if no_control else control)
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress, train=DataChoice(train_data, "train"))
     say_notes(session.ckpt.path, result.notes)
@@ -290,6 +292,7 @@ def compare(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     device: opt.Device = "auto",
     plot: opt.Plot = None,
@@ -309,7 +312,9 @@ def compare(
     if plot is not None:
         outputs.check_output(plot, force, (*inputs, *data_files(data)))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob, contrast, 0 if no_control else control)
-    opened = [p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key) for p in inputs]
+    opened = [
+        p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key, resize) for p in inputs
+    ]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
     for opened_ckpt, ranked in zip(opened, result.rankings):
@@ -357,6 +362,7 @@ def repair(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     device: opt.Device = "auto",
     dry_run: opt.DryRun = False,
@@ -406,7 +412,7 @@ def repair(
     train_choice, verify_choice = DataChoice(train_data, "train", train_limit, seed), DataChoice(data, split, limit, seed)
     val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
     keep_choice = DataChoice(keep_data, "test") if keep_data else None
-    opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key)
+    opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
             planned = plan_fn(

@@ -20,6 +20,7 @@ def evaluate(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     device: opt.Device = "auto",
     as_json: opt.Json = False,
@@ -38,7 +39,7 @@ def evaluate(
     results = []
     with report.progress(quiet or as_json) as progress:
         for ckpt in ckpts:
-            session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+            session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
             say_notes(session.ckpt.path, session.ckpt.notes)
             specs: list[str | None] = list(data) if data else [None]  # None: the checkpoint's own held-out data
             for spec in specs:

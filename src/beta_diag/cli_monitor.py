@@ -25,6 +25,7 @@ def fingerprint(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     device: opt.Device = "auto",
     force: opt.Force = False,
@@ -41,7 +42,7 @@ def fingerprint(
     from beta_diag.session import DataChoice, open_session
 
     outputs.check_output(output, force, (ckpt, *data_files(data)), checkpoint_file=True)
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
     say_notes(session.ckpt.path, session.ckpt.notes)
     ds = session.load_data(DataChoice(data, "train", limit, seed), default_split="train", unlabelled=True)
     with report.progress(quiet or as_json) as progress:
@@ -66,6 +67,7 @@ def drift(
     input_size: opt.InputSize = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
+    resize: opt.Resize = None,
     state_key: opt.StateKey = None,
     device: opt.Device = "auto",
     plot: opt.Plot = None,
@@ -85,7 +87,7 @@ def drift(
 
     if plot is not None:
         outputs.check_output(plot, force, (ckpt, *data_files(data)))
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key), device)
+    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
     say_notes(session.ckpt.path, session.ckpt.notes)
     ds = session.load_data(DataChoice(data, split, limit, seed), unlabelled=True)
     with report.progress(quiet or as_json) as progress:

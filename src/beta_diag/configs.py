@@ -33,6 +33,14 @@ DEFAULT_BOOTSTRAP = 200
 DEFAULT_CONTROL = 1000  # training images for rank's control pass and recalibration probe (causes.py)
 
 
+class Fit(str, Enum):
+    """How images of another size are fitted to the model's input (``--resize``; none given: pad a little, else resize)."""
+
+    resize = "resize"  # bilinear to exactly the model's height and width
+    pad = "pad"  # zero-padded, centred (a side larger than the model's is centre-cropped)
+    crop = "crop"  # scaled so the shorter side fits, then centre-cropped (the usual ImageNet evaluation)
+
+
 class Granularity(str, Enum):
     group = "group"
     block = "block"

@@ -53,6 +53,7 @@ class Preprocess:
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fit: str | None = None  # a configs.Fit value; None: the default size policy (``fits_by_padding``)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)  # (B, C, H, W)
@@ -63,11 +64,7 @@ class Preprocess:
                 x = x.expand(-1, c, -1, -1)
             else:  # colour to grey: ITU-R 601 luma, as PIL's convert("L")
                 x = (x[:, :3] * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        dh, dw = h - x.shape[2], w - x.shape[3]
-        if fits_by_padding(x.shape[2:], (h, w)):
-            x = F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))  # centred; an odd extra pixel goes right and down
-        elif (dh, dw) != (0, 0):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=dh < 0 or dw < 0)
+        x = fitted(x, (h, w), self.fit)
         mean = x.new_tensor(self.mean).view(1, -1, 1, 1)
         std = x.new_tensor(self.std).view(1, -1, 1, 1)
         return (x - mean) / std
@@ -91,11 +88,44 @@ class Preprocess:
                 else ""
             )
         src = f"{image_shape[1]}x{image_shape[2]}"
-        if fits_by_padding(image_shape[1:], (h, w)):
-            out.append(f"{src} images are padded with zeros to the model's {h}x{w} (centred)")
-        elif tuple(image_shape[1:]) != (h, w):
-            out.append(f"{src} images are resized to the model's {h}x{w} (bilinear)")
+        if tuple(image_shape[1:]) != (h, w):
+            how = self.fit or ("pad" if fits_by_padding(image_shape[1:], (h, w)) else "resize")
+            verb, detail = FIT_WORDS[how]
+            out.append(f"{src} images are {verb} to the model's {h}x{w} ({detail}" + (f", --resize {how})" if self.fit else ")"))
         return [o for o in out if o]
+
+
+FIT_WORDS = {  # how: (what is done, how), for the notes
+    "pad": ("padded with zeros", "centred"),
+    "resize": ("resized", "bilinear"),
+    "crop": ("centre-cropped", "after scaling the shorter side to fit, bilinear"),
+}
+
+
+def _pad_or_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Centred: zeros added where ``x`` is smaller, the middle kept where it is larger (an odd pixel goes right and down)."""
+    dh, dw = h - x.shape[2], w - x.shape[3]
+    x = F.pad(x, (max(dw, 0) // 2, max(dw, 0) - max(dw, 0) // 2, max(dh, 0) // 2, max(dh, 0) - max(dh, 0) // 2))
+    top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+    return x[:, :, top : top + h, left : left + w]
+
+
+def fitted(x: torch.Tensor, size: tuple[int, int], fit: str | None) -> torch.Tensor:
+    """A float batch (B, C, H', W') at the model's ``size`` by ``fit`` (``configs.Fit``; None: pad an image at most an
+    eighth smaller, resize any other)."""
+    h, w = size
+    if tuple(x.shape[2:]) == (h, w):
+        return x
+    how = fit or ("pad" if fits_by_padding(x.shape[2:], (h, w)) else "resize")
+    if how == "pad":
+        return _pad_or_crop(x, h, w)
+    if how == "crop":
+        scale = max(h / x.shape[2], w / x.shape[3])
+        side = (max(h, round(x.shape[2] * scale)), max(w, round(x.shape[3] * scale)))
+        x = F.interpolate(x, size=side, mode="bilinear", align_corners=False, antialias=scale < 1)
+        return _pad_or_crop(x, h, w)
+    shrink = x.shape[2] > h or x.shape[3] > w
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
 
 
 def fits_by_padding(size: tuple[int, ...] | torch.Size, target: tuple[int, int]) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from beta_diag import configs
-from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Focus, MomentumSchedule, OptimizerName, RankConfig
+from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Fit, Focus, MomentumSchedule, OptimizerName, RankConfig
 from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
 
@@ -55,6 +55,14 @@ Mean = Annotated[
     str | None, typer.Option("--mean", help="Normalisation mean of [0, 1] pixels: one value or one per channel, e.g. 0.485,0.456,0.406.")
 ]
 Std = Annotated[str | None, typer.Option("--std", help="Normalisation std: one value or one per channel, e.g. 0.229,0.224,0.225.")]
+Resize = Annotated[
+    Fit | None,
+    typer.Option(
+        "--resize",
+        help="How images of another size fit the model: resize (bilinear), pad (centred zeros), crop (shorter side, centre crop). "
+        "Default: pad up to an eighth of a side, else resize. Recorded in checkpoints written.",
+    ),
+]
 StateKey = Annotated[
     str | None,
     typer.Option(
@@ -257,6 +265,7 @@ def load_checkpoint(
     mean: str | None = None,
     std: str | None = None,
     state_key: str | None = None,
+    resize: Fit | None = None,
 ) -> Checkpoint:
     """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
     from beta_diag import checkpoint
@@ -272,6 +281,7 @@ def load_checkpoint(
             None if size is None else (size[0], size[-1]),
             _numbers("--mean", mean, float),
             _numbers("--std", std, float),
+            resize,
         )
         .inferred()
     )

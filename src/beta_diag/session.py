@@ -86,7 +86,7 @@ def preprocess_for(ckpt: Checkpoint) -> Preprocess:
     """Model input as the metadata names it (``Checkpoint.inferred`` fills in, and notes, what it does not)."""
     meta = ckpt.inferred().metadata
     assert meta.input_shape and meta.mean and meta.std
-    return Preprocess(meta.input_shape, meta.mean, meta.std)
+    return Preprocess(meta.input_shape, meta.mean, meta.std, meta.resize)
 
 
 Openable = str | Path | Checkpoint  # what ``open_session`` opens: a checkpoint's path or a loaded checkpoint
