@@ -114,3 +114,9 @@ def test_resize_says_how_images_of_another_size_fit_the_model(tiny: dict[str, Pa
     assert said in json.loads(ranked.stdout)["notes"] and said in ranked.stderr
     bad = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--resize", "stretch"])
     assert bad.exit_code == 2
+
+
+def test_eval_table_numbers_its_rows_for_the_per_class_columns(tiny: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["eval", str(tiny["ckpt"]), str(tiny["damaged"]), "--data", str(tiny["test"])])
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│ [")]
+    assert [r.split("│")[1].strip() for r in rows] == ["[1]", "[2]"]

@@ -501,10 +501,11 @@ def repair_summary(r: RepairReport) -> None:
 def eval_table(results: list[Evaluation]) -> None:
     """``eval``: one row per checkpoint and data set, then per-class accuracy side by side."""
     out = stdout()
-    table = Table("", "checkpoint", "data", "examples", "accuracy", "mean loss", "top confusions (true -> predicted)", title="evaluation")
+    table = Table("", "checkpoint", "data", "examples", "accuracy", "mean loss", "top confusions (true -> predicted)")
     for i, r in enumerate(results):
         confused = ", ".join(f"{plain(c['true'], 24)} -> {plain(c['predicted'], 24)} {c['count']}" for c in r.confusions[:3])
         table.add_row(
+            f"[{i + 1}]",
             plain(r.checkpoint),
             f"{plain(r.data)} ({plain(r.split)})",
             f"{r.examples:,}",
@@ -514,7 +515,7 @@ def eval_table(results: list[Evaluation]) -> None:
         )
     out.print(table)
     classes = list(dict.fromkeys(c for r in results for c in r.per_class))
-    per = Table("class", *[f"[{i + 1}]" for i in range(len(results))], title="per-class accuracy ([n]: row n above)", title_justify="left")
+    per = Table("class", *[f"[{i + 1}]" for i in range(len(results))], title="per-class accuracy, [n] as above", title_justify="left")
     for c in classes:
         per.add_row(plain(c), *[f"{100 * r.per_class[c]['accuracy']:.1f}%" if c in r.per_class else "" for r in results])
     out.print(per)
