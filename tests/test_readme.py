@@ -1,4 +1,4 @@
-"""Every command in the README runs, and CI runs the README's own test command."""
+"""Every command in the README and in docs/ runs, and CI runs the README's own test command."""
 
 import os
 import re
@@ -14,10 +14,21 @@ from beta_diag.cli import app
 from tests.conftest import REPO, SAMPLES, sha
 
 README = (REPO / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((REPO / "docs").glob("*.md"))}
 BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
 SETUP = BLOCKS[:2]
-COMMANDS = [line for block in BLOCKS[2:] for line in block.splitlines() if line.startswith(("beta-diag ", "python examples/"))]
-LAUNCHES = [line for block in BLOCKS[2:] for line in block.splitlines() if line.startswith("torchrun ")]
+LATER = BLOCKS[2:] + [b for text in DOCS.values() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)]  # README's, then docs'
+COMMANDS = [line for block in LATER for line in block.splitlines() if line.startswith(("beta-diag ", "python examples/"))]
+LAUNCHES = [line for block in LATER for line in block.splitlines() if line.startswith("torchrun ")]
+
+
+def test_the_readme_leads() -> None:
+    """About 200 lines, and a newcomer reaches the first worked output within the first 60; the reference is in docs/."""
+    lines = README.splitlines()
+    assert len(lines) <= 210
+    assert any(line.startswith("```text") for line in lines[:60])
+    assert {"commands.md", "data.md", "attribution.md", "torchrun.md", "layout.md"} <= set(DOCS)
+    assert all(f"docs/{name}" in README for name in DOCS)  # every reference page is linked
 
 
 def test_two_setup_commands_and_ci_uses_the_second() -> None:
@@ -76,7 +87,7 @@ def test_readme_python_api_runs(workdir: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_readme_layout_lists_every_module() -> None:
-    listed = set(re.findall(r"`([a-z_]+\.py)`", README.split("## Layout")[1].split("\n## ")[0]))
+    listed = set(re.findall(r"`([a-z_]+\.py)`", DOCS["layout.md"]))
     assert listed == {p.name for p in (REPO / "src" / "beta_diag").glob("*.py")} - {"__init__.py"}
 
 
@@ -110,7 +121,7 @@ def test_every_option_the_readme_names_exists() -> None:
     ours = {opt for cmd in [group, *group.commands.values()] for param in cmd.params for opt in param.opts + param.secondary_opts}
     ours |= {"--help"}  # every command's, added by click
     theirs = {"--standalone", "--nproc_per_node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id"}
-    prose = re.sub(r"`python benchmarks/[^`]*`", "", README)  # the evidence scripts' own options (argparse) are theirs
+    prose = re.sub(r"`python benchmarks/[^`]*`", "", README + "".join(DOCS.values()))  # the evidence scripts' options are theirs
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", prose))
     assert {"--timings", "--auto-layers", "--arch", "--json"} <= named  # the test reads what it should
     assert named - ours - theirs == set()
