@@ -25,7 +25,7 @@ META = Metadata(
     std=(0.25,),
     class_names=("a", "b", "c"),
     dataset="synthetic",
-    history=({"epoch": 1, "lr": 0.1, "regime": "critical"},),
+    history=({"epoch": 1, "lr": 0.1, "momentum": 0.37, "mu_c": 0.37, "zeta": 1.0, "regime": "critical"},),
     training={"seed": 3},
 )
 
