@@ -120,3 +120,27 @@ def test_eval_table_numbers_its_rows_for_the_per_class_columns(tiny: dict[str, P
     result = runner.invoke(app, ["eval", str(tiny["ckpt"]), str(tiny["damaged"]), "--data", str(tiny["test"])])
     rows = [line for line in result.stdout.splitlines() if line.startswith("│ [")]
     assert [r.split("│")[1].strip() for r in rows] == ["[1]", "[2]"]
+
+
+def test_a_class_map_names_folders_no_rule_can_match(tmp_path: Path) -> None:
+    """Folders named in another language: --class-map (JSON or two columns) says which class each holds."""
+    ds = data.load(str(SAMPLES / "fmnist_test_3k.safetensors"), "test", limit=100)
+    german = ["Hemd-oben", "Hose", "Pulli", "Kleid", "Mantel", "Sandale", "Hemd", "Turnschuh", "Tasche", "Stiefel"]
+    for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
+        folder = tmp_path / "bilder" / german[int(label)]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    spec = f"imagefolder:{tmp_path / 'bilder'}"
+    refused = runner.invoke(app, ["eval", str(SGD), "--data", spec])
+    assert refused.exit_code == 1 and "or pass --class-map FILE: 'T-shirt_top' or 0" in refused.stderr
+    (tmp_path / "map.json").write_text(json.dumps({g: ds.class_names[i] for i, g in enumerate(german)}))
+    (tmp_path / "map.txt").write_text("# folder, class\n" + "\n".join(f"{g},{i}" for i, g in enumerate(german)))
+    rows = []
+    for mapping in ("map.json", "map.txt"):
+        result = runner.invoke(app, ["eval", str(SGD), "--data", spec, "--class-map", str(tmp_path / mapping), "--json"])
+        assert result.exit_code == 0, result.output
+        rows.append(json.loads(result.stdout)["evaluations"][0])
+    assert rows[0] == rows[1] and rows[0]["accuracy"] > 0.85 and set(rows[0]["per_class"]) <= set(ds.class_names)
+    (tmp_path / "bad.json").write_text(json.dumps({"Hose": "Jeans"}))
+    bad = runner.invoke(app, ["eval", str(SGD), "--data", spec, "--class-map", str(tmp_path / "bad.json")])
+    assert bad.exit_code == 1 and "maps folder 'Hose' to 'Jeans', which is no class of the model" in bad.stderr

@@ -32,7 +32,7 @@ from beta_diag.configs import (
     TrainConfig,
 )
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
-from beta_diag.options import data_files, load_checkpoint, parse_arch_args, rank_config
+from beta_diag.options import data_files, load_checkpoint, parse_arch_args, rank_config, read_class_map
 from beta_diag.shown import plain
 
 app = typer.Typer(
@@ -220,6 +220,7 @@ def rank(
     data: opt.Data = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
+    class_map: opt.ClassMap = None,
     metric: opt.Metric = DEFAULT_METRIC,
     granularity: opt.Granularity = Granularity.group,
     top_k: opt.TopK = None,
@@ -257,11 +258,13 @@ def rank(
     outputs.distinct(out=out, plot=plot)
     for path in (out, plot):
         if path is not None:
-            outputs.check_output(path, force, (ckpt, *data_files(data, train_data)))
+            outputs.check_output(path, force, (ckpt, *data_files(data, train_data), *([class_map] if class_map else [])))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob, contrast, 0 if no_control else control)
     session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
     with report.progress(quiet or as_json) as progress:
-        result = rank_fn(session, DataChoice(data, split, limit, seed), config, progress=progress, train=DataChoice(train_data, "train"))
+        folders = read_class_map(class_map)
+        chosen, train_choice = DataChoice(data, split, limit, seed, folders), DataChoice(train_data, "train", class_map=folders)
+        result = rank_fn(session, chosen, config, progress=progress, train=train_choice)
     say_notes(session.ckpt.path, result.notes)
     inputs = (ckpt, *data_files(data, train_data, result.data))  # the data the checkpoint's metadata named too
     if plot is not None:
@@ -278,6 +281,7 @@ def compare(
     data: opt.Data = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
+    class_map: opt.ClassMap = None,
     metric: opt.Metric = DEFAULT_METRIC,
     granularity: opt.Granularity = Granularity.group,
     top_k: opt.OverlapTopK = None,
@@ -310,13 +314,13 @@ def compare(
     from beta_diag.session import DataChoice
 
     if plot is not None:
-        outputs.check_output(plot, force, (*inputs, *data_files(data)))
+        outputs.check_output(plot, force, (*inputs, *data_files(data), *([class_map] if class_map else [])))
     config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob, contrast, 0 if no_control else control)
     opened = [
         p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key, resize) for p in inputs
     ]
     with report.progress(quiet or as_json) as progress:
-        result = compare_fn(opened, DataChoice(data, split, limit, seed), config, device, top_k, progress)
+        result = compare_fn(opened, DataChoice(data, split, limit, seed, read_class_map(class_map)), config, device, top_k, progress)
     for opened_ckpt, ranked in zip(opened, result.rankings):
         if isinstance(opened_ckpt, checkpoint.Checkpoint):  # a saved ranking's notes were said when it was made
             say_notes(opened_ckpt.path, ranked.notes)
@@ -338,6 +342,7 @@ def repair(
     data: opt.VerifyData = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
+    class_map: opt.ClassMap = None,
     train_limit: opt.TrainLimit = None,
     epochs: opt.Epochs = REPAIR_TRAINING.epochs,
     lr: opt.Lr = REPAIR_TRAINING.lr,
@@ -380,7 +385,7 @@ def repair(
     from beta_diag.repairing import repair as repair_fn
     from beta_diag.session import DataChoice
 
-    repair_inputs = (ckpt, *data_files(data, train_data, val_data, keep_data), *([ranking_file] if ranking_file else []))
+    repair_inputs = (ckpt, *data_files(data, train_data, val_data, keep_data), *[f for f in (ranking_file, class_map) if f])
     if not dry_run:
         outputs.distinct(output=output or default_output(ckpt), plot=plot)
         for path in (output, plot):
@@ -409,9 +414,10 @@ def repair(
         allow_forgetting,
     )
     rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)  # --layers auto: the cause leads, the place follows
-    train_choice, verify_choice = DataChoice(train_data, "train", train_limit, seed), DataChoice(data, split, limit, seed)
-    val_choice = DataChoice(val_data, "train", None, seed) if val_data else None
-    keep_choice = DataChoice(keep_data, "test") if keep_data else None
+    folders = read_class_map(class_map)
+    train_choice, verify_choice = DataChoice(train_data, "train", train_limit, seed, folders), DataChoice(data, split, limit, seed, folders)
+    val_choice = DataChoice(val_data, "train", None, seed, folders) if val_data else None
+    keep_choice = DataChoice(keep_data, "test", class_map=folders) if keep_data else None
     opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize)
     with report.progress(quiet or as_json) as progress:
         if dry_run:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from beta_diag import options as opt
 from beta_diag.cli import app, handle_errors, say_notes
-from beta_diag.options import load_checkpoint
+from beta_diag.options import load_checkpoint, read_class_map
 
 
 @app.command("eval")
@@ -14,6 +14,7 @@ def evaluate(
     data: opt.EvalData = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
+    class_map: opt.ClassMap = None,
     seed: opt.Seed = 0,
     arch: opt.Arch = None,
     arch_arg: opt.ArchArg = None,
@@ -36,13 +37,13 @@ def evaluate(
     from beta_diag.evaluation import evaluate as run
     from beta_diag.session import DataChoice, open_session
 
-    results = []
+    results, folders = [], read_class_map(class_map)
     with report.progress(quiet or as_json) as progress:
         for ckpt in ckpts:
             session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
             say_notes(session.ckpt.path, session.ckpt.notes)
             specs: list[str | None] = list(data) if data else [None]  # None: the checkpoint's own held-out data
             for spec in specs:
-                ds = session.load_data(DataChoice(spec, split, limit, seed), min_classes=1)
+                ds = session.load_data(DataChoice(spec, split, limit, seed, folders), min_classes=1)
                 results.append(run(session, ds, progress=progress))
     report.print_json({"evaluations": [r.to_dict() for r in results]}) if as_json else report.eval_table(results)

@@ -7,7 +7,7 @@ import typer
 from beta_diag import options as opt
 from beta_diag import outputs
 from beta_diag.cli import app, handle_errors, say_notes
-from beta_diag.options import data_files, load_checkpoint
+from beta_diag.options import data_files, load_checkpoint, read_class_map
 
 SHIFT_EXIT = 4  # drift: the data have shifted (0: they have not)
 
@@ -19,6 +19,7 @@ def fingerprint(
     output: opt.TrainOutput,
     data: opt.Data = None,
     limit: opt.Limit = None,
+    class_map: opt.ClassMap = None,
     seed: opt.Seed = 0,
     arch: opt.Arch = None,
     arch_arg: opt.ArchArg = None,
@@ -41,10 +42,10 @@ def fingerprint(
     from beta_diag.fingerprint import record
     from beta_diag.session import DataChoice, open_session
 
-    outputs.check_output(output, force, (ckpt, *data_files(data)), checkpoint_file=True)
+    outputs.check_output(output, force, (ckpt, *data_files(data), *([class_map] if class_map else [])), checkpoint_file=True)
     session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
     say_notes(session.ckpt.path, session.ckpt.notes)
-    ds = session.load_data(DataChoice(data, "train", limit, seed), default_split="train", unlabelled=True)
+    ds = session.load_data(DataChoice(data, "train", limit, seed, read_class_map(class_map)), default_split="train", unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         found = record(session, ds, progress)
     inputs = (ckpt, *data_files(data, ds.spec))  # the data the metadata named, too
@@ -60,6 +61,7 @@ def drift(
     data: opt.Data = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
+    class_map: opt.ClassMap = None,
     seed: opt.Seed = 0,
     alpha: opt.Alpha = 0.05,
     arch: opt.Arch = None,
@@ -86,10 +88,10 @@ def drift(
     from beta_diag.session import DataChoice, open_session
 
     if plot is not None:
-        outputs.check_output(plot, force, (ckpt, *data_files(data)))
+        outputs.check_output(plot, force, (ckpt, *data_files(data), *([class_map] if class_map else [])))
     session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
     say_notes(session.ckpt.path, session.ckpt.notes)
-    ds = session.load_data(DataChoice(data, split, limit, seed), unlabelled=True)
+    ds = session.load_data(DataChoice(data, split, limit, seed, read_class_map(class_map)), unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         result = monitor.check(session, ds, alpha, progress)
     if plot is not None:

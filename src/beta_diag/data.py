@@ -206,8 +206,19 @@ def folder_for(name: str) -> str:
     return "".join("_" if c in UNHOLDABLE or not c.isprintable() else c for c in name).strip() or "_"
 
 
-def _class_of(folder: str, model_classes: tuple[str, ...]) -> int | None:
-    """The model's class a folder names: its exact name, else the one class with its ``folder_key``, else its index."""
+def _class_of(folder: str, model_classes: tuple[str, ...], class_map: dict[str, str] | None = None) -> int | None:
+    """The model's class a folder names: as ``class_map`` says, else its exact name, else the one class with its
+    ``folder_key``, else its index."""
+    if class_map and folder in class_map:
+        target = class_map[folder]
+        if target in model_classes:
+            return model_classes.index(target)
+        if target.isdigit() and int(target) < len(model_classes):
+            return int(target)
+        raise DataError(
+            f"--class-map maps folder {folder!r} to {target!r}, which is no class of the model: "
+            f"use one of its class names or an index 0..{len(model_classes) - 1}"
+        )
     if folder in model_classes:
         return model_classes.index(folder)
     keyed = [i for i, n in enumerate(model_classes) if folder_key(n) == folder_key(folder) and folder_key(folder)]
@@ -218,15 +229,16 @@ def _class_of(folder: str, model_classes: tuple[str, ...]) -> int | None:
     return None
 
 
-def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset:
+def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None, class_map: dict[str, str] | None = None) -> Dataset:
     """An ImageFolder's labels follow its sorted folder names; when the model names its classes, relabel
     by class (folders may hold a subset of them): a folder matches a class by its exact name, by its letters
     and digits with case ignored (so "t-shirt_top" is "T-shirt/top", which no folder can be called), or by
-    the class index; folders the model does not know are refused with the folder names that would match."""
+    the class index, or as ``class_map`` (``--class-map``) says; folders the model does not know are refused with the
+    folder names that would match."""
     if ds.source is None or not ds.source.reader.labels_by_folder or not model_classes or ds.class_names == tuple(model_classes):
         return ds
     model_classes = tuple(model_classes)
-    found = {n: _class_of(n, model_classes) for n in ds.class_names}
+    found = {n: _class_of(n, model_classes, class_map) for n in ds.class_names}
     unknown = [n for n, c in found.items() if c is None]
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -235,7 +247,7 @@ def match_classes(ds: Dataset, model_classes: tuple[str, ...] | None) -> Dataset
         )
         raise DataError(
             f"{ds.spec} ({ds.split}): folder(s) {shown} name no class of the model: name each folder after a class "
-            f"(case, spaces and punctuation are ignored) or its index: {would}"
+            f"(case, spaces and punctuation are ignored) or its index, or pass --class-map FILE: {would}"
         )
     classes = [c for c in found.values() if c is not None]
     twice = [c for c in set(classes) if classes.count(c) > 1]

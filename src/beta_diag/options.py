@@ -94,6 +94,10 @@ Seed = Annotated[
 Data = Annotated[str | None, typer.Option("--data", help="Data spec (default: the data the checkpoint's metadata names).")]
 Split = Annotated[str | None, typer.Option("--split", help="train or test (default: test, the held-out split).")]
 Limit = Annotated[int | None, typer.Option("--limit", help="Use a seeded random subset of N examples.")]
+ClassMap = Annotated[
+    Path | None,
+    typer.Option("--class-map", help="Image folders: which folder holds which class (JSON {folder: class} or 'folder,class' lines)."),
+]
 TrainLimit = Annotated[int | None, typer.Option("--train-limit", help="repair: train on a seeded random subset of N training examples.")]
 Metric = Annotated[configs.Metric, typer.Option("--metric", help="Score that ranks the groups (see README).")]
 Granularity = Annotated[
@@ -221,6 +225,45 @@ def rank_config(
     if groups_glob is not None and not include:
         raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
     return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include, contrast=contrast, control=control)
+
+
+MAX_CLASS_MAP_BYTES = 1 << 20
+
+
+def read_class_map(path: Path | None) -> tuple[tuple[str, str], ...]:
+    """``--class-map FILE``: image folder -> the model's class (a name or an index), from a JSON object or from lines
+    ``folder<TAB>class`` (or ``folder,class``; blank lines and ``#`` comments skipped). Empty without a file."""
+    if path is None:
+        return ()
+    from beta_diag.outputs import check_input
+
+    check_input(path, "class map", ConfigError)
+    if not path.is_file():
+        raise ConfigError(f"--class-map {path}: no such file: check the path")
+    if path.stat().st_size > MAX_CLASS_MAP_BYTES:
+        raise ConfigError(f"--class-map {path}: larger than {MAX_CLASS_MAP_BYTES:,} bytes: one line per folder is enough")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    pairs: list[tuple[object, object]]
+    if path.suffix.lower() == ".json":
+        try:
+            loaded = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise ConfigError(f'--class-map {path}: not valid JSON: write an object {{"folder": "class"}}') from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f'--class-map {path}: write a JSON object {{"folder": "class"}}')
+        pairs = list(loaded.items())
+    else:
+        pairs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.split("\t") if "\t" in line else line.split(",")
+            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+                raise ConfigError(f"--class-map {path}: line {number} is not 'folder<TAB>class' or 'folder,class'")
+            pairs.append((parts[0].strip(), parts[1].strip()))
+    if not all(isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in pairs):
+        raise ConfigError(f"--class-map {path}: every folder must map to a class name or index")
+    return tuple((str(k), str(v)) for k, v in pairs)
 
 
 def data_files(*specs: str | None) -> tuple[Path, ...]:

@@ -23,12 +23,14 @@ from beta_diag.runtime import Predictions, evaluate, prepare, resolve_device
 
 @dataclass(frozen=True)
 class DataChoice:
-    """Which data to use: a spec (None: the checkpoint's own), a split (None: test), a seeded limit."""
+    """Which data to use: a spec (None: the checkpoint's own), a split (None: test), a seeded limit, and for image
+    folders, which folder holds which of the model's classes where their names do not say (``--class-map``)."""
 
     spec: str | None = None
     split: str | None = None
     limit: int | None = None
     seed: int = 0
+    class_map: tuple[tuple[str, str], ...] = ()  # image folder -> the model's class (name or index): ``--class-map``
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class Session:
                     "pass labelled data (imagefolder:DIR with a folder per class, or a bundle)"
                 )
             return ds
-        ds = data_mod.match_classes(ds, self.ckpt.metadata.class_names)
+        ds = data_mod.match_classes(ds, self.ckpt.metadata.class_names, dict(choice.class_map))
         data_mod.check_fits(ds, self.num_classes, min_classes=min_classes)
         named = self.ckpt.metadata.class_names
         numbered = ds.class_names == tuple(str(i) for i in range(len(ds.class_names)))  # data that name no classes
