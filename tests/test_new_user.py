@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import SAMPLES
 from PIL import Image
 from typer.testing import CliRunner
 
-from beta_diag import data, report
+from beta_diag import checkpoint, data, report
 from beta_diag.cli import app
 from beta_diag.session import DataChoice, open_session
 
@@ -144,3 +145,73 @@ def test_a_class_map_names_folders_no_rule_can_match(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps({"Hose": "Jeans"}))
     bad = runner.invoke(app, ["eval", str(SGD), "--data", spec, "--class-map", str(tmp_path / "bad.json")])
     assert bad.exit_code == 1 and "maps folder 'Hose' to 'Jeans', which is no class of the model" in bad.stderr
+
+
+GN_MODEL = """
+import torch.nn as nn
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+"""
+
+
+def test_a_groupnorm_cnn_from_a_plain_script_gets_drift_from_a_fingerprint(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A GroupNorm CNN trained in plain PyTorch, saved as a plain state dict: no BatchNorm, so drift needs the fingerprint
+    that `fingerprint` records; then rank measures drift from it, and a damaged head is named."""
+    (tmp_path / "gn.py").write_text(GN_MODEL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import gn  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.manual_seed(0)
+    model = gn.GroupNormNet()
+    train = data.load(str(tiny["train"]), "train")
+    x, y = (train.images.float() / 255 - 0.5) / 0.5, train.labels
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    torch.save(model.state_dict(), tmp_path / "gn.pt")
+    own = ["--arch", f"{tmp_path / 'gn.py'}:GroupNormNet", "--input-size", "8", "--mean", "0.5", "--std", "0.5"]
+    plain_rank = runner.invoke(app, ["rank", str(tmp_path / "gn.pt"), *own, "--data", str(tiny["test"]), "--bootstrap", "0", "--json"])
+    assert plain_rank.exit_code == 0 and not json.loads(plain_rank.stdout)["drift"]["available"]
+    fp = tmp_path / "gn_fp.safetensors"
+    done = runner.invoke(app, ["fingerprint", str(tmp_path / "gn.pt"), *own, "--data", str(tiny["train"]), "-o", str(fp)])
+    assert done.exit_code == 0, done.output
+    ranked = runner.invoke(app, ["rank", str(fp), "--arch", own[1], "--data", str(tiny["test"]), "--bootstrap", "0", "--json"])
+    assert ranked.exit_code == 0, ranked.output
+    drift = json.loads(ranked.stdout)["drift"]
+    assert drift["available"] and drift["source"] == "fingerprint" and drift["suspect"] is None
+    ckpt = checkpoint.load(fp)
+    state = {k: v * 3 if k == "head.2.weight" else v for k, v in ckpt.state_dict.items()}
+    damaged = tmp_path / "gn_damaged.safetensors"
+    checkpoint.save(damaged, state, ckpt.metadata, fingerprint=ckpt.fingerprint)
+    hurt = runner.invoke(app, ["rank", str(damaged), "--arch", own[1], "--data", str(tiny["test"]), "--bootstrap", "0", "--json"])
+    assert json.loads(hurt.stdout)["drift"]["suspect"] == "head"
+
+
+def test_a_mobilenet_saved_from_data_parallel_with_its_own_normalisation(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """torchvision's MobileNet v3, saved from nn.DataParallel (every key 'module.'-prefixed), its own mean and std given:
+    it loads, says what it converted, and ranks."""
+    import torchvision
+
+    net = torch.nn.DataParallel(torchvision.models.mobilenet_v3_small(num_classes=4))
+    torch.save(net.state_dict(), tmp_path / "mobile.pt")
+    args = ["rank", str(tmp_path / "mobile.pt"), "--arch", "mobilenet_v3_small", "--data", str(tiny["test"])]
+    result = runner.invoke(
+        app, [*args, "--input-size", "32", "--mean", "0.4", "--std", "0.2", "--bootstrap", "0", "--no-control", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert "stripped the 'module.' prefix from every key (DataParallel/DDP)" in notes
+    assert not any(n.startswith("assumed") for n in notes)  # the normalisation and size were given, nothing assumed
