@@ -91,7 +91,8 @@ def main() -> None:
                         row[policy] = {**done[chosen], "hit": group in chosen}
                     rows.append(row)
                     print(
-                        f"{kind:8s} {group:7s} seed {seed}: drop {100 * row['drop']:.1f} pts, suspect {row['drift_suspect']}, flagged {', '.join(r.flagged)}; "
+                        f"{kind:8s} {group:7s} seed {seed}: drop {100 * row['drop']:.1f} pts, "
+                        f"suspect {row['drift_suspect']}, flagged {', '.join(r.flagged)}; "
                         + "; ".join(
                             f"{p} ({', '.join(row[p]['groups'])}) recovers {100 * row[p]['recovered']:.0f}%, net {row[p]['net']:+d}"
                             for p in policies
@@ -100,13 +101,15 @@ def main() -> None:
                     )
     total = sum(p.numel() for p in session.model.parameters())
     print(
-        f"\n{len(rows)} damaged models ({', '.join(kinds)}), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points"
+        f"\n{len(rows)} damaged models ({', '.join(kinds)}), drop "
+        f"{100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points"
     )
     print(f"{'policy':8s} {'recovered':>10s} {'median':>7s} {'net':>7s} {'params %':>9s} {'damaged group chosen':>21s}")
     for p in policies:
         rec = [r[p]["recovered"] for r in rows]
         print(
-            f"{p:8s} {100 * statistics.mean(rec):9.0f}% {100 * statistics.median(rec):6.0f}% {statistics.mean(r[p]['net'] for r in rows):+7.1f} "
+            f"{p:8s} {100 * statistics.mean(rec):9.0f}% {100 * statistics.median(rec):6.0f}% "
+            f"{statistics.mean(r[p]['net'] for r in rows):+7.1f} "
             f"{100 * statistics.mean(r[p]['trainable'] for r in rows) / total:8.1f}% {statistics.mean(r[p]['hit'] for r in rows):21.2f}"
         )
     print(f"wall time {time.perf_counter() - start:.0f} s")

@@ -41,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
     print(
-        f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; torch threads {torch.get_num_threads()}"
+        f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; "
+        f"torch threads {torch.get_num_threads()}"
     )
     session = open_session(CKPT, "cpu")
     ds = test_images(session, args.quick)

@@ -2,7 +2,8 @@
 
     python benchmarks/drift_rule.py RESULTS.json [MORE.json ...] [--choose 0,1]
 
-RESULTS.json comes from ``benchmarks/planted_faults.py --out`` or ``benchmarks/planted_fingerprint.py --out`` (several files, e.g. one per sample, are pooled); each row keeps the damaged model's drift
+RESULTS.json comes from ``benchmarks/planted_faults.py --out`` or ``benchmarks/planted_fingerprint.py --out``
+(several files, e.g. one per sample, are pooled); each row keeps the damaged model's drift
 profile, so the rule (``beta_diag.drift.localise``) can be re-applied with other constants without
 re-running. On the seeds in --choose, every rule (floor, threshold, unmoved: ``beta_diag.drift.Rule``)
 of a small grid is scored by hits@1 (the suspect is the damaged group; no suspect counts as naming
@@ -89,7 +90,8 @@ def main() -> None:
     for sample, d in healthy.items():
         suspect = localise(d.layers, rule)[0]
         print(
-            f"undamaged {sample}: {'no suspect' if suspect is None else 'suspect ' + suspect}; largest drift {max(layer.kl for layer in d.layers):.2e}"
+            f"undamaged {sample}: {'no suspect' if suspect is None else 'suspect ' + suspect}; "
+            f"largest drift {max(layer.kl for layer in d.layers):.2e}"
         )
 
 

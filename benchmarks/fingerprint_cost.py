@@ -49,7 +49,8 @@ def main() -> None:
         print(f"  {name:24s} {seconds:.2f} s", flush=True)
     print(f"record / evaluate: {times['record'] / times['evaluate']:.3f} (goal <= 1.1)")
     print(
-        f"rank with a fingerprint / rank with BatchNorm drift: {times['rank, fingerprint drift'] / times['rank, BatchNorm drift']:.3f} (goal <= 1.05)"
+        "rank with a fingerprint / rank with BatchNorm drift: "
+        f"{times['rank, fingerprint drift'] / times['rank, BatchNorm drift']:.3f} (goal <= 1.05)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "fp.safetensors"

@@ -4,8 +4,9 @@
 
 Per sample: for the two BatchNorm samples, a fingerprint recorded on the bundled 5,000 training images (which
 they never trained on); the sample without BatchNorm (convnext) uses its own, the one `train` recorded on the
-30,000 images it was fitted to (so a fitted model's own train/test gap counts against it); then, per batch size (100 and 500), --batches seeded batches of Fashion-MNIST's 10,000 test images
-(the bundled 3,000 without Debian's dataset-fashion-mnist), each scored clean and under every corruption
+30,000 images it was fitted to (so a fitted model's own train/test gap counts against it); then, per batch size
+(100 and 500), --batches seeded batches of Fashion-MNIST's 10,000 test images (the bundled 3,000 without Debian's
+dataset-fashion-mnist), each scored clean and under every corruption
 of benchmarks/causes.py at both severities (the same images). Score: the shift test's largest |z|
 (``monitor.check``). Reported per corruption and batch size: AUROC clean vs corrupted; the detection rate
 at a 5% false-alarm rate (threshold: the clean batches' 95th percentile) and at the test's own alpha 0.05;

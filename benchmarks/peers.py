@@ -189,7 +189,8 @@ def main() -> None:
             entry = float(((got - f32).abs() / f32.abs().clamp_min(1e-30)).max())
             total = float(((got.sum(1) - f64.sum(1)).abs() / f64.sum(1)).max())
             print(
-                f"values: {name}: max relative difference, entry-wise from a float32 loop {entry:.1e}; per example from a float64 loop {total:.1e}"
+                f"values: {name}: max relative difference, entry-wise from a float32 "
+                f"loop {entry:.1e}; per example from a float64 loop {total:.1e}"
             )
     loop_n = 16 if args.quick else 48
     times: dict[str, list[float]] = {name: [] for name in methods}

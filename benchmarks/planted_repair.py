@@ -4,7 +4,8 @@
 
 Damages each layer group of the SGD sample with Gaussian noise to about a 10-point accuracy drop
 (as benchmarks/planted_faults.py does), then, with the same budget (repair's defaults: 3 epochs
-on the bundled 5,000 unseen training images, SGD + beta momentum, cosine LR from 0.003 (`--lr`; 0.01 before 2026-11-24)): repairs the flagged
+on the bundled 5,000 unseen training images, SGD + beta momentum, cosine LR from 0.003 (`--lr`; 0.01 before
+2026-11-24)): repairs the flagged
 groups (`--layers auto`), one group chosen at random (seeded), and the whole model
 (`--baseline full`). Verified on the bundled 3,000 test images, which none of them trains on.
 Reports per arm what it ships: accuracy recovered (share of the drop won back), fixed / broken / net, seconds,
@@ -125,13 +126,15 @@ def main() -> None:
                 print(
                     f"{group:7s} seed {seed}: drop {100 * drop:.1f} pts; "
                     + "; ".join(
-                        f"{a} ({', '.join(row[a]['groups'])}) recovers {100 * row[a]['recovered']:.0f}%, net {row[a]['net']:+d}, {row[a]['seconds']:.1f} s"
+                        f"{a} ({', '.join(row[a]['groups'])}) recovers {100 * row[a]['recovered']:.0f}%, "
+                        f"net {row[a]['net']:+d}, {row[a]['seconds']:.1f} s"
                         for a in ("auto", "random", "full")
                     ),
                     flush=True,
                 )
     print(
-        f"\n{len(rows)} damaged models (noise), drop {100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points"
+        f"\n{len(rows)} damaged models (noise), drop "
+        f"{100 * min(r['drop'] for r in rows):.1f}-{100 * max(r['drop'] for r in rows):.1f} points"
     )
     print(f"{'arm':7s} {'recovered':>10s} {'net':>14s} {'fixed':>7s} {'broken':>7s} {'params %':>9s} {'seconds':>8s} {'refused':>8s}")
     total = sum(p.numel() for p in session.model.parameters())
@@ -139,7 +142,8 @@ def main() -> None:
         rec, net = [r[a]["recovered"] for r in rows], [r[a]["net"] for r in rows]
         sd = f" +- {statistics.stdev(net):.0f}" if len(net) > 1 else ""
         print(
-            f"{a:7s} {100 * statistics.mean(rec):9.0f}% {statistics.mean(net):+8.1f}{sd:>6s} {statistics.mean(r[a]['fixed'] for r in rows):7.1f} "
+            f"{a:7s} {100 * statistics.mean(rec):9.0f}% {statistics.mean(net):+8.1f}{sd:>6s} "
+            f"{statistics.mean(r[a]['fixed'] for r in rows):7.1f} "
             f"{statistics.mean(r[a]['broken'] for r in rows):7.1f} {100 * statistics.mean(r[a]['trainable'] for r in rows) / total:8.1f}% "
             f"{statistics.mean(r[a]['seconds'] for r in rows):8.1f} {sum(not r[a]['accepted'] for r in rows):5d}/{len(rows)}"
         )

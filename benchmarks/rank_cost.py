@@ -152,7 +152,8 @@ def time_cost(limit: int | None) -> None:
     loaded = sum(s for n, s, _ in log if n == "load")
     print(f"ratio rank / baseline = {total / base:.2f} (rank incl. data load); {(total - loaded) / base:.2f} (excl. load)  [goal <= 1.3]")
     print(
-        f"  per round, rank / (the baselines on either side, mean): {', '.join(f'{t / ((sum(bases[i][:2]) + sum(bases[i + 1][:2])) / 2):.2f}' for i, t in enumerate(totals))}"
+        "  per round, rank / (the baselines on either side, mean): "
+        f"{', '.join(f'{t / ((sum(bases[i][:2]) + sum(bases[i + 1][:2])) / 2):.2f}' for i, t in enumerate(totals))}"
     )
     bound = (t_eval + t_floor) / base
     print(f"lower bound of this design (evaluate + 1 fwd+bwd pass over the errors) / baseline = {bound:.2f}")

@@ -77,7 +77,8 @@ def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
             rows.append(row)
             lo, hi = row["candidate_interval"]
             print(
-                f"{name:4s} seed {seed}: {'SHIPPED' if row['accepted'] else 'kept   '} {'+'.join(row['groups'])}, epoch {row['best_epoch']}, "
+                f"{name:4s} seed {seed}: {'SHIPPED' if row['accepted'] else 'kept   '} "
+                f"{'+'.join(row['groups'])}, epoch {row['best_epoch']}, "
                 f"validation net {row['val_net']:+d} (gate p {row['gate_p']:.3g}); held-out net of that epoch {row['candidate_net']:+d} "
                 f"(95% {lo:+.0f} to {hi:+.0f}, p {row['candidate_p']:.2g})",
                 flush=True,
@@ -135,7 +136,8 @@ def shifts(seeds: list[int], shift_names: list[str], quick: bool, tmp: Path) -> 
             oracle = f"; oracle {row['oracle']} {100 * per_group[row['oracle']]['accuracy']:.2f}%" if per_group else ""
             rgn = f", Auto-RGN's {rgn_top} {100 * per_group[rgn_top]['accuracy']:.2f}%" if per_group else f", Auto-RGN top {rgn_top}"
             print(
-                f"{shift:9s} seed {seed}: {100 * clean_acc:.1f}% -> {100 * shifted:.1f}% shifted; shipped: auto ({'+'.join(row['auto']['groups'])}"
+                f"{shift:9s} seed {seed}: {100 * clean_acc:.1f}% -> {100 * shifted:.1f}% "
+                f"shifted; shipped: auto ({'+'.join(row['auto']['groups'])}"
                 f"{'' if row['auto']['accepted'] else ', kept'}) {100 * row['auto']['accuracy']:.2f}%, full"
                 f"{'' if row['full']['accepted'] else ' (kept)'} {100 * row['full']['accuracy']:.2f}%{oracle}{rgn}",
                 flush=True,
@@ -143,7 +145,8 @@ def shifts(seeds: list[int], shift_names: list[str], quick: bool, tmp: Path) -> 
     wins = sum(r["auto"]["accuracy"] >= r["full"]["accuracy"] for r in rows)
     print(
         f"shifts: auto at least the full fine-tune's held-out accuracy in {wins} of {len(rows)} runs; mean auto "
-        f"{100 * statistics.mean(r['auto']['accuracy'] for r in rows):.2f}%, full {100 * statistics.mean(r['full']['accuracy'] for r in rows):.2f}%"
+        f"{100 * statistics.mean(r['auto']['accuracy'] for r in rows):.2f}%, "
+        f"full {100 * statistics.mean(r['full']['accuracy'] for r in rows):.2f}%"
         + (f", oracle {100 * statistics.mean(r['per_group'][r['oracle']]['accuracy'] for r in rows):.2f}%" if rows[0]["per_group"] else ""),
         flush=True,
     )

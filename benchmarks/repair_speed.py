@@ -79,7 +79,8 @@ def main() -> None:
             ratios.append(s.seconds / f.seconds)
             gate = sum(h["val_seconds"] for h in s.history)
             print(
-                f"layer4+fc: the gate's per-epoch validation {gate:.2f} s of {s.seconds:.1f} s: adds {100 * gate / (s.seconds - gate):.1f}% (goal <= 10%)"
+                f"layer4+fc: the gate's per-epoch validation {gate:.2f} s of {s.seconds:.1f} "
+                f"s: adds {100 * gate / (s.seconds - gate):.1f}% (goal <= 10%)"
             )
             print(
                 f"layer4+fc: {100 * r.plan['fraction']:.1f}% of parameters, {s.seconds:.1f} s (net {s.verify.net:+d}); "
@@ -123,13 +124,15 @@ def main() -> None:
                 nets_at = interpolated_nets(r, (0.25, 0.5, 0.75), choice)
                 print(f"seed {seed} interpolated: " + "; ".join(f"a={a}: net {net:+d}" for a, net in nets_at.items()))
             print(
-                f"seed {seed}: layers {', '.join(r.plan['groups'])} ({100 * r.plan['fraction']:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
+                f"seed {seed}: layers {', '.join(r.plan['groups'])} "
+                f"({100 * r.plan['fraction']:.1f}%), accuracy {100 * v.accuracy_before:.2f}% -> "
                 f"{100 * v.accuracy_after:.2f}%, fixed {v.fixed}, broken {v.broken}, net {v.net:+d}, {r.surgical.seconds:.1f} s"
                 + ("" if r.accepted else f" (refused by the gate: {r.surgical.gate.reason})")
             )
         spread = f" +- {statistics.stdev(nets):.1f}" if len(nets) > 1 else ""
         print(
-            f"default repair net over {len(nets)} seed(s): mean {statistics.mean(nets):+.1f}{spread}, min {min(nets):+d}, max {max(nets):+d}"
+            f"default repair net over {len(nets)} seed(s): mean "
+            f"{statistics.mean(nets):+.1f}{spread}, min {min(nets):+d}, max {max(nets):+d}"
         )
 
 

@@ -149,7 +149,8 @@ def main() -> None:
     )
     for row in rows:
         print(
-            f"{row['shift']:9s} {100 * (row['clean_accuracy'] - row['shifted_accuracy']):6.1f} {row['oracle']:>7s} {row['drift_suspect']!s:>7s} "
+            f"{row['shift']:9s} {100 * (row['clean_accuracy'] - row['shifted_accuracy']):6.1f} "
+            f"{row['oracle']:>7s} {row['drift_suspect']!s:>7s} "
             f"{row['coherence_top']:>9s} {row['auto_rgn_top']:>8s} "
             + " ".join(f"{100 * row['auto'][p.value]['recovered']:12.0f}%" for p in AutoLayers)
             + f" {100 * row['per_group'][row['oracle']]['recovered']:10.0f}% {100 * row['full']['recovered']:8.0f}%"

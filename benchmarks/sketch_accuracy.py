@@ -68,13 +68,16 @@ def main() -> None:
         w = a.score_hi - a.score_lo
         rel = np.abs(sk - exact).sum(0) / np.abs(exact).sum(0)
         print(
-            f"{which}: n={n} K={got.sketch.k} dots L1 rel err per group {np.round(rel, 3).tolist()} corr min {min(np.corrcoef(sk[:, j], exact[:, j])[0, 1] for j in range(len(found))):.4f}"
+            f"{which}: n={n} K={got.sketch.k} dots L1 rel err per group {np.round(rel, 3).tolist()} "
+            f"corr min {min(np.corrcoef(sk[:, j], exact[:, j])[0, 1] for j in range(len(found))):.4f}"
         )
         print(
-            f"  sketch vs exact (2000 reps): p_flagged {np.abs(a.p_flagged - b.p_flagged).max():.3f}, score CI ends {np.max(np.abs(a.score_lo - b.score_lo) / w):.3f}/{np.max(np.abs(a.score_hi - b.score_hi) / w):.3f} of width"
+            f"  sketch vs exact (2000 reps): p_flagged {np.abs(a.p_flagged - b.p_flagged).max():.3f}, score CI ends "
+            f"{np.max(np.abs(a.score_lo - b.score_lo) / w):.3f}/{np.max(np.abs(a.score_hi - b.score_hi) / w):.3f} of width"
         )
         print(
-            f"  two 200-rep bootstraps (exact): p_flagged {np.abs(c.p_flagged - d.p_flagged).max():.3f}, score CI ends {np.max(np.abs(c.score_lo - d.score_lo) / w):.3f}/{np.max(np.abs(c.score_hi - d.score_hi) / w):.3f}"
+            f"  two 200-rep bootstraps (exact): p_flagged {np.abs(c.p_flagged - d.p_flagged).max():.3f}, score CI ends "
+            f"{np.max(np.abs(c.score_lo - d.score_lo) / w):.3f}/{np.max(np.abs(c.score_hi - d.score_hi) / w):.3f}"
         )
 
 

@@ -176,7 +176,10 @@ def test_plain_state_dict_on_compare_and_repair_with_arch(tiny: dict[str, Path],
 
 ASSUMED = [
     "assumed 1x32x32 inputs (the metadata names no input shape): pass --input-size if the model expects another",
-    "assumed pixels scaled to [0, 1] then normalised with mean 0.5 and std 0.5 per channel (the metadata names none): pass --mean and --std",
+    (
+        "assumed pixels scaled to [0, 1] then normalised with mean 0.5 and "
+        "std 0.5 per channel (the metadata names none): pass --mean and --std"
+    ),
 ]
 
 

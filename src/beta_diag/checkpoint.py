@@ -114,7 +114,8 @@ class Metadata:
             isinstance(count, int) and not isinstance(count, bool) and 0 < count <= MAX_CLASSES
         ):  # the same bound, wherever it is given
             raise CheckpointError(
-                f"{source}: metadata 'arch_kwargs' num_classes must be a positive integer up to {MAX_CLASSES:,}, got {count!r}: fix or remove it"
+                f"{source}: metadata 'arch_kwargs' num_classes must be a positive "
+                f"integer up to {MAX_CLASSES:,}, got {count!r}: fix or remove it"
             )
         check(
             "num_classes",
@@ -336,7 +337,8 @@ def check_weights(
     if missing or unexpected:
         parts = [_describe_keys(kind, keys) for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(
-            f"{source}: weights do not match architecture: {'; '.join(parts)}: pass the --arch (and its arguments) the checkpoint was trained with"
+            f"{source}: weights do not match architecture: {'; '.join(parts)}: "
+            "pass the --arch (and its arguments) the checkpoint was trained with"
         )
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state_dict[k].shape != v.shape]
     if wrong:
@@ -387,7 +389,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     (header_len,) = struct.unpack("<Q", head)
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise CheckpointError(
-            f"{path}: header claims {header_len} bytes but the file has {size}: not a safetensors file, or truncated; re-save or re-download it"
+            f"{path}: header claims {header_len} bytes but the file has {size}: "
+            "not a safetensors file, or truncated; re-save or re-download it"
         )
     try:
         tensors: dict[str, torch.Tensor] = {}

@@ -201,7 +201,8 @@ def compare_rankings(rankings: list[Ranking], labels: list[str] | None = None, t
         if set(r.group_names) != set(first.group_names):
             differ = sorted(set(r.group_names) ^ set(first.group_names))
             raise ConfigError(
-                f"{label} has other layer groups than {labels[0]} (differing: {', '.join(differ[:8])}): compare checkpoints of one architecture"
+                f"{label} has other layer groups than {labels[0]} (differing: "
+                f"{', '.join(differ[:8])}): compare checkpoints of one architecture"
             )
         for key, value in first.options().items():
             if r.options().get(key) != value:

@@ -184,7 +184,8 @@ Distill = Annotated[
     float,
     typer.Option(
         "--distill",
-        help=f"Weight of the pull towards the original's predictions on the training examples it gets right (0: off; at most {MAX_DISTILL:g}).",
+        help="Weight of the pull towards the original's predictions on the training examples it gets right "
+        f"(0: off; at most {MAX_DISTILL:g}).",
     ),
 ]
 ValData = Annotated[

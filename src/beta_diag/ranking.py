@@ -232,7 +232,8 @@ def rank(
     right = torch.nonzero(preds.correct).flatten()
     if wrong.numel() == 0:
         raise NoErrorsToDiagnose(
-            f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) correctly: nothing to rank; use more data or another split"
+            f"the model classifies all {len(ds)} examples of {ds.spec} ({ds.split}) "
+            "correctly: nothing to rank; use more data or another split"
         )
     if right.numel() == 0 and config.metric_needs_correct:
         raise ConfigError(

@@ -51,7 +51,8 @@ def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
     if unknown:
         valid = ", ".join(g.name for g in groups.layer_groups(model))
         raise ConfigError(
-            f"--layers: unknown name(s) {', '.join(unknown)}: use groups ({valid}), or their blocks/modules (see beta-diag rank --granularity module)"
+            f"--layers: unknown name(s) {', '.join(unknown)}: use groups ({valid}), "
+            "or their blocks/modules (see beta-diag rank --granularity module)"
         )
     return sorted({p for n in layers for p in known[n].param_names}, key=list(dict(model.named_parameters())).index)
 

@@ -222,7 +222,8 @@ def rank_table(ranking: Ranking) -> None:
     out = stdout()
     metric = ranking.config.metric.value
     out.print(
-        f"{plain(ranking.checkpoint, None)}: {ranking.examples} examples of {plain(ranking.data)} ({plain(ranking.split)}), accuracy {100 * ranking.accuracy:.2f}%, "
+        f"{plain(ranking.checkpoint, None)}: {ranking.examples} examples of {plain(ranking.data)} "
+        f"({plain(ranking.split)}), accuracy {100 * ranking.accuracy:.2f}%, "
         f"{len(ranking.error_index)} errors"
         + (f", {ranking.correct_sampled} correct examples for contrast" if ranking.correct_sampled else "")
     )

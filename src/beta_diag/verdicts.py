@@ -89,7 +89,8 @@ class Gate:
         k = self.kept
         if self.best_epoch == 0:
             return f"no epoch beat the original on validation ({self.examples} examples)"
-        figures = f"epoch {self.best_epoch}: fixed {k['val_fixed']}, broke {k['val_broken']}, net {k['val_net']:+d} on validation, p = {self.p_value:.3g}"
+        figures = f"epoch {self.best_epoch}: fixed {k['val_fixed']}, broke {k['val_broken']}, net {k['val_net']:+d} on validation, "
+        figures += f"p = {self.p_value:.3g}"
         figures += f" (corrected for {self.tries} validation points)" if self.tries > 1 else ""
         return f"{figures} {'<=' if self.accepted else '>'} {self.accept_p:g}"
 
