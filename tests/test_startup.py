@@ -39,3 +39,9 @@ def test_version_is_the_packages() -> None:
 
     run = subprocess.run([sys.executable, "-m", "beta_diag", "--version"], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout == f"beta-diag {__version__}\n"
+
+
+def test_the_renderer_and_the_json_writer_import_no_torch() -> None:
+    """report renders results and serial writes them; neither reaches down into model code (no circle through report)."""
+    code = "import sys, beta_diag.report, beta_diag.serial; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -44,6 +44,7 @@ from torch import nn
 
 from beta_diag import distributed
 from beta_diag.groups import Group
+from beta_diag.shown import times
 
 RUNNING_STATS_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 OTHER_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -196,13 +197,6 @@ class Drift:
             tuple(d.get("downstream", ())),
             d.get("source", "batchnorm"),
         )
-
-
-def times(x: float | None) -> str:
-    """A jump for people: x1,800 reads as ``1,800``; two significant digits below 10."""
-    if x is None or not math.isfinite(x):
-        return "inf"
-    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def bases(layers: Sequence[LayerDrift], floor: float = Rule.floor) -> list[float]:

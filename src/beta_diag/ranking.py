@@ -120,7 +120,7 @@ class Ranking:
 
     def save(self, path: str | Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
         """Write the ranking as JSON (``rank --out``), under the output rule; ``load`` reads it back."""
-        from beta_diag.report import dumps
+        from beta_diag.serial import dumps
 
         out = Path(path)
         outputs.check_output(out, force, (Path(self.checkpoint), *inputs))

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -19,10 +18,10 @@ from rich.table import Table
 from rich.text import Text
 
 from beta_diag import distributed
-from beta_diag.drift import jumps, times
-from beta_diag.runtime import Progress as ProgressFn
-from beta_diag.runtime import without_timing
-from beta_diag.shown import ShownConsole, bold, plain
+from beta_diag.serial import dumps, without_timing
+from beta_diag.shown import ShownConsole, bold, plain, times
+
+ProgressFn = Callable[[str, int, int], None]  # as runtime.Progress: (task description, completed, total)
 
 if TYPE_CHECKING:
     from beta_diag.comparison import Comparison, Pair
@@ -40,22 +39,6 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     return ShownConsole(file=sys.stderr, soft_wrap=True)
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null, tuples lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def dumps(value: Any) -> str:
-    """Deterministic JSON (sorted keys) for ``--json`` and saved results."""
-    return json.dumps(_clean(value), indent=2, sort_keys=True)
 
 
 def print_json(value: Any, timings: bool = False) -> None:
@@ -177,7 +160,7 @@ def drift_table(check: Any) -> None:
         title=f"drift of {check.images:,} images of {plain(check.spec)} ({plain(check.split)}) against {against}",
         title_justify="left",
     )
-    for layer, jump in zip(d.layers, jumps(d.layers, d.rule.floor)):
+    for layer, jump in zip(d.layers, (layer["jump"] for layer in d.to_dict()["layers"])):  # to_dict holds each jump
         table.add_row(
             plain(layer.name),
             plain(layer.group or layer.feeder_group or ""),

@@ -17,18 +17,9 @@ from beta_diag import data as data_mod
 from beta_diag import distributed
 from beta_diag.data import Dataset, ToInput
 from beta_diag.errors import ConfigError
+from beta_diag.serial import TIMING_KEYS, without_timing  # noqa: F401 - kept importable from here
 
 Progress = Callable[[str, int, int], None]  # (task description, completed, total)
-TIMING_KEYS = frozenset({"seconds", "estimated_seconds", "compute_saving", "val_seconds"})  # wall-clock: measured, never a result
-
-
-def without_timing(value: object) -> object:
-    """``value`` with every wall-clock field removed, so that files and ``--json`` depend only on the inputs."""
-    if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, (list, tuple)):
-        return [without_timing(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ and they print no control character but the newline whatever reaches them. In pl
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -51,3 +52,10 @@ class ShownConsole(Console):
 def bold(text: str, style: str = "bold") -> Text:
     """One line of ours, styled (``text`` already holds only ``plain`` names)."""
     return Text(lines(text), style=style)
+
+
+def times(x: float | None) -> str:
+    """A jump for people: x1,800 reads as ``1,800``; two significant digits below 10."""
+    if x is None or not math.isfinite(x):
+        return "inf"
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
