@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,10 @@ def test_the_renderer_and_the_json_writer_import_no_torch() -> None:
     """report renders results and serial writes them; neither reaches down into model code (no circle through report)."""
     code = "import sys, beta_diag.report, beta_diag.serial; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_type_checkers_see_the_real_types_of_the_public_api(tmp_path: Path) -> None:
+    """The lazy exports are typed: mypy flags a wrong argument to beta_diag.rank instead of seeing Any."""
+    (tmp_path / "use.py").write_text("import beta_diag\n\nbeta_diag.rank(42)\nbeta_diag.evaluate\n")
+    result = subprocess.run([str(Path(sys.executable).parent / "mypy"), str(tmp_path / "use.py")], capture_output=True, text=True)
+    assert result.returncode == 1 and 'Argument 1 to "rank" has incompatible type "int"' in result.stdout, result.stdout

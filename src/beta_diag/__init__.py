@@ -7,7 +7,7 @@ so the command line can answer ``--help`` and be interrupted while it starts wit
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ _EXPORTS = {
     "repair": "beta_diag.repairing",
     "train": "beta_diag.training",
     "open_session": "beta_diag.session",
+    "evaluate": "beta_diag.evaluation",
     # their configurations and results
     "RankConfig": "beta_diag.configs",
     "Ranking": "beta_diag.ranking",
@@ -32,6 +33,7 @@ _EXPORTS = {
     "Verdict": "beta_diag.verdicts",
     "TrainConfig": "beta_diag.configs",
     "TrainResult": "beta_diag.training",
+    "Evaluation": "beta_diag.evaluation",
     "DataChoice": "beta_diag.session",
     "Checkpoint": "beta_diag.checkpoint",
     "Metadata": "beta_diag.checkpoint",
@@ -51,6 +53,22 @@ _EXPORTS = {
     "NoErrorsToDiagnose": "beta_diag.errors",
 }
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the names above, in one place
+
+if TYPE_CHECKING:  # the real types, for type checkers (at run time, __getattr__ loads each name when first used)
+    from beta_diag.checkpoint import Checkpoint, Metadata
+    from beta_diag.checkpoint import load as load_checkpoint
+    from beta_diag.checkpoint import save as save_checkpoint
+    from beta_diag.comparison import Comparison, compare
+    from beta_diag.configs import REPAIR_TRAINING, RankConfig, RepairConfig, TrainConfig, repair_training
+    from beta_diag.errors import BetaDiagError, CheckpointError, ConfigError, DataError, ModelError, NoErrorsToDiagnose, OutputError
+    from beta_diag.evaluation import Evaluation, evaluate
+    from beta_diag.ranking import Ranking, rank
+    from beta_diag.ranking import load as load_ranking
+    from beta_diag.repairing import Plan, apply, plan, repair
+    from beta_diag.schedules import critical_momentum, damping_ratio, regime
+    from beta_diag.session import DataChoice, open_session
+    from beta_diag.training import TrainResult, train
+    from beta_diag.verdicts import RepairReport, Verdict
 
 
 def __getattr__(name: str) -> Any:
