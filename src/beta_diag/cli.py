@@ -178,8 +178,9 @@ def info(
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
     from beta_diag import report
+    from beta_diag.describe import describe
 
-    result = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize).describe()
+    result = describe(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize))
     say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
 
