@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,6 +151,17 @@ def calibrate(session: Session, ds: object, group: str, kind: str, seed: int, ba
     return best[0], best[1], best[2]
 
 
+def planted(session: Session, calib: object, names: list[str], kinds: list[str], seeds: list[int], base: float) -> Iterator[tuple]:
+    """Every fault that applies, per kind, group and seed, at the scale that costs about TARGET accuracy:
+    (kind, group, seed, scale, damaged model, calibration drop)."""
+    for kind in kinds:
+        for group in names:
+            for seed in seeds:
+                scale, model, drop = calibrate(session, calib, group, kind, seed, base)
+                if model is not None:
+                    yield kind, group, seed, scale, model, drop
+
+
 def ranks_of(values: np.ndarray, names: list[str], group: str) -> tuple[int, str]:
     """(rank of ``group`` by descending value, the group ranked first)."""
     rk = ranks(values)  # 1 = largest, ties in model order
@@ -201,52 +213,47 @@ def main() -> None:
         whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
         healthy[sample] = {"accuracy": whole.accuracy, "drift": whole.drift.to_dict() if whole.drift else None}
         print(f"{sample} undamaged: accuracy {100 * whole.accuracy:.1f}%; {whole.drift.finding if whole.drift else ''}", flush=True)
-        for kind in kinds:
-            for group in names:
-                for seed in seeds:
-                    scale, model, drop = calibrate(session, calib, group, kind, seed, base)
-                    if model is None:
-                        continue
-                    damaged = replace(session, model=model)
-                    r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
-                    baseline = auto_rgn(damaged, ds, groups)
-                    ranks, firsts, hit_flagged = {}, {}, {}
-                    for m in metrics:
-                        if m == "auto_rgn":
-                            values = baseline
-                        elif m == "drift":
-                            values = drift_values(r, names)
-                        else:
-                            values = np.array([r.group(n).scores[m] for n in names])
-                        ranks[m], firsts[m] = ranks_of(values, names, group)
-                        hit_flagged[m] = bool(flags(values, None)[names.index(group)])
-                    rows.append(
-                        {
-                            "sample": sample,
-                            "kind": kind,
-                            "group": group,
-                            "seed": seed,
-                            "scale": scale,
-                            "drop": whole.accuracy - r.accuracy,
-                            "errors": len(r.error_index),
-                            "ranks": ranks,
-                            "first": firsts,
-                            "in_flagged": hit_flagged,
-                            "auto_rgn": baseline.tolist(),
-                            "drift": r.drift.to_dict() if r.drift else None,
-                        }
-                    )
-                    if args.matrices:  # the per-example matrices, to study other scores without re-running
-                        mat = r.matrices
-                        assert mat is not None
-                        arrays.update(
-                            {f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "summed_norm", "numel", "weight_norm")}
-                        )
-                    print(
-                        f"{sample} {kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
-                        f"(calibration {100 * drop:.1f}), rank of damaged group " + " ".join(f"{m}={ranks[m]}" for m in metrics),
-                        flush=True,
-                    )
+        for kind, group, seed, scale, model, drop in planted(session, calib, names, kinds, seeds, base):
+            damaged = replace(session, model=model)
+            r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
+            baseline = auto_rgn(damaged, ds, groups)
+            ranks, firsts, hit_flagged = {}, {}, {}
+            for m in metrics:
+                if m == "auto_rgn":
+                    values = baseline
+                elif m == "drift":
+                    values = drift_values(r, names)
+                else:
+                    values = np.array([r.group(n).scores[m] for n in names])
+                ranks[m], firsts[m] = ranks_of(values, names, group)
+                hit_flagged[m] = bool(flags(values, None)[names.index(group)])
+            rows.append(
+                {
+                    "sample": sample,
+                    "kind": kind,
+                    "group": group,
+                    "seed": seed,
+                    "scale": scale,
+                    "drop": whole.accuracy - r.accuracy,
+                    "errors": len(r.error_index),
+                    "ranks": ranks,
+                    "first": firsts,
+                    "in_flagged": hit_flagged,
+                    "auto_rgn": baseline.tolist(),
+                    "drift": r.drift.to_dict() if r.drift else None,
+                }
+            )
+            if args.matrices:  # the per-example matrices, to study other scores without re-running
+                mat = r.matrices
+                assert mat is not None
+                arrays.update(
+                    {f"{len(rows) - 1}/{k}": getattr(mat, k) for k in ("errors", "correct", "summed_norm", "numel", "weight_norm")}
+                )
+            print(
+                f"{sample} {kind:8s} {group:7s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
+                f"(calibration {100 * drop:.1f}), rank of damaged group " + " ".join(f"{m}={ranks[m]}" for m in metrics),
+                flush=True,
+            )
     g = len(names)
     print(f"\n{len(rows)} damaged models; random choice: hits@1 {1 / g:.2f}, mean rank {(g + 1) / 2:.1f}")
     print(f"{'metric':12s} {'hits@1':>7s} {'in flagged':>10s} {'mean rank':>10s}   " + " ".join(f"{n:>7s}" for n in names))

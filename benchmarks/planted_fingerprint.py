@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from planted_faults import ADAM, SAMPLES, SGD, calibrate, damage
+from planted_faults import ADAM, SAMPLES, SGD, damage, planted
 
 from beta_diag import fingerprint
 from beta_diag.drift import Drift
@@ -63,29 +63,24 @@ def convnext_rows(ds: object, calib: object, kinds: list[str], seeds: list[int])
     base = session.evaluate(calib).accuracy  # type: ignore[arg-type]
     print(f"convnext undamaged: accuracy {100 * accuracy:.1f}%; {healthy.finding}", flush=True)
     rows: list[dict] = []
-    for kind in kinds:
-        for group in names:
-            for seed in seeds:
-                scale, model, drop = calibrate(session, calib, group, kind, seed, base)
-                if model is None:
-                    continue
-                d, acc = drift_of(replace(session, model=model), ds, groups)
-                rows.append(
-                    {
-                        "sample": "convnext",
-                        "kind": kind,
-                        "group": group,
-                        "seed": seed,
-                        "scale": scale,
-                        "drop": accuracy - acc,
-                        "drift": d.to_dict(),
-                    }
-                )
-                print(
-                    f"convnext {kind:6s} {group:6s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
-                    f"(calibration {100 * drop:.1f}); drift names {suspect_of(d)}",
-                    flush=True,
-                )
+    for kind, group, seed, scale, model, drop in planted(session, calib, names, kinds, seeds, base):
+        d, acc = drift_of(replace(session, model=model), ds, groups)
+        rows.append(
+            {
+                "sample": "convnext",
+                "kind": kind,
+                "group": group,
+                "seed": seed,
+                "scale": scale,
+                "drop": accuracy - acc,
+                "drift": d.to_dict(),
+            }
+        )
+        print(
+            f"convnext {kind:6s} {group:6s} seed {seed}: scale {scale:.3g}, drop {100 * rows[-1]['drop']:.1f} pts "
+            f"(calibration {100 * drop:.1f}); drift names {suspect_of(d)}",
+            flush=True,
+        )
     return names, {"convnext": {"accuracy": accuracy, "drift": healthy.to_dict()}}, rows
 
 

@@ -24,7 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from beta_diag import drift as drift_mod
+from beta_diag.shown import times
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
         return Cause(
             "feature_shift",
             f"the data differ from the training data first at {at['name']} "
-            f"(drift x{drift_mod.times(at['shift'])} over the training data's, "
+            f"(drift x{times(at['shift'])} over the training data's, "
             f"none before it), while the inputs' coarse features match: {adapt}",
             f"fine-tune from {at['group']} on with labelled data like this (beta-diag repair --train-data ...)",
             ev,

@@ -95,7 +95,9 @@ def say_notes(source: object, notes: tuple[str, ...] | list[str]) -> None:
     first, as a warning block: a wrong one (the normalisation, the input size) explains results better than any layer."""
     if not distributed.is_main():
         return
-    assumed = [n for n in notes if n.startswith(("assumed", "took "))]
+    from beta_diag.infer import is_assumption
+
+    assumed = [n for n in notes if is_assumption(n)]
     if assumed:
         print(f"Warning: {plain(source, None)}: not read from the checkpoint, assumed (results depend on it):", file=sys.stderr)
         for note in assumed:

@@ -89,7 +89,7 @@ class Preprocess:
             )
         src = f"{image_shape[1]}x{image_shape[2]}"
         if tuple(image_shape[1:]) != (h, w):
-            how = self.fit or ("pad" if fits_by_padding(image_shape[1:], (h, w)) else "resize")
+            how = fit_of(image_shape[1:], (h, w), self.fit)
             verb, detail = FIT_WORDS[how]
             out.append(f"{src} images are {verb} to the model's {h}x{w} ({detail}" + (f", --resize {how})" if self.fit else ")"))
         return [o for o in out if o]
@@ -110,13 +110,18 @@ def _pad_or_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[:, :, top : top + h, left : left + w]
 
 
+def fit_of(size: tuple[int, ...] | torch.Size, target: tuple[int, int], fit: str | None) -> str:
+    """How an image of ``size`` reaches ``target``: ``fit`` when given, else the default policy (``fits_by_padding``)."""
+    return fit or ("pad" if fits_by_padding(size, target) else "resize")
+
+
 def fitted(x: torch.Tensor, size: tuple[int, int], fit: str | None) -> torch.Tensor:
     """A float batch (B, C, H', W') at the model's ``size`` by ``fit`` (``configs.Fit``; None: pad an image at most an
     eighth smaller, resize any other)."""
     h, w = size
     if tuple(x.shape[2:]) == (h, w):
         return x
-    how = fit or ("pad" if fits_by_padding(x.shape[2:], (h, w)) else "resize")
+    how = fit_of(x.shape[2:], size, fit)
     if how == "pad":
         return _pad_or_crop(x, h, w)
     if how == "crop":

@@ -39,14 +39,14 @@ def evaluate(session: Session, ds: Dataset, top: int = TOP_CONFUSIONS, progress:
     names = ds.class_names
     classes = max(logits.shape[1], len(names))
     matrix = torch.bincount(labels * classes + guessed, minlength=classes * classes).view(classes, classes)  # true x predicted
+    name = lambda c: names[c] if c < len(names) else str(c)
     per_class = {
-        names[c] if c < len(names) else str(c): {"examples": int(matrix[c].sum()), "accuracy": float(matrix[c, c] / matrix[c].sum())}
+        name(c): {"examples": int(matrix[c].sum()), "accuracy": float(matrix[c, c] / matrix[c].sum())}
         for c in range(classes)
         if matrix[c].sum() > 0
     }
     off = matrix.clone().fill_diagonal_(0).flatten()
     counts, order = off.sort(descending=True)
-    name = lambda c: names[c] if c < len(names) else str(c)
     confusions = [
         {"true": name(int(i) // classes), "predicted": name(int(i) % classes), "count": int(n)}
         for n, i in zip(counts[:top], order[:top])

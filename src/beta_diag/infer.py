@@ -24,6 +24,12 @@ from torch.overrides import TorchFunctionMode
 from beta_diag import models
 
 DEFAULT_SIDE = 32  # pixels, when neither the metadata nor the model names an input size
+ASSUMED = "assumed "  # how a note that guesses (input shape, normalisation) begins, as against one that reads or infers
+
+
+def is_assumption(note: str) -> bool:
+    """Whether ``note`` says what was guessed about the user's model or data (said first, as a warning)."""
+    return note.startswith(ASSUMED)
 
 
 def first_conv_channels(state_dict: dict[str, torch.Tensor]) -> int | None:

@@ -20,8 +20,9 @@ from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.ranking import Ranking
 from beta_diag.readers import DataSpec
 from beta_diag.recalibration import tracked_norms
-from beta_diag.runtime import Predictions, Progress, without_timing
+from beta_diag.runtime import Predictions, Progress
 from beta_diag.search import Candidate
+from beta_diag.serial import without_timing
 from beta_diag.session import DataChoice, Openable, Session, open_session
 from beta_diag.training import Anchor
 from beta_diag.tuning import Tuned, fine_tune, predict, recalibrate

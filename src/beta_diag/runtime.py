@@ -17,7 +17,6 @@ from beta_diag import data as data_mod
 from beta_diag import distributed
 from beta_diag.data import Dataset, ToInput
 from beta_diag.errors import ConfigError
-from beta_diag.serial import TIMING_KEYS, without_timing  # noqa: F401 - kept importable from here
 
 Progress = Callable[[str, int, int], None]  # (task description, completed, total)
 

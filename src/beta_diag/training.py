@@ -20,8 +20,9 @@ from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.fingerprint import Fingerprint
 from beta_diag.readers import DataSpec
-from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device, without_timing
+from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device
 from beta_diag.schedules import MomentumScheduler, epoch_record, lr_scheduler
+from beta_diag.serial import without_timing
 
 
 @dataclass(frozen=True)
