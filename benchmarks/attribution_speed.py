@@ -156,7 +156,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quick={args.quick}", flush=True)
     total = time.perf_counter()
 
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     ds = data_mod.load(str(BUNDLE), "test")
     preds = evaluate(session.model, ds, session.preprocess, CPU)
     wrong = torch.nonzero(~preds.correct).flatten()

@@ -43,7 +43,7 @@ def main() -> None:
         flush=True,
     )
     start = time.perf_counter()
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
     ds = session.load_data(verify)
     calib = ds if args.quick else session.load_data(DataChoice(limit=1000))
@@ -51,7 +51,7 @@ def main() -> None:
     names = [g.name for g in layer_groups(session.model)]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else args.kinds.split(",")
-    config = RepairConfig(repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
+    config = RepairConfig(training=repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
     train = DataChoice(limit=1000 if args.quick else None)
     policies = [p.value for p in AutoLayers]
     rows = []
@@ -63,7 +63,7 @@ def main() -> None:
                     if model is None:
                         continue
                     damaged = replace(session, model=model)
-                    r = rank(damaged, verify, RankConfig(bootstrap=0, control=0), dataset=ds)
+                    r = rank(damaged, data=verify, config=RankConfig(bootstrap=0, control=0), dataset=ds)
                     after = r.accuracy
                     done: dict[tuple[str, ...], dict] = {}
                     row = {
@@ -79,8 +79,8 @@ def main() -> None:
                         if chosen not in done:
                             out = repair(
                                 damaged,
-                                list(chosen),
-                                Path(tmp) / "x.safetensors",
+                                layers=list(chosen),
+                                output=Path(tmp) / "x.safetensors",
                                 train=train,
                                 verify=verify,
                                 config=replace(config, training=replace(config.training, seed=seed)),

@@ -35,16 +35,16 @@ def main() -> None:
         f"command: python benchmarks/cause_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; "
         f"torch threads {torch.get_num_threads()}"
     )
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     ds = test_images(session, args.quick)
     causes = {}
 
     def with_control() -> None:
-        causes["kind"] = rank(session, DataChoice(), RankConfig(control=control), dataset=ds).cause
+        causes["kind"] = rank(session, data=DataChoice(), config=RankConfig(control=control), dataset=ds).cause
 
     t = interleaved_medians(
         {
-            "rank --no-control": lambda: rank(session, DataChoice(), RankConfig(control=0), dataset=ds),
+            "rank --no-control": lambda: rank(session, data=DataChoice(), config=RankConfig(control=0), dataset=ds),
             f"rank --control {control}": with_control,
         },
         repeats,

@@ -229,7 +229,7 @@ def main() -> None:
     rows: list[dict] = json.loads(args.evidence.read_text())["rows"] if args.evidence else []
     if not rows:
         for sample in args.samples.split(","):
-            session = open_session(SGD if sample == "sgd" else ADAM, "cpu")
+            session = open_session(SGD if sample == "sgd" else ADAM, device="cpu")
             limit = 500 if args.quick else None
             test = session.load_data(DataChoice(limit=limit))
             full_train = session.load_data(DataChoice(), default_split="train")

@@ -40,8 +40,8 @@ def main() -> None:
     print("command: python benchmarks/compare_cost.py" + (" --quick" if args.quick else ""))
     choice = DataChoice(limit=1000 if args.quick else None)
     config = RankConfig(control=0)
-    one = best_of(2, lambda: rank(SGD, choice, config, device="cpu"))
-    both = best_of(2, lambda: compare([SGD, ADAM], choice, config, device="cpu"))
+    one = best_of(2, lambda: rank(SGD, data=choice, config=config, device="cpu"))
+    both = best_of(2, lambda: compare([SGD, ADAM], data=choice, config=config, device="cpu"))
     print(f"rank one checkpoint: {one:.2f} s; compare two: {both:.2f} s; ratio {both / one:.2f}x (goal <= 2.1x)")
     sys.stdout.flush()
 

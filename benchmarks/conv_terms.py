@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     print(f"command: python benchmarks/conv_terms.py --batch {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     ds = data.load(str(BUNDLE), "test", limit=args.batch)
     recorder = attribution._Recorder(session.model)
     inputs = session.preprocess(ds.images).requires_grad_(True)

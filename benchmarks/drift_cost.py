@@ -44,7 +44,7 @@ def main() -> None:
         f"command: python benchmarks/drift_cost.py{' --quick' if args.quick else f' --repeats {repeats}'}; "
         f"torch threads {torch.get_num_threads()}"
     )
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     ds = test_images(session, args.quick)
     groups = layer_groups(session.model)
 
@@ -60,7 +60,7 @@ def main() -> None:
         {
             "evaluate": lambda: evaluate(session.model, ds, session.preprocess, session.device),
             "evaluate + drift": with_drift,
-            "rank": lambda: rank(session, DataChoice(), RankConfig(control=0), dataset=ds),
+            "rank": lambda: rank(session, data=DataChoice(), config=RankConfig(control=0), dataset=ds),
         },
         repeats,
     )

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"command: python benchmarks/eval_cost.py --repeats {args.repeats}", flush=True)
-    sessions = [open_session(p, "cpu") for p in (SGD, ADAM)]
+    sessions = [open_session(p, device="cpu") for p in (SGD, ADAM)]
     sets = [sessions[0].load_data(DataChoice(spec, "test", 3000)) for spec in (TEST, TRAIN)]
     runner = CliRunner()
     command = ["eval", str(SGD), str(ADAM), "--data", TEST, "--data", TRAIN, "--split", "test", "--limit", "3000", "--json"]

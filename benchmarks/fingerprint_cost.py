@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"command: python benchmarks/fingerprint_cost.py --repeats {args.repeats}", flush=True)
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     train = session.load_data(DataChoice(str(SAMPLES / "fmnist_train_5k.safetensors"), "train"), default_split="train")
     found = fingerprint.record(session, train)
     printed = replace(session, ckpt=replace(session.ckpt, fingerprint=found))
@@ -40,8 +40,8 @@ def main() -> None:
         {
             "evaluate": lambda: session.evaluate(train),
             "record": lambda: fingerprint.record(session, train),
-            "rank, BatchNorm drift": lambda: rank(session, test),
-            "rank, fingerprint drift": lambda: rank(printed, test),
+            "rank, BatchNorm drift": lambda: rank(session, data=test),
+            "rank, fingerprint drift": lambda: rank(printed, data=test),
         },
         args.repeats,
     )

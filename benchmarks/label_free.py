@@ -39,7 +39,7 @@ def main() -> None:
     start = time.perf_counter()
     rows: dict[str, list] = {"statistics": [], "shifts": []}
     for sample in samples:
-        session = open_session(SGD if sample == "sgd" else ADAM, "cpu")
+        session = open_session(SGD if sample == "sgd" else ADAM, device="cpu")
         test = session.load_data(DataChoice())
         train = session.load_data(DataChoice(), default_split="train")
         clean = session.evaluate(test).accuracy
@@ -55,7 +55,7 @@ def main() -> None:
             for name, (ds, momentum, batches, reset) in list(scenarios.items())[: 1 if args.quick else None]:
                 damaged = dataclasses.replace(session, model=overwritten(session.model, session.preprocess, ds, momentum, batches, reset))
                 with tempfile.TemporaryDirectory() as tmp:
-                    r = repair(damaged, "auto", Path(tmp) / "r.safetensors", config=RepairConfig(), device="cpu")
+                    r = repair(damaged, layers="auto", output=Path(tmp) / "r.safetensors", config=RepairConfig(), device="cpu")
                 after = r.surgical.verify.accuracy_after if r.accepted else r.surgical.verify.accuracy_before
                 row = {
                     "sample": sample,

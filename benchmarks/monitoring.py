@@ -56,7 +56,7 @@ def main() -> None:
         kinds = {k: kinds[k] for k in ("contrast-2",)}
     results: dict[str, dict] = {}
     for name in samples:
-        session = open_session({"sgd": SGD, "adam": ADAM, "convnext": CONVNEXT}[name], "cpu")
+        session = open_session({"sgd": SGD, "adam": ADAM, "convnext": CONVNEXT}[name], device="cpu")
         if session.ckpt.fingerprint is None:
             found = fingerprint.record(session, session.load_data(DataChoice(str(TRAIN), "train"), default_split="train"))
             session = replace(session, ckpt=replace(session.ckpt, fingerprint=found))

@@ -89,7 +89,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     runs = 2 if args.quick else args.runs
     print(f"command: python benchmarks/peers.py --runs {runs} --threads {args.threads}" + (" --quick" if args.quick else ""))
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     model = session.model.eval()
     ds = session.load_data(DataChoice())
     wrong = torch.nonzero(~session.evaluate(ds).correct).flatten()

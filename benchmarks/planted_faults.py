@@ -204,18 +204,22 @@ def main() -> None:
     healthy: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
     for sample in samples:
-        session = open_session({"sgd": SGD, "adam": ADAM}[sample], "cpu")
+        session = open_session({"sgd": SGD, "adam": ADAM}[sample], device="cpu")
         ds = session.load_data(DataChoice(limit=1000 if args.quick else None))
         calib = ds if args.quick else session.load_data(DataChoice(limit=1000))
         base = session.evaluate(calib).accuracy
         groups = layer_groups(session.model)
         names = [g.name for g in groups]
-        whole = rank(session, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
+        whole = rank(
+            session, data=DataChoice(), config=RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds
+        )
         healthy[sample] = {"accuracy": whole.accuracy, "drift": whole.drift.to_dict() if whole.drift else None}
         print(f"{sample} undamaged: accuracy {100 * whole.accuracy:.1f}%; {whole.drift.finding if whole.drift else ''}", flush=True)
         for kind, group, seed, scale, model, drop in planted(session, calib, names, kinds, seeds, base):
             damaged = replace(session, model=model)
-            r = rank(damaged, DataChoice(), RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds)
+            r = rank(
+                damaged, data=DataChoice(), config=RankConfig(metric=Metric.coherence, bootstrap=0, contrast=True, control=0), dataset=ds
+            )
             baseline = auto_rgn(damaged, ds, groups)
             ranks, firsts, hit_flagged = {}, {}, {}
             for m in metrics:

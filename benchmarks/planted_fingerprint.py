@@ -55,7 +55,7 @@ def suspect_of(d: Drift) -> str:
 
 
 def convnext_rows(ds: object, calib: object, kinds: list[str], seeds: list[int]) -> tuple[list[str], dict, list[dict]]:
-    session = open_session(CONVNEXT, "cpu")
+    session = open_session(CONVNEXT, device="cpu")
     assert session.ckpt.fingerprint is not None, f"{CONVNEXT.name} carries no fingerprint: run sample_checkpoints/make_samples.py"
     groups = layer_groups(session.model)
     names = [g.name for g in groups]
@@ -85,7 +85,7 @@ def convnext_rows(ds: object, calib: object, kinds: list[str], seeds: list[int])
 
 
 def batchnorm_rows(sample: str, ds: object, kinds: list[str], seeds: list[int]) -> tuple[list[str], dict, list[dict]]:
-    session = open_session({"sgd": SGD, "adam": ADAM}[sample], "cpu")
+    session = open_session({"sgd": SGD, "adam": ADAM}[sample], device="cpu")
     start = time.perf_counter()
     train = session.load_data(DataChoice(split="train"))  # what `beta-diag fingerprint` records on by default
     found = fingerprint.record(session, train)
@@ -140,7 +140,7 @@ def main() -> None:
     samples = ["convnext"] if args.quick else args.samples.split(",")
     out: dict = {"groups": {}, "healthy": {}, "rows": []}
     for sample in samples:
-        session = open_session(CONVNEXT if sample == "convnext" else SGD, "cpu")  # the test bundle they share
+        session = open_session(CONVNEXT if sample == "convnext" else SGD, device="cpu")  # the test bundle they share
         ds = session.load_data(DataChoice(limit=1000 if args.quick else None))
         if sample == "convnext":
             calib = ds if args.quick else session.load_data(DataChoice(limit=1000))

@@ -74,7 +74,7 @@ def main() -> None:
         flush=True,
     )
     start = time.perf_counter()
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     verify = DataChoice(limit=1000 if args.quick else None)
     train = DataChoice(limit=1000 if args.quick else None)  # --quick: the repairs train on 1,000 of the bundled images
     ds = session.load_data(verify)
@@ -83,7 +83,7 @@ def main() -> None:
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     # auto = the flags, as in the recorded figures (before --auto-layers suspect became the default; auto_layers.py compares them)
     config = RepairConfig(
-        repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.lr),
+        training=repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.lr),
         baseline="full",
         distill=args.distill,
         auto_layers=AutoLayers(args.auto_layers),
@@ -96,13 +96,20 @@ def main() -> None:
                 damaged = replace(session, model=model)
                 cfg = replace(config, training=replace(config.training, seed=seed))
                 auto = repair(
-                    damaged, "auto", Path(tmp) / "auto.safetensors", train=train, verify=verify, config=cfg, device="cpu", force=True
+                    damaged,
+                    layers="auto",
+                    output=Path(tmp) / "auto.safetensors",
+                    train=train,
+                    verify=verify,
+                    config=cfg,
+                    device="cpu",
+                    force=True,
                 )
                 pick = random.Random(f"{group}/{seed}").choice(names)
                 rand = repair(
                     damaged,
-                    [pick],
-                    Path(tmp) / "rand.safetensors",
+                    layers=[pick],
+                    output=Path(tmp) / "rand.safetensors",
                     train=train,
                     verify=verify,
                     config=replace(cfg, baseline="none"),

@@ -2,7 +2,7 @@
 
     python benchmarks/rank_cost.py [--quick] [--threads N]
 
-(i) Times ``beta_diag.ranking.rank(session, DataChoice('fashion-mnist', 'test'), RankConfig())`` with the
+(i) Times ``beta_diag.ranking.rank(session, data=DataChoice('fashion-mnist', 'test'), config=RankConfig())`` with the
 sample checkpoint on the 10,000 test images, against a baseline measured in the same run, before and
 after rank (their mean is used): one inference pass over all images (runtime.evaluate) plus one plain
 batched forward + loss.sum().backward() over the errors (batches of 64). Goal: rank / baseline <= 1.3.
@@ -113,7 +113,7 @@ def baseline(session: Session, ds: data_mod.Dataset) -> tuple[float, float, torc
 
 
 def time_cost(limit: int | None) -> None:
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     choice = DataChoice("fashion-mnist", "test", limit=limit)
     evaluate(
         session.model,
@@ -131,7 +131,7 @@ def time_cost(limit: int | None) -> None:
         log: list[tuple[str, float, int]] = []
         with split_timer(log):
             start = time.perf_counter()
-            result = rank(session, choice, RankConfig(control=0))
+            result = rank(session, data=choice, config=RankConfig(control=0))
             totals.append(time.perf_counter() - start)
         bases.append(baseline(session, ds))
     wrong = bases[0][2]
@@ -179,11 +179,11 @@ def time_cost(limit: int | None) -> None:
 
 def rss_child(n: int) -> None:
     """--rss N: one rank on N images in this fresh process; print RSS figures as JSON."""
-    session = open_session(CKPT, "cpu")
+    session = open_session(CKPT, device="cpu")
     before, log = peak_kib(), []
     start = time.perf_counter()
     with split_timer(log):
-        result = rank(session, DataChoice("fashion-mnist", "test", limit=n), RankConfig(control=0))
+        result = rank(session, data=DataChoice("fashion-mnist", "test", limit=n), config=RankConfig(control=0))
     print(
         json.dumps(
             {

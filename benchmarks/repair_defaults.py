@@ -88,7 +88,7 @@ def main() -> int:
     epochs = 1 if args.quick else REPAIR_TRAINING.epochs
     grid = [OLD_DEFAULT, (REPAIR_TRAINING.lr, RepairConfig.distill)] if args.quick else GRID
     limit = 1_000 if args.quick else None
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     verify = DataChoice(limit=limit)
     verify_ds = session.load_data(verify)
     base = session.evaluate(verify_ds).accuracy
@@ -100,10 +100,12 @@ def main() -> int:
 
         def verdict_of(ckpt: Session, layers: list[str] | str, choice: DataChoice, variant: Variant, seed: int = 0) -> Verdict:
             config = RepairConfig(
-                repair_training(epochs=epochs, lr=variant[0], seed=seed), distill=variant[1], auto_layers=AutoLayers.flags
+                training=repair_training(epochs=epochs, lr=variant[0], seed=seed), distill=variant[1], auto_layers=AutoLayers.flags
             )  # as recorded
             train = DataChoice(limit=limit)  # --quick: 1,000 of the bundled training images
-            return repair(ckpt, layers, out, train=train, verify=choice, config=config, device="cpu", force=True).surgical.verify
+            return repair(
+                ckpt, layers=layers, output=out, train=train, verify=choice, config=config, device="cpu", force=True
+            ).surgical.verify
 
         print(
             f"(1) damaged models: {', '.join(groups)} (noise, seed 0), --layers auto, verified on {len(verify_ds)} test images; "

@@ -60,13 +60,13 @@ def shipped(r: RepairReport) -> dict:
 def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
     rows = []
     for name, path in (("sgd", SGD), ("adam", ADAM))[: 1 if quick else 2]:
-        session = open_session(path, "cpu")
+        session = open_session(path, device="cpu")
         for seed in seeds:
-            config = RepairConfig(repair_training(seed=seed, epochs=1 if quick else REPAIR_TRAINING.epochs))
+            config = RepairConfig(training=repair_training(seed=seed, epochs=1 if quick else REPAIR_TRAINING.epochs))
             r = repair(
                 session,
-                "auto",
-                tmp / "h.safetensors",
+                layers="auto",
+                output=tmp / "h.safetensors",
                 train=DataChoice(limit=1000 if quick else None),
                 verify=DataChoice(limit=1000 if quick else None, seed=seed),
                 config=config,
@@ -95,7 +95,7 @@ def healthy(seeds: list[int], quick: bool, tmp: Path) -> list[dict]:
 
 
 def shifts(seeds: list[int], shift_names: list[str], quick: bool, tmp: Path) -> list[dict]:
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     clean_test = session.load_data(DataChoice(limit=1000 if quick else None))
     clean_acc = session.evaluate(clean_test).accuracy
     groups = layer_groups(session.model)
@@ -113,10 +113,19 @@ def shifts(seeds: list[int], shift_names: list[str], quick: bool, tmp: Path) -> 
             clean_train = session.load_data(DataChoice(limit=1000, seed=seed), default_split="train")
             data.save_bundle(train_file, replace(SHIFTS[shift](clean_train, 2 + seed), split="train"))
             train = DataChoice(str(train_file), "train")
-            config = RepairConfig(repair_training(seed=seed, epochs=1 if quick else REPAIR_TRAINING.epochs))
+            config = RepairConfig(training=repair_training(seed=seed, epochs=1 if quick else REPAIR_TRAINING.epochs))
 
             def run(layers: list[str] | str) -> dict:
-                r = repair(session, layers, tmp / "s.safetensors", train=train, verify=verify, config=config, device="cpu", force=True)
+                r = repair(
+                    session,
+                    layers=layers,
+                    output=tmp / "s.safetensors",
+                    train=train,
+                    verify=verify,
+                    config=config,
+                    device="cpu",
+                    force=True,
+                )
                 out = shipped(r)
                 return {**out, "recovered": (out["accuracy"] - shifted) / (clean_acc - shifted)}
 

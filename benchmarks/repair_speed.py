@@ -32,7 +32,7 @@ SGD = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "fmnist_resne
 
 def interpolated_nets(r: RepairReport, alphas: tuple[float, ...], verify: DataChoice) -> dict[float, int]:
     """Held-out net of (1 - a) * original + a * repaired, against the original, for each a."""
-    parent, child = open_session(SGD, "cpu"), open_session(r.output, "cpu")  # type: ignore[arg-type]
+    parent, child = open_session(SGD, device="cpu"), open_session(r.output, device="cpu")  # type: ignore[arg-type]
     data = parent.load_data(verify)
     before = parent.evaluate(data).correct
     ours, theirs = {k: v.clone() for k, v in parent.model.state_dict().items()}, child.model.state_dict()
@@ -71,9 +71,11 @@ def main() -> None:
         ratios = []
         for _ in range(args.repeats):
             config = RepairConfig(
-                repair_training(epochs=epochs, lr=args.lr), baseline="full", distill=args.distill, accept_p=1.0
+                training=repair_training(epochs=epochs, lr=args.lr), baseline="full", distill=args.distill, accept_p=1.0
             )  # timing, not the gate
-            r = repair(SGD, ["layer4", "fc"], Path(tmp) / "a.safetensors", verify=verify, config=config, device="cpu", force=True)
+            r = repair(
+                SGD, layers=["layer4", "fc"], output=Path(tmp) / "a.safetensors", verify=verify, config=config, device="cpu", force=True
+            )
             s, f = r.surgical, r.baseline
             assert f is not None
             ratios.append(s.seconds / f.seconds)
@@ -89,16 +91,16 @@ def main() -> None:
             )
         if len(ratios) > 1:
             print(f"median ratio of {len(ratios)} runs: {statistics.median(ratios):.3f}x")
-        every = [g.name for g in layer_groups(open_session(SGD, "cpu").model)]
+        every = [g.name for g in layer_groups(open_session(SGD, device="cpu").model)]
         calls = {}
         for name, layers in (("layer4+fc", ["layer4", "fc"]), ("every group", every)):
             start = time.perf_counter()
             repair(
                 SGD,
-                layers,
-                Path(tmp) / "e.safetensors",
+                layers=layers,
+                output=Path(tmp) / "e.safetensors",
                 verify=verify,
-                config=RepairConfig(repair_training(epochs=epochs, lr=args.lr), distill=args.distill),
+                config=RepairConfig(training=repair_training(epochs=epochs, lr=args.lr), distill=args.distill),
                 device="cpu",
                 force=True,
             )
@@ -112,10 +114,10 @@ def main() -> None:
             choice = DataChoice(limit=verify.limit, seed=seed)
             r = repair(
                 SGD,
-                "auto",
-                Path(tmp) / f"s{seed}.safetensors",
+                layers="auto",
+                output=Path(tmp) / f"s{seed}.safetensors",
                 verify=choice,
-                config=RepairConfig(repair_training(epochs=epochs, lr=args.lr, seed=seed), distill=args.distill),
+                config=RepairConfig(training=repair_training(epochs=epochs, lr=args.lr, seed=seed), distill=args.distill),
                 device="cpu",
             )
             v = r.surgical.verify

@@ -60,7 +60,9 @@ def run(work: Path, bundle: Path, method: str, seed: int, epochs: int) -> Path:
     if not path.exists():
         start = time.perf_counter()
         config = replace(METHODS[method], epochs=epochs, seed=seed, device="cpu")
-        result = train("resnet18_cifar", str(bundle), str(TEST_BUNDLE), arch_kwargs={"width": 16}, config=config)
+        result = train(
+            "resnet18_cifar", data=DataChoice(str(bundle)), test=DataChoice(str(TEST_BUNDLE)), arch_kwargs={"width": 16}, config=config
+        )
         checkpoint.save(path, result.model.state_dict(), result.metadata)
         print(
             f"trained {method} seed {seed}: {100 * result.metadata.history[-1]['test_acc']:.2f}% in {time.perf_counter() - start:.0f} s",
@@ -127,7 +129,7 @@ def main() -> None:
         for m, path in paths.items():
             ckpt = checkpoint.load(path)
             history = list(ckpt.metadata.history)
-            session = open_session(ckpt, "cpu")
+            session = open_session(ckpt, device="cpu")
             full = session.evaluate(data.load("fashion-mnist", "test", limit=1000 if args.quick else None)).accuracy
             results["runs"].setdefault(m, []).append(
                 {
@@ -138,15 +140,17 @@ def main() -> None:
                     "regimes": regime_fractions(history),
                 }
             )
-        c = compare([paths["beta"], paths["adam"]], verify, RankConfig(bootstrap=0 if args.quick else 200, control=0), device="cpu")
+        c = compare(
+            [paths["beta"], paths["adam"]], data=verify, config=RankConfig(bootstrap=0 if args.quick else 200, control=0), device="cpu"
+        )
         pair, (sgd_r, adam_r) = c.pairs[0], c.rankings
         r = repair(
             paths["beta"],
-            "auto",
-            work / f"beta_s{seed}.repaired.safetensors",
+            layers="auto",
+            output=work / f"beta_s{seed}.repaired.safetensors",
             train=DataChoice(spec=str(REPAIR_BUNDLE)),
             verify=verify,
-            config=RepairConfig(repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.repair_lr, seed=seed)),
+            config=RepairConfig(training=repair_training(epochs=1 if args.quick else REPAIR_TRAINING.epochs, lr=args.repair_lr, seed=seed)),
             device="cpu",
             force=True,
         )

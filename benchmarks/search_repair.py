@@ -99,7 +99,7 @@ def main() -> None:
         flush=True,
     )
     start = time.perf_counter()
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     clean = session.load_data(DataChoice(limit=1000 if args.quick else None))
     keep_before = session.evaluate(clean).accuracy
     groups = layer_groups(session.model)
@@ -118,13 +118,23 @@ def main() -> None:
                 train = DataChoice(str(train_file), "train")
                 rgn = groups[int(np.argmax(auto_rgn(session, session.load_data(train, default_split="train"), groups)))].name
                 epochs = 1 if args.quick else REPAIR_TRAINING.epochs
-                guarded = RepairConfig(repair_training(seed=seed, epochs=epochs))
+                guarded = RepairConfig(training=repair_training(seed=seed, epochs=epochs))
                 plain = replace(guarded, allow_forgetting=True)
                 keep = DataChoice(limit=1000 if args.quick else None)
 
                 def run(layers: list[str] | str, config: RepairConfig) -> dict:
-                    r = repair(session, layers, tmp / "s.safetensors", train=train, verify=verify, config=config, device="cpu", force=True,
-                               keep_data=keep)  # fmt: skip
+                    out = tmp / "s.safetensors"
+                    r = repair(
+                        session,
+                        layers=layers,
+                        output=out,
+                        train=train,
+                        verify=verify,
+                        config=config,
+                        device="cpu",
+                        force=True,
+                        keep_data=keep,
+                    )
                     return shipped(r, keep_before)
 
                 row = {

@@ -73,14 +73,14 @@ def main() -> None:
     args = parser.parse_args()
     print("command: python benchmarks/shifts.py" + (" --quick" if args.quick else f" --shifts {args.shifts}"), flush=True)
     start = time.perf_counter()
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     limit = 1000 if args.quick else None
     clean_test = session.load_data(DataChoice(limit=limit))
     clean_train = session.load_data(DataChoice(limit=limit), default_split="train")
     clean_acc = session.evaluate(clean_test).accuracy
     groups = layer_groups(session.model)
     names = [g.name for g in groups]
-    config = RepairConfig(repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
+    config = RepairConfig(training=repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for shift in ["invert"] if args.quick else args.shifts.split(","):
@@ -90,13 +90,20 @@ def main() -> None:
             data.save_bundle(train_file, replace(train_ds, split="train"))
             verify, train = DataChoice(str(test_file), "test"), DataChoice(str(train_file), "train")
             verify_ds = session.load_data(verify)
-            r = rank(session, verify, RankConfig(bootstrap=0, control=0), dataset=verify_ds)
+            r = rank(session, data=verify, config=RankConfig(bootstrap=0, control=0), dataset=verify_ds)
             shifted = r.accuracy
             rgn = auto_rgn(session, verify_ds, groups)
 
             def recovery(layers: list[str]) -> dict:
                 out = repair(
-                    session, layers, Path(tmp) / "x.safetensors", train=train, verify=verify, config=config, device="cpu", force=True
+                    session,
+                    layers=layers,
+                    output=Path(tmp) / "x.safetensors",
+                    train=train,
+                    verify=verify,
+                    config=config,
+                    device="cpu",
+                    force=True,
                 )
                 v = out.surgical.verify
                 return {

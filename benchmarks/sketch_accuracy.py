@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     for which in ("sgd", "adam"):
-        s = open_session(ROOT / "sample_checkpoints" / f"fmnist_resnet18w16_{which}_beta.safetensors", "cpu")
+        s = open_session(ROOT / "sample_checkpoints" / f"fmnist_resnet18w16_{which}_beta.safetensors", device="cpu")
         ds = s.load_data(DataChoice())
         pred = s.evaluate(ds)
         wrong = torch.nonzero(~pred.correct).flatten()

@@ -12,5 +12,5 @@ class SmallNet(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
-    def forward(self, x):  # noqa: ANN001, ANN201 - plain PyTorch, as a user writes it
+    def forward(self, x):
         return self.head(self.body(self.stem(x)))

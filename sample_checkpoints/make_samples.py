@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from beta_diag import checkpoint, data
+from beta_diag.configs import DataChoice
 from beta_diag.training import OptimizerName, TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
@@ -70,7 +71,7 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         start = time.perf_counter()
-        result = train(arch, "fashion-mnist", arch_kwargs=kwargs, config=config, limit=TRAIN_LIMIT)
+        result = train(arch, data=DataChoice("fashion-mnist", limit=TRAIN_LIMIT, seed=config.seed), arch_kwargs=kwargs, config=config)
         defaults = {split: {"spec": file, "split": split} for split, file in BUNDLES.items()}
         meta = replace(result.metadata, data=defaults)
         fingerprint = result.fingerprint if keep_fingerprint else None  # the ResNets predate fingerprints: kept as they were

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from beta_diag import checkpoint, data
-from beta_diag.configs import TrainConfig
+from beta_diag.configs import DataChoice, TrainConfig
 from beta_diag.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +64,10 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     test_file = write_bundle(root / "test.safetensors", 128, seed=2, label_noise=0.15)
     result = train(
         "resnet18_cifar",
-        str(train_file),
-        str(test_file),
-        {"width": 4},
-        TrainConfig(epochs=4, batch_size=32, lr=0.05, device="cpu"),
+        data=DataChoice(str(train_file)),
+        test=DataChoice(str(test_file)),
+        arch_kwargs={"width": 4},
+        config=TrainConfig(epochs=4, batch_size=32, lr=0.05, device="cpu"),
     )
     ckpt = root / "tiny.safetensors"
     checkpoint.save(ckpt, result.model.state_dict(), result.metadata)

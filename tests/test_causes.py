@@ -29,7 +29,7 @@ FAST = RankConfig(bootstrap=0, control=300)
 
 @pytest.fixture(scope="module")
 def session():
-    return open_session(SGD, "cpu")
+    return open_session(SGD, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_recalibration_works_on_a_copy_and_undoes_overwritten_statistics(session
 
 def rank_cause(session, test_ds, model=None, pre=None):
     s = dataclasses.replace(session, model=model or session.model, preprocess=pre or session.preprocess)
-    return ranking.rank(s, DataChoice(limit=len(test_ds)), FAST, dataset=test_ds).cause
+    return ranking.rank(s, data=DataChoice(limit=len(test_ds)), config=FAST, dataset=test_ds).cause
 
 
 def test_rank_names_each_everyday_cause(session) -> None:
@@ -176,7 +176,7 @@ def test_cli_cause_in_json_and_table_and_a_copied_checkpoint_says_what_is_missin
 
 
 def test_a_saved_ranking_keeps_its_cause(session, tmp_path: Path) -> None:
-    r = ranking.rank(session, DataChoice(limit=300), FAST)
+    r = ranking.rank(session, data=DataChoice(limit=300), config=FAST)
     r.save(tmp_path / "r.json")
     loaded = ranking.load(tmp_path / "r.json")
     assert loaded.cause == r.cause and loaded.verdict == r.verdict
@@ -192,7 +192,7 @@ def test_probe_on_a_shifted_bundle_reports_input_statistics(session, tmp_path: P
     test = session.load_data(DataChoice(limit=300))
     bright = dataclasses.replace(test, images=(test.images.int() + 90).clamp(0, 255).to(torch.uint8), split="test")
     data.save_bundle(tmp_path / "bright.safetensors", bright)
-    cause = ranking.rank(session, DataChoice(str(tmp_path / "bright.safetensors")), FAST).cause
+    cause = ranking.rank(session, data=DataChoice(str(tmp_path / "bright.safetensors")), config=FAST).cause
     assert cause is not None and cause.kind == "input_shift"
     c = cause.evidence["control"]
     assert c["data_input"]["input_mean"][0] > c["train_input"]["input_mean"][0] + 0.5

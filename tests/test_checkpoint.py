@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from beta_diag import checkpoint, groups, models
 from beta_diag.checkpoint import Metadata
+from beta_diag.configs import ModelChoice
 from beta_diag.errors import CheckpointError, ModelError, OutputError
 from tests.conftest import REPO
 
@@ -60,7 +61,9 @@ def test_pt_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     model = small_model()
     path = tmp_path / "m.pt"
     torch.save({"state_dict": model.state_dict()}, path)
-    ckpt = checkpoint.load(path).with_overrides("resnet18_cifar", {"width": 2, "in_channels": 1, "num_classes": 3})
+    ckpt = checkpoint.load(path).with_model(
+        ModelChoice(arch="resnet18_cifar", arch_kwargs={"width": 2, "in_channels": 1, "num_classes": 3})
+    )
     assert torch.equal(ckpt.build_model().fc.weight, model.fc.weight)
 
 
@@ -100,16 +103,18 @@ def test_shape_mismatch_names_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     checkpoint.save(path, small_model().state_dict(), META)
     with pytest.raises(CheckpointError, match=r"weight shape\(s\) differ .*: pass --arch-arg width=2 \(every weight's shape fits it\)$"):
-        checkpoint.load(path).with_overrides(arch_kwargs={"width": 4}).build_model()  # the value is found, not guessed
+        checkpoint.load(path).with_model(ModelChoice(arch_kwargs={"width": 4})).build_model()  # the value is found, not guessed
     with pytest.raises(CheckpointError, match=r"weight shape\(s\) differ .*: pass --arch-arg num_classes=3 "):
-        checkpoint.load(path).with_overrides(arch_kwargs={"num_classes": 5}).build_model()
+        checkpoint.load(path).with_model(ModelChoice(arch_kwargs={"num_classes": 5})).build_model()
     torchvision = pytest.importorskip("torchvision")
     r18 = tmp_path / "narrow.pt"
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=4, width_mult=0.5).state_dict(), r18)
     with pytest.raises(
         CheckpointError, match=r"differ .*: pass the architecture arguments the checkpoint was trained with \(--arch-arg KEY=VALUE\)$"
     ):
-        checkpoint.load(r18).with_overrides(arch="mobilenet_v3_small").inferred().build_model()  # width_mult 0.5: no integer argument fits
+        checkpoint.load(r18).with_model(
+            ModelChoice(arch="mobilenet_v3_small")
+        ).inferred().build_model()  # width_mult 0.5: no integer argument fits
 
 
 def test_nan_weights_are_named_by_group(tmp_path: Path) -> None:
@@ -217,7 +222,7 @@ def test_code_named_by_a_file_is_never_imported(tmp_path: Path) -> None:
     assert not marker.exists()
     plain = tmp_path / "plain.safetensors"
     checkpoint.save(plain, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, Metadata())
-    trusted = checkpoint.load(plain).with_overrides("torch.nn:Linear", {"in_features": 3, "out_features": 2})
+    trusted = checkpoint.load(plain).with_model(ModelChoice(arch="torch.nn:Linear", arch_kwargs={"in_features": 3, "out_features": 2}))
     assert isinstance(trusted.build_model(), torch.nn.Linear)  # named on the command line: trusted
 
 

@@ -26,7 +26,22 @@ def made_up(scores: list[float], flagged: set[str], config: RankConfig = RankCon
             key=lambda g: g.rank,
         )
     )
-    return Ranking("ckpt", "sha", "data", "test", None, config, 10, 0.9, (1, 2), 2, groups, boot[0], boot[1], names)
+    return Ranking(
+        checkpoint="ckpt",
+        sha256="sha",
+        data="data",
+        split="test",
+        limit=None,
+        config=config,
+        examples=10,
+        accuracy=0.9,
+        error_index=(1, 2),
+        correct_sampled=2,
+        groups=groups,
+        bootstrap_flags=boot[0],
+        bootstrap_ranks=boot[1],
+        group_names=names,
+    )
 
 
 def test_figures_equal_hand_computation_with_ties() -> None:

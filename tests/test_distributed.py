@@ -90,5 +90,5 @@ def test_repair_writes_once(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert report["sha256"] == checkpoint.file_sha256(out)
     verify = report["surgical"]["verify"]
     assert verify["net"] == verify["fixed"] - verify["broken"]
-    saved = open_session(out, "cpu")
+    saved = open_session(out, device="cpu")
     assert saved.evaluate(data.load(str(tiny["test"]), "test")).accuracy == verify["accuracy_after"]

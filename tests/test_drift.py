@@ -152,11 +152,11 @@ def test_models_without_running_statistics_report_why(norm: nn.Module, reason: s
 
 @pytest.fixture(scope="module")
 def sample_session():
-    return open_session(SGD, "cpu")
+    return open_session(SGD, device="cpu")
 
 
 def test_healthy_sample_has_no_suspect_and_json_carries_the_profile(sample_session, tmp_path: Path) -> None:
-    r = ranking.rank(sample_session, DataChoice(limit=1000), RankConfig(bootstrap=0))
+    r = ranking.rank(sample_session, data=DataChoice(limit=1000), config=RankConfig(bootstrap=0))
     assert r.drift is not None and r.drift.available and r.drift.suspect is None
     assert r.drift.downstream == ("fc",)
     assert len(r.drift.layers) == 20 and all(layer.kl < drift.Rule.floor for layer in r.drift.layers)
@@ -180,7 +180,7 @@ def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, gr
     with torch.no_grad():
         bn.running_mean.add_(bn.running_var.sqrt() * 1.5)
     damaged = dataclasses.replace(sample_session, model=model)
-    r = ranking.rank(damaged, DataChoice(limit=500), RankConfig(bootstrap=0, granularity=granularity))
+    r = ranking.rank(damaged, data=DataChoice(limit=500), config=RankConfig(bootstrap=0, granularity=granularity))
     assert r.drift is not None and r.drift.suspect == expected and r.drift.suspect_layer == "layer2.0.bn1"
     assert r.drift.margin is not None and r.drift.margin > 100  # 0.5 * 1.5^2 = 1.1 against a profile under 1e-3
     assert r.place_finding.startswith(f"activations leave their training statistics at {expected} (x")
@@ -188,7 +188,12 @@ def test_a_shifted_running_mean_is_found_at_every_granularity(sample_session, gr
 
 
 def test_rank_without_running_statistics_reports_drift_unavailable_and_ranks_as_before(tiny: dict[str, Path], tmp_path: Path) -> None:
-    result = train("tests.nets:convnet", str(tiny["train"]), str(tiny["test"]), {}, TrainConfig(epochs=1, batch_size=64, device="cpu"))
+    result = train(
+        "tests.nets:convnet",
+        data=DataChoice(str(tiny["train"])),
+        test=DataChoice(str(tiny["test"])),
+        config=TrainConfig(epochs=1, batch_size=64, device="cpu"),
+    )
     ckpt = tmp_path / "convnet.safetensors"
     checkpoint.save(ckpt, result.model.state_dict(), result.metadata)
     out = runner.invoke(app, ["rank", str(ckpt), "--arch", "tests.nets:convnet", "--bootstrap", "0", "--json", "--quiet"])

@@ -44,7 +44,7 @@ def test_the_fingerprint_is_each_groups_output_statistics(printed: Path) -> None
     names = [p.name for p in found.points]
     assert names[:3] == ["conv1", "bn1", "layer1.0"] and names[-1] == "fc" and {"layer4", "layer4.1"} <= set(names)
     # an independent reference: hooks on conv1 and fc over the same 1,000 images, statistics over images and positions
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     ds = session.load_data(DataChoice(TRAIN, "train", 1000), default_split="train")
     seen: dict[str, list[torch.Tensor]] = {"conv1": [], "fc": []}
     hooks = [session.model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen[n].append(o.detach())) for n in seen]
@@ -64,18 +64,18 @@ def test_the_fingerprint_is_each_groups_output_statistics(printed: Path) -> None
 
 def test_drift_from_the_fingerprint_names_a_fault_in_the_head_directly(printed: Path, tmp_path: Path) -> None:
     """BatchNorm drift cannot see fc (it runs after the last BatchNorm); the fingerprint watches its output."""
-    healthy = rank(printed, DataChoice(TEST, limit=1000), config=FAST, device="cpu")
+    healthy = rank(printed, data=DataChoice(TEST, limit=1000), config=FAST, device="cpu")
     assert healthy.drift is not None and healthy.drift.source == "fingerprint" and healthy.drift.suspect is None
     ckpt = checkpoint.load(printed)
     gen = torch.Generator().manual_seed(0)
     state = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) if k == "fc.weight" else v for k, v in ckpt.state_dict.items()}
     damaged = tmp_path / "fc_damaged.safetensors"
     checkpoint.save(damaged, state, ckpt.metadata, fingerprint=ckpt.fingerprint)
-    r = rank(damaged, DataChoice(TEST, limit=1000), config=FAST, device="cpu")
+    r = rank(damaged, data=DataChoice(TEST, limit=1000), config=FAST, device="cpu")
     assert r.drift is not None and r.drift.source == "fingerprint" and r.drift.suspect == "fc"
     plain = tmp_path / "fc_damaged_plain.safetensors"
     checkpoint.save(plain, state, ckpt.metadata)
-    assert rank(plain, DataChoice(TEST, limit=1000), config=FAST, device="cpu").drift.suspect is None  # type: ignore[union-attr]
+    assert rank(plain, data=DataChoice(TEST, limit=1000), config=FAST, device="cpu").drift.suspect is None  # type: ignore[union-attr]
 
 
 def test_a_damaged_fingerprint_is_refused_with_the_fix(printed: Path, tmp_path: Path) -> None:
@@ -98,13 +98,17 @@ def test_a_damaged_fingerprint_is_refused_with_the_fix(printed: Path, tmp_path: 
 def test_the_control_pass_works_from_the_fingerprint(printed: Path, tmp_path: Path) -> None:
     """BatchNorm statistics overwritten on inverted images: drift from the fingerprint and the control pass name them."""
     ckpt = checkpoint.load(printed)
-    session = open_session(ckpt, "cpu")
+    session = open_session(ckpt, device="cpu")
     train = session.load_data(DataChoice(TRAIN, limit=500), default_split="train")
     model = recalibrated(session.model, dataclasses.replace(train, images=255 - train.images), session.preprocess, session.device)
     damaged = tmp_path / "overwritten.safetensors"
     checkpoint.save(damaged, model.state_dict(), ckpt.metadata, fingerprint=ckpt.fingerprint)
     r = rank(
-        damaged, DataChoice(TEST, limit=1000), config=RankConfig(bootstrap=0, control=500), device="cpu", train=DataChoice(TRAIN, "train")
+        damaged,
+        data=DataChoice(TEST, limit=1000),
+        config=RankConfig(bootstrap=0, control=500),
+        device="cpu",
+        train=DataChoice(TRAIN, "train"),
     )
     assert r.drift is not None and r.drift.source == "fingerprint" and r.drift.suspect == "bn1"
     assert r.cause is not None and r.cause.kind == "statistics"
@@ -138,7 +142,12 @@ def test_drift_gates_a_deployment_without_labels(printed: Path, tmp_path: Path) 
 
 
 def test_train_records_a_fingerprint_so_a_model_without_batchnorm_gets_drift(tiny: dict[str, Path], tmp_path: Path) -> None:
-    result = train("tests.nets:convnet", str(tiny["train"]), str(tiny["test"]), {}, TrainConfig(epochs=1, batch_size=64, device="cpu"))
+    result = train(
+        "tests.nets:convnet",
+        data=DataChoice(str(tiny["train"])),
+        test=DataChoice(str(tiny["test"])),
+        config=TrainConfig(epochs=1, batch_size=64, device="cpu"),
+    )
     assert result.fingerprint is not None and result.fingerprint.images == 256 and result.fingerprint.data["split"] == "train"
     plain, printed = tmp_path / "plain.safetensors", tmp_path / "printed.safetensors"
     checkpoint.save(plain, result.model.state_dict(), result.metadata)
@@ -157,14 +166,14 @@ def test_the_sample_without_batchnorm_carries_its_fingerprint_and_drift_names_it
     sample = SAMPLES / "fmnist_convnext24_adam_beta.safetensors"
     ckpt = checkpoint.load(sample)
     assert ckpt.fingerprint is not None and ckpt.fingerprint.images == 30_000
-    model = open_session(ckpt, "cpu").model
+    model = open_session(ckpt, device="cpu").model
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    healthy = rank(sample, DataChoice(TEST, limit=600), config=FAST, device="cpu")
+    healthy = rank(sample, data=DataChoice(TEST, limit=600), config=FAST, device="cpu")
     assert healthy.drift is not None and healthy.drift.source == "fingerprint" and healthy.drift.suspect is None
     assert [layer.name for layer in healthy.drift.layers] == ["stem", "stage1", "stage2", "stage3", "norm", "fc"]
     gen = torch.Generator().manual_seed(0)
     state = {k: v + v.abs().mean() * torch.randn(v.shape, generator=gen) if k == "norm.weight" else v for k, v in ckpt.state_dict.items()}
     damaged = tmp_path / "norm_damaged.safetensors"
     checkpoint.save(damaged, state, ckpt.metadata, fingerprint=ckpt.fingerprint)
-    r = rank(damaged, DataChoice(TEST, limit=600), config=FAST, device="cpu")
+    r = rank(damaged, data=DataChoice(TEST, limit=600), config=FAST, device="cpu")
     assert r.drift is not None and r.drift.suspect == "norm"  # seen although accuracy barely moves

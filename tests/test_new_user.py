@@ -58,7 +58,7 @@ def test_eval_reports_each_checkpoint_on_each_data_set_in_one_table(tiny: dict[s
         (c, d) for c in ("tiny.safetensors", "damaged.safetensors") for d in ("test.safetensors", "train.safetensors")
     ]
     # an independent reference: the model's own predictions over the same data
-    session = open_session(tiny["damaged"], "cpu")
+    session = open_session(tiny["damaged"], device="cpu")
     ds = session.load_data(DataChoice(str(tiny["test"])))
     logits = session.evaluate(ds).logits
     r = rows[2]

@@ -105,7 +105,7 @@ def test_rank_table_plot_out_and_by_class(tiny: dict[str, Path], tmp_path: Path)
 
 def perfect_bundle(tiny: dict[str, Path], path: Path) -> Path:
     """Two examples of different classes that the tiny model gets right."""
-    session = open_session(tiny["ckpt"], "cpu")
+    session = open_session(tiny["ckpt"], device="cpu")
     ds = data.load(str(tiny["test"]))
     preds = session.evaluate(ds)
     picks = []

@@ -125,3 +125,15 @@ def test_every_option_the_readme_names_exists() -> None:
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", prose))
     assert {"--timings", "--auto-layers", "--arch", "--json"} <= named  # the test reads what it should
     assert named - ours - theirs == set()
+
+
+def test_the_api_reference_matches_the_signatures() -> None:
+    """docs/api.md is written from the exported names' signatures: a changed signature or a new export fails here
+    until ``python docs/make_api.py`` is rerun, so the reference cannot drift from the code."""
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import make_api
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    assert (REPO / "docs" / "api.md").read_text() == make_api.render(), "docs/api.md is stale: run python docs/make_api.py"
+    assert "### `rank(ckpt: Openable | Session, *, data: DataChoice" in make_api.render()  # keyword-only after the first

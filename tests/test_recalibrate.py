@@ -22,7 +22,7 @@ runner = CliRunner()
 
 def overwritten_checkpoint(path: Path) -> Path:
     """The SGD sample with every BatchNorm's statistics overwritten with those of inverted training images."""
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     train = session.load_data(DataChoice(limit=500), default_split="train")
     model = recalibrated(session.model, dataclasses.replace(train, images=255 - train.images), session.preprocess, session.device)
     checkpoint.save(path, model.state_dict(), session.ckpt.metadata)
@@ -88,7 +88,7 @@ def test_layers_auto_recalibrates_when_the_cause_is_statistics(tmp_path: Path) -
 def test_a_repair_that_forgets_the_keep_data_is_not_shipped_unless_allowed(tmp_path: Path) -> None:
     from beta_diag import data
 
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     for split, n in (("train", 600), ("test", 400)):
         ds = session.load_data(DataChoice(limit=n), default_split=split)
         data.save_bundle(tmp_path / f"inv_{split}.safetensors", dataclasses.replace(ds, images=255 - ds.images))
@@ -113,7 +113,7 @@ def test_recalibration_on_unlabelled_images(tmp_path: Path) -> None:
     from PIL import Image
 
     damaged = overwritten_checkpoint(tmp_path / "damaged.safetensors")
-    session = open_session(SGD, "cpu")
+    session = open_session(SGD, device="cpu")
     train = session.load_data(DataChoice(limit=300, seed=1), default_split="train")
     folder = tmp_path / "unlabelled" / "nested"  # every image file under the folder, at any depth
     folder.mkdir(parents=True)

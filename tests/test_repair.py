@@ -21,7 +21,7 @@ from beta_diag.verdicts import choose, verdict
 from tests.conftest import make_images, sha
 
 runner = CliRunner()
-FAST = RepairConfig(repair_training(epochs=2, batch_size=64, lr=0.02))
+FAST = RepairConfig(training=repair_training(epochs=2, batch_size=64, lr=0.02))
 
 
 def test_verdict_equals_hand_count() -> None:
@@ -48,9 +48,9 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
     try:
         report = repair(
             tiny["damaged"],
-            ["layer4", "fc"],
-            out,
-            config=RepairConfig(repair_training(epochs=2, batch_size=64, lr=0.02), cache_features=cache),
+            layers=["layer4", "fc"],
+            output=out,
+            config=RepairConfig(training=repair_training(epochs=2, batch_size=64, lr=0.02), cache_features=cache),
             device="cpu",
         )
     finally:
@@ -68,7 +68,7 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
     assert not torch.equal(before["fc.weight"], after["fc.weight"])
     assert not torch.equal(before["layer4.1.conv2.weight"], after["layer4.1.conv2.weight"])
     # re-evaluating the written file reproduces the reported accuracy exactly
-    session = open_session(out, "cpu")
+    session = open_session(out, device="cpu")
     ds = session.load_data(DataChoice())
     assert session.evaluate(ds).accuracy == report.surgical.verify.accuracy_after
     meta = checkpoint.load(out).metadata
@@ -77,12 +77,12 @@ def test_repair_trains_only_chosen_and_follows_schedule(tiny: dict[str, Path], t
 
 
 def test_cached_and_uncached_repairs_agree(tiny: dict[str, Path], tmp_path: Path) -> None:
-    repair(tiny["damaged"], ["layer3", "layer4", "fc"], tmp_path / "a.safetensors", config=FAST, device="cpu")
+    repair(tiny["damaged"], layers=["layer3", "layer4", "fc"], output=tmp_path / "a.safetensors", config=FAST, device="cpu")
     repair(
         tiny["damaged"],
-        ["layer3", "layer4", "fc"],
-        tmp_path / "b.safetensors",
-        config=RepairConfig(repair_training(epochs=2, batch_size=64, lr=0.02), cache_features=False),
+        layers=["layer3", "layer4", "fc"],
+        output=tmp_path / "b.safetensors",
+        config=RepairConfig(training=repair_training(epochs=2, batch_size=64, lr=0.02), cache_features=False),
         device="cpu",
     )
     wa, wb = checkpoint.load(tmp_path / "a.safetensors").state_dict, checkpoint.load(tmp_path / "b.safetensors").state_dict
@@ -92,7 +92,7 @@ def test_cached_and_uncached_repairs_agree(tiny: dict[str, Path], tmp_path: Path
 def test_one_prefix_pass_gives_the_models_outputs(tiny: dict[str, Path]) -> None:
     """The repair evaluates the original on its training data through the cut (prefix once, then
     suffix): the same logits, bit for bit, as evaluating the whole model."""
-    session = open_session(tiny["ckpt"], "cpu")
+    session = open_session(tiny["ckpt"], device="cpu")
     ds = session.load_data(DataChoice(), default_split="train")
     chosen = {n for n, _ in session.model.named_parameters() if n.startswith(("layer4.", "fc."))}
     split = prefix.split(session.model, chosen)
@@ -200,7 +200,7 @@ def test_every_group_is_allowed(tiny: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_one_name_is_one_group(tiny: dict[str, Path]) -> None:
-    assert plan(str(tiny["damaged"]), "fc", device="cpu").groups == ("fc",)  # not 'f', 'c'
+    assert plan(str(tiny["damaged"]), layers="fc", device="cpu").groups == ("fc",)  # not 'f', 'c'
 
 
 def test_repair_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -226,7 +226,7 @@ def test_repair_refusals(tiny: dict[str, Path], tmp_path: Path) -> None:
         assert {p: sha(p) for p in tmp_path.iterdir()} == before
     assert not (tiny["root"] / "tiny.repaired.safetensors").exists()
     with pytest.raises(ConfigError):
-        repair(tiny["ckpt"], [], device="cpu")
+        repair(tiny["ckpt"], layers=[], device="cpu")
 
 
 def test_repair_is_deterministic(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -300,9 +300,9 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
         out = tmp_path / f"d{weight}.safetensors"
         repair(
             tiny["damaged"],
-            ["layer4", "fc"],
-            out,
-            config=RepairConfig(repair_training(epochs=1, batch_size=64, lr=0.02), distill=weight),
+            layers=["layer4", "fc"],
+            output=out,
+            config=RepairConfig(training=repair_training(epochs=1, batch_size=64, lr=0.02), distill=weight),
             device="cpu",
         )
         weights[weight] = checkpoint.load(out).state_dict["fc.weight"]
@@ -310,7 +310,7 @@ def test_distill_option(tiny: dict[str, Path], tmp_path: Path) -> None:
     assert not torch.equal(weights[0.0], weights[1.0])
     for bad in (float("nan"), float("inf"), -1.0, 1e308):
         with pytest.raises(ConfigError, match="--distill"):
-            repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(distill=bad), device="cpu")
+            repair(tiny["ckpt"], layers=["fc"], output=tmp_path / "x.safetensors", config=RepairConfig(distill=bad), device="cpu")
     for bad in ("-1", "inf", "1e308"):
         r = runner.invoke(app, ["repair", str(tiny["ckpt"]), "--layers", "fc", "--distill", bad])
         assert r.exit_code == 1 and r.stderr.startswith(f"Error: --distill {float(bad)}: pass a weight from 0"), (bad, r.stderr)
@@ -322,7 +322,7 @@ def test_repair_training_is_repairs_own_and_refuses_what_repair_cannot_do(tiny: 
     assert RepairConfig().training == repair_training() and repair_training(epochs=1).lr == 0.003
     for training in (repair_training(augment=True), repair_training(warmup_epochs=1.0)):
         with pytest.raises(ConfigError, match="without warm-up or augmentation"):
-            repair(tiny["ckpt"], ["fc"], tmp_path / "x.safetensors", config=RepairConfig(training), device="cpu")
+            repair(tiny["ckpt"], layers=["fc"], output=tmp_path / "x.safetensors", config=RepairConfig(training=training), device="cpu")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -410,27 +410,27 @@ def test_exact_mcnemar_and_net_interval_against_hand_counts() -> None:
 
 
 def test_validation_data_are_split_off_or_given_and_never_the_other_sets(tiny: dict[str, Path], tmp_path: Path) -> None:
-    p = plan(tiny["damaged"], ["fc"], config=FAST, device="cpu")
+    p = plan(tiny["damaged"], layers=["fc"], config=FAST, device="cpu")
     assert (len(p.train), len(p.val)) == (205, 51) and not p.val_given
     rows = {tuple(x.flatten().tolist()) for x in p.train.images}
     assert len(rows & {tuple(x.flatten().tolist()) for x in p.val.images}) == 0  # disjoint (the synthetic images are distinct)
     val_file = tmp_path / "val.safetensors"
     val_file.write_bytes(tiny["test"].read_bytes())
     with pytest.raises(ConfigError, match="is the verification data"):
-        plan(tiny["damaged"], ["fc"], config=FAST, device="cpu", val=DataChoice(str(val_file)), verify=DataChoice(str(val_file)))
+        plan(tiny["damaged"], layers=["fc"], config=FAST, device="cpu", val=DataChoice(str(val_file)), verify=DataChoice(str(val_file)))
     with pytest.raises(ConfigError, match="is the training data"):
-        plan(tiny["damaged"], ["fc"], config=FAST, device="cpu", val=DataChoice(str(tiny["train"])))
-    own = plan(tiny["damaged"], ["fc"], config=FAST, device="cpu", val=DataChoice(str(val_file)))
+        plan(tiny["damaged"], layers=["fc"], config=FAST, device="cpu", val=DataChoice(str(tiny["train"])))
+    own = plan(tiny["damaged"], layers=["fc"], config=FAST, device="cpu", val=DataChoice(str(val_file)))
     assert (len(own.train), len(own.val), own.val_given, own.to_dict()["val_data"]["from"]) == (256, 128, True, "given (--val-data)")
     for bad, option in ((0.0, "--val-fraction"), (0.9, "--val-fraction"), (-0.1, "--accept-p"), (2.0, "--accept-p")):
         field = "val_fraction" if option == "--val-fraction" else "accept_p"
         with pytest.raises(ConfigError, match=option):
-            plan(tiny["damaged"], ["fc"], config=dataclasses.replace(FAST, **{field: bad}), device="cpu")
+            plan(tiny["damaged"], layers=["fc"], config=dataclasses.replace(FAST, **{field: bad}), device="cpu")
 
 
 def test_the_cut_is_traced_once(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     traced = []
     original = torch.fx.symbolic_trace
     monkeypatch.setattr(torch.fx, "symbolic_trace", lambda *a, **k: traced.append(1) or original(*a, **k))
-    report = repair(tiny["damaged"], ["layer4", "fc"], tmp_path / "r.safetensors", config=FAST, device="cpu")
+    report = repair(tiny["damaged"], layers=["layer4", "fc"], output=tmp_path / "r.safetensors", config=FAST, device="cpu")
     assert report.plan["cached_prefix"] == "conv1..layer3" and len(traced) == 1

@@ -34,12 +34,14 @@ _EXPORTS = {
     "TrainConfig": "beta_diag.configs",
     "TrainResult": "beta_diag.training",
     "Evaluation": "beta_diag.evaluation",
-    "DataChoice": "beta_diag.session",
+    "DataChoice": "beta_diag.configs",
+    "ModelChoice": "beta_diag.configs",
     "Checkpoint": "beta_diag.checkpoint",
     "Metadata": "beta_diag.checkpoint",
     "load_checkpoint": ("beta_diag.checkpoint", "load"),
     "save_checkpoint": ("beta_diag.checkpoint", "save"),
     "load_ranking": ("beta_diag.ranking", "load"),
+    "save_ranking": ("beta_diag.ranking", "save"),
     "critical_momentum": "beta_diag.schedules",
     "damping_ratio": "beta_diag.schedules",
     "regime": "beta_diag.schedules",
@@ -59,14 +61,15 @@ if TYPE_CHECKING:  # the real types, for type checkers (at run time, __getattr__
     from beta_diag.checkpoint import load as load_checkpoint
     from beta_diag.checkpoint import save as save_checkpoint
     from beta_diag.comparison import Comparison, compare
-    from beta_diag.configs import REPAIR_TRAINING, RankConfig, RepairConfig, TrainConfig, repair_training
+    from beta_diag.configs import REPAIR_TRAINING, DataChoice, ModelChoice, RankConfig, RepairConfig, TrainConfig, repair_training
     from beta_diag.errors import BetaDiagError, CheckpointError, ConfigError, DataError, ModelError, NoErrorsToDiagnose, OutputError
     from beta_diag.evaluation import Evaluation, evaluate
     from beta_diag.ranking import Ranking, rank
     from beta_diag.ranking import load as load_ranking
+    from beta_diag.ranking import save as save_ranking
     from beta_diag.repairing import Plan, apply, plan, repair
     from beta_diag.schedules import critical_momentum, damping_ratio, regime
-    from beta_diag.session import DataChoice, open_session
+    from beta_diag.session import open_session
     from beta_diag.training import TrainResult, train
     from beta_diag.verdicts import RepairReport, Verdict
 

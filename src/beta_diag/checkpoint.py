@@ -25,7 +25,7 @@ from torch import nn
 
 from beta_diag import distributed, infer, models
 from beta_diag import fingerprint as fingerprint_mod
-from beta_diag.configs import Fit
+from beta_diag.configs import Fit, ModelChoice
 from beta_diag.errors import CheckpointError
 from beta_diag.fingerprint import Fingerprint
 from beta_diag.limits import MAX_INPUT_SIDE
@@ -48,17 +48,17 @@ class Checkpoint:
     resolved: bool = False  # True once ``inferred`` has filled in what the weights say; an override clears it
     fingerprint: Fingerprint | None = None  # the activation statistics it carries (fingerprint.py), kept apart from the weights
 
-    def with_overrides(
-        self,
-        arch: str | None = None,
-        arch_kwargs: dict[str, Any] | None = None,
-        input_size: tuple[int, int] | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        resize: Fit | None = None,
-    ) -> Checkpoint:
+    def with_model(self, choice: ModelChoice) -> Checkpoint:
         """The same checkpoint with the architecture (``--arch``, ``--arch-arg``) or the preprocessing
         (``--input-size``, ``--mean``, ``--std``: one value or one per channel; ``--resize``) given by hand."""
+        arch, arch_kwargs, input_size, mean, std, resize = (
+            choice.arch,
+            dict(choice.arch_kwargs),
+            choice.input_size,
+            choice.mean,
+            choice.std,
+            choice.resize,
+        )
         meta = self.metadata
         if resize is not None:
             meta = replace(meta, resize=Fit(resize).value)
@@ -293,7 +293,7 @@ def _read_torch(path: Path, state_key: str | None = None) -> tuple[dict[str, tor
     return obj, notes
 
 
-def load(path: str | os.PathLike[str], state_key: str | None = None) -> Checkpoint:
+def load(path: str | os.PathLike[str], *, state_key: str | None = None) -> Checkpoint:
     """Read a checkpoint: ``.safetensors``, ``.pt``/``.pth``, or a folder with ``model.safetensors``.
 
     ``state_key``: the key of a ``.pt``/``.pth`` dict that holds the weights (default: the dict itself,
@@ -370,6 +370,12 @@ def canonical(blob: bytes) -> memoryview:
     out = bytearray(len(raw).to_bytes(8, "little") + raw)
     out += memoryview(blob)[8 + n :]
     return memoryview(out)
+
+
+def load_as(path: str | os.PathLike[str], model: ModelChoice) -> Checkpoint:
+    """``load``, then ``model``'s options applied and what the weights say filled in; ``notes`` say what
+    loading converted, inferred or assumed. Example: ``load_as('model.pt', ModelChoice(arch='resnet18'))``."""
+    return load(path, state_key=model.state_key).with_model(model).inferred()
 
 
 def save(

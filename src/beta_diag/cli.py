@@ -24,15 +24,16 @@ from beta_diag.configs import (
     PLANNED_STEPS_PER_EPOCH,
     REPAIR_TRAINING,
     Baseline,
+    DataChoice,
     Focus,
     Granularity,
+    ModelChoice,
     OptimizerName,
-    RankConfig,
     RepairConfig,
     TrainConfig,
 )
 from beta_diag.errors import BetaDiagError, ConfigError, NoErrorsToDiagnose
-from beta_diag.options import data_files, load_checkpoint, parse_arch_args, rank_config, read_class_map
+from beta_diag.options import input_files, parse_arch_args, rank_config, read_class_map
 from beta_diag.shown import plain
 
 app = typer.Typer(
@@ -137,7 +138,7 @@ def train(
     from beta_diag import checkpoint, report, schedules
     from beta_diag.training import train as train_model
 
-    outputs.check_output(output, force, data_files(data, test_data), checkpoint_file=True)
+    outputs.preflight({"--output": output}, input_files(specs=(data, test_data)), force, checkpoint_file="--output")
     config = TrainConfig(
         epochs=epochs,
         lr=lr,  # type: ignore[arg-type]  # None: the optimizer's default LR (TrainConfig fills it in)
@@ -151,7 +152,14 @@ def train(
         device=device,
     )
     with report.progress(quiet or as_json) as progress:
-        result = train_model(arch, data, test_data, parse_arch_args(arch_arg), config, limit, test_limit, progress)
+        result = train_model(
+            arch,
+            data=DataChoice(data, "train", limit, seed),
+            test=DataChoice(test_data, "test", test_limit, seed),
+            arch_kwargs=parse_arch_args(arch_arg),
+            config=config,
+            progress=progress,
+        )
     sha = checkpoint.save(output, result.model.state_dict(), result.metadata, force=force, fingerprint=result.fingerprint)
     history = list(result.metadata.history)
     summary = {
@@ -166,23 +174,18 @@ def train(
 
 @app.command()
 @handle_errors
+@opt.takes_model
 def info(
     ckpt: opt.Ckpt,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     as_json: opt.Json = False,
     verbose: opt.Verbose = False,
 ) -> None:
     """What a checkpoint holds: metadata, parameters per layer group, training history."""
-    from beta_diag import report
+    from beta_diag import checkpoint, report
     from beta_diag.describe import describe
 
-    result = describe(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize))
+    result = describe(checkpoint.load_as(ckpt, model))
     say_notes(result["path"], result["notes"])
     report.print_json(result) if as_json else report.info_table(result)
 
@@ -218,6 +221,7 @@ def schedule(
 
 @app.command()
 @handle_errors
+@opt.takes_model
 def rank(
     ckpt: opt.Ckpt,
     data: opt.Data = None,
@@ -235,13 +239,7 @@ def rank(
     seed: opt.Seed = 0,
     by_class: opt.ByClass = False,
     groups_glob: opt.Groups = None,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     out: opt.RankingOut = None,
     plot: opt.Plot = None,
@@ -256,29 +254,37 @@ def rank(
     """
     from beta_diag import plots, report
     from beta_diag.ranking import rank as rank_fn
-    from beta_diag.session import DataChoice, open_session
+    from beta_diag.session import open_session
 
-    outputs.distinct(out=out, plot=plot)
-    for path in (out, plot):
-        if path is not None:
-            outputs.check_output(path, force, (ckpt, *data_files(data, train_data), *([class_map] if class_map else [])))
-    config = rank_config(metric, granularity, top_k, bootstrap, seed, by_class, groups_glob, contrast, 0 if no_control else control)
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
+    outputs.preflight({"--out": out, "--plot": plot}, input_files(ckpt, class_map, specs=(data, train_data)), force)
+    config = rank_config(
+        metric=metric,
+        granularity=granularity,
+        top_k=top_k,
+        bootstrap=bootstrap,
+        seed=seed,
+        by_class=by_class,
+        groups_glob=groups_glob,
+        contrast=contrast,
+        control=0 if no_control else control,
+    )
+    session = open_session(ckpt, device=device, model=model)
     with report.progress(quiet or as_json) as progress:
         folders = read_class_map(class_map)
         chosen, train_choice = DataChoice(data, split, limit, seed, folders), DataChoice(train_data, "train", class_map=folders)
-        result = rank_fn(session, chosen, config, progress=progress, train=train_choice)
+        result = rank_fn(session, data=chosen, config=config, progress=progress, train=train_choice)
     say_notes(session.ckpt.path, result.notes)
-    inputs = (ckpt, *data_files(data, train_data, result.data))  # the data the checkpoint's metadata named too
+    inputs = input_files(ckpt, specs=(data, train_data, result.data))  # the data the checkpoint's metadata named too
     if plot is not None:
         plots.ranking(result, plot, force, inputs)
     if out is not None:
-        result.save(out, force, inputs)
+        result.save(out, force=force, inputs=inputs)
     report.print_json(result.to_dict()) if as_json else report.rank_table(result)
 
 
 @app.command()
 @handle_errors
+@opt.takes_model
 def compare(
     inputs: opt.CompareInputs,
     data: opt.Data = None,
@@ -294,13 +300,7 @@ def compare(
     no_control: opt.NoControl = False,
     seed: opt.Seed = 0,
     groups_glob: opt.Groups = None,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     plot: opt.Plot = None,
     force: opt.Force = False,
@@ -314,26 +314,34 @@ def compare(
     """
     from beta_diag import checkpoint, plots, report
     from beta_diag.comparison import compare as compare_fn
-    from beta_diag.session import DataChoice
 
-    if plot is not None:
-        outputs.check_output(plot, force, (*inputs, *data_files(data), *([class_map] if class_map else [])))
-    config = rank_config(metric, granularity, top_k, bootstrap, seed, False, groups_glob, contrast, 0 if no_control else control)
-    opened = [
-        p if p.suffix.lower() == ".json" else load_checkpoint(p, arch, arch_arg, input_size, mean, std, state_key, resize) for p in inputs
-    ]
+    outputs.preflight({"--plot": plot}, input_files(*inputs, class_map, specs=(data,)), force)
+    config = rank_config(
+        metric=metric,
+        granularity=granularity,
+        top_k=top_k,
+        bootstrap=bootstrap,
+        seed=seed,
+        groups_glob=groups_glob,
+        contrast=contrast,
+        control=0 if no_control else control,
+    )
+    opened = [p if p.suffix.lower() == ".json" else checkpoint.load_as(p, model) for p in inputs]
     with report.progress(quiet or as_json) as progress:
-        result = compare_fn(opened, DataChoice(data, split, limit, seed, read_class_map(class_map)), config, device, top_k, progress)
+        result = compare_fn(
+            opened, data=DataChoice(data, split, limit, seed, read_class_map(class_map)), config=config, device=device, progress=progress
+        )
     for opened_ckpt, ranked in zip(opened, result.rankings):
         if isinstance(opened_ckpt, checkpoint.Checkpoint):  # a saved ranking's notes were said when it was made
             say_notes(opened_ckpt.path, ranked.notes)
     if plot is not None:
-        plots.comparison(result, plot, force, (*inputs, *data_files(data, *(r.data for r in result.rankings))))
+        plots.comparison(result, plot, force, input_files(*inputs, specs=(data, *(r.data for r in result.rankings))))
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
 
 
 @app.command()
 @handle_errors
+@opt.takes_model
 def repair(
     ckpt: opt.Ckpt,
     layers: opt.Layers = "auto",
@@ -365,13 +373,7 @@ def repair(
     granularity: opt.Granularity = Granularity.group,
     top_k: opt.TopK = None,
     seed: opt.Seed = 0,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     dry_run: opt.DryRun = False,
     plot: opt.Plot = None,
@@ -382,74 +384,62 @@ def repair(
     verbose: opt.Verbose = False,
 ) -> None:
     """Fine-tune only the flagged (or named) layers with beta-scheduled momentum; verify on held-out data."""
-    from beta_diag import plots, report
+    from beta_diag import checkpoint, plots, report
     from beta_diag.repairing import default_output
     from beta_diag.repairing import plan as plan_fn
     from beta_diag.repairing import repair as repair_fn
-    from beta_diag.session import DataChoice
 
-    repair_inputs = (ckpt, *data_files(data, train_data, val_data, keep_data), *[f for f in (ranking_file, class_map) if f])
+    repair_inputs = input_files(ckpt, ranking_file, class_map, specs=(data, train_data, val_data, keep_data))
     if not dry_run:
-        outputs.distinct(output=output or default_output(ckpt), plot=plot)
-        for path in (output, plot):
-            if path is not None:
-                outputs.check_output(path, force, repair_inputs, checkpoint_file=path is output)
-    chosen: list[str] | str = layers.strip() if layers.strip() in ("auto", "all") else [n.strip() for n in layers.split(",") if n.strip()]
-    training = replace(
-        REPAIR_TRAINING,
-        epochs=epochs,
-        lr=REPAIR_TRAINING.lr if lr is None else lr,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        momentum=momentum,
-        seed=seed,
-    )
+        outputs.preflight({"--output": output or default_output(ckpt), "--plot": plot}, repair_inputs, force, checkpoint_file="--output")
     config = RepairConfig(
-        training,
-        focus.value,
-        baseline.value,
-        cache,
-        distill,
-        auto_layers,
-        val_fraction,
-        accept_p,
-        method,
-        allow_forgetting,
+        training=replace(
+            REPAIR_TRAINING,
+            epochs=epochs,
+            lr=lr or REPAIR_TRAINING.lr,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            momentum=momentum,
+            seed=seed,
+        ),
+        focus=focus.value,
+        baseline=baseline.value,
+        cache_features=cache,
+        distill=distill,
+        auto_layers=auto_layers,
+        val_fraction=val_fraction,
+        accept_p=accept_p,
+        method=method,
+        allow_forgetting=allow_forgetting,
     )
-    rank_cfg = RankConfig(metric, granularity, top_k, DEFAULT_BOOTSTRAP, seed)  # --layers auto: the cause leads, the place follows
     folders = read_class_map(class_map)
-    train_choice, verify_choice = DataChoice(train_data, "train", train_limit, seed, folders), DataChoice(data, split, limit, seed, folders)
-    val_choice = DataChoice(val_data, "train", None, seed, folders) if val_data else None
-    keep_choice = DataChoice(keep_data, "test", class_map=folders) if keep_data else None
-    opened = load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize)
+    asked: dict[str, Any] = {  # what plan and repair share
+        "layers": opt.parse_layers(layers),
+        "train": DataChoice(train_data, "train", train_limit, seed, folders),
+        "verify": DataChoice(data, split, limit, seed, folders),
+        "val": DataChoice(val_data, "train", None, seed, folders) if val_data else None,
+        "keep_data": DataChoice(keep_data, "test", class_map=folders) if keep_data else None,
+        "config": config,
+        "rank_config": rank_config(metric=metric, granularity=granularity, top_k=top_k, seed=seed),  # the cause leads, the place follows
+        "saved_ranking": ranking_file,
+        "device": device,
+    }
+    opened = checkpoint.load_as(ckpt, model)
     with report.progress(quiet or as_json) as progress:
         if dry_run:
-            planned = plan_fn(
-                opened, chosen, train_choice, verify_choice, config, rank_cfg, ranking_file, device, progress, val_choice, keep_choice
-            )
+            planned = plan_fn(opened, progress=progress, **asked)
         else:
-            result = repair_fn(
-                opened,
-                chosen,
-                output,
-                train_choice,
-                verify_choice,
-                config,
-                rank_cfg,
-                ranking_file,
-                device,
-                force,
-                progress,
-                val_choice,
-                keep_choice,
-            )
+            result = repair_fn(opened, output=output, force=force, progress=progress, **asked)
     say_notes(opened.path, opened.notes if dry_run else result.notes)
     if dry_run:
         report.print_json(planned.to_dict(), timings) if as_json else report.plan_table(planned.to_dict())
         return
     if plot is not None:
         plots.repair(
-            result, plot, force, (*repair_inputs, *data_files(*(result.plan[k]["spec"] for k in ("train_data", "val_data", "verify_data"))))
+            result,
+            plot,
+            force,
+            input_files(*repair_inputs, specs=tuple(result.plan[k]["spec"] for k in ("train_data", "val_data", "verify_data"))),
         )
     report.print_json(result.to_dict(), timings) if as_json else report.repair_summary(result)
     if not result.accepted:

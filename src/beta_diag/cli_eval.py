@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from beta_diag import options as opt
 from beta_diag.cli import app, handle_errors, say_notes
-from beta_diag.options import load_checkpoint, read_class_map
+from beta_diag.configs import DataChoice, ModelChoice
+from beta_diag.options import read_class_map
 
 
 @app.command("eval")
 @handle_errors
+@opt.takes_model
 def evaluate(
     ckpts: opt.Ckpts,
     data: opt.EvalData = None,
@@ -16,13 +18,7 @@ def evaluate(
     limit: opt.Limit = None,
     class_map: opt.ClassMap = None,
     seed: opt.Seed = 0,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     as_json: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -35,12 +31,12 @@ def evaluate(
     """
     from beta_diag import report
     from beta_diag.evaluation import evaluate as run
-    from beta_diag.session import DataChoice, open_session
+    from beta_diag.session import open_session
 
     results, folders = [], read_class_map(class_map)
     with report.progress(quiet or as_json) as progress:
         for ckpt in ckpts:
-            session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
+            session = open_session(ckpt, device=device, model=model)
             say_notes(session.ckpt.path, session.ckpt.notes)
             specs: list[str | None] = list(data) if data else [None]  # None: the checkpoint's own held-out data
             for spec in specs:

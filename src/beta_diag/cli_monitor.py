@@ -7,13 +7,15 @@ import typer
 from beta_diag import options as opt
 from beta_diag import outputs
 from beta_diag.cli import app, handle_errors, say_notes
-from beta_diag.options import data_files, load_checkpoint, read_class_map
+from beta_diag.configs import DataChoice, ModelChoice
+from beta_diag.options import input_files, read_class_map
 
 SHIFT_EXIT = 4  # drift: the data have shifted (0: they have not)
 
 
 @app.command()
 @handle_errors
+@opt.takes_model
 def fingerprint(
     ckpt: opt.Ckpt,
     output: opt.TrainOutput,
@@ -21,13 +23,7 @@ def fingerprint(
     limit: opt.Limit = None,
     class_map: opt.ClassMap = None,
     seed: opt.Seed = 0,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     force: opt.Force = False,
     as_json: opt.Json = False,
@@ -40,15 +36,15 @@ def fingerprint(
     """
     from beta_diag import checkpoint, report
     from beta_diag.fingerprint import record
-    from beta_diag.session import DataChoice, open_session
+    from beta_diag.session import open_session
 
-    outputs.check_output(output, force, (ckpt, *data_files(data), *([class_map] if class_map else [])), checkpoint_file=True)
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
+    outputs.preflight({"--output": output}, input_files(ckpt, class_map, specs=(data,)), force, checkpoint_file="--output")
+    session = open_session(ckpt, device=device, model=model)
     say_notes(session.ckpt.path, session.ckpt.notes)
     ds = session.load_data(DataChoice(data, "train", limit, seed, read_class_map(class_map)), default_split="train", unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         found = record(session, ds, progress)
-    inputs = (ckpt, *data_files(data, ds.spec))  # the data the metadata named, too
+    inputs = input_files(ckpt, specs=(data, ds.spec))  # the data the metadata named, too
     sha = checkpoint.save(output, session.ckpt.state_dict, session.ckpt.metadata, force=force, inputs=inputs, fingerprint=found)
     summary = {"path": str(output), "sha256": sha, "fingerprint": found.describe()}
     report.print_json(summary) if as_json else report.fingerprint_summary(summary)
@@ -56,6 +52,7 @@ def fingerprint(
 
 @app.command()
 @handle_errors
+@opt.takes_model
 def drift(
     ckpt: opt.Ckpt,
     data: opt.Data = None,
@@ -64,13 +61,7 @@ def drift(
     class_map: opt.ClassMap = None,
     seed: opt.Seed = 0,
     alpha: opt.Alpha = 0.05,
-    arch: opt.Arch = None,
-    arch_arg: opt.ArchArg = None,
-    input_size: opt.InputSize = None,
-    mean: opt.Mean = None,
-    std: opt.Std = None,
-    resize: opt.Resize = None,
-    state_key: opt.StateKey = None,
+    model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     plot: opt.Plot = None,
     force: opt.Force = False,
@@ -85,17 +76,16 @@ def drift(
     a deployment script can gate on it. --alpha bounds the false-alarm rate per run on unshifted data.
     """
     from beta_diag import monitor, plots, report
-    from beta_diag.session import DataChoice, open_session
+    from beta_diag.session import open_session
 
-    if plot is not None:
-        outputs.check_output(plot, force, (ckpt, *data_files(data), *([class_map] if class_map else [])))
-    session = open_session(load_checkpoint(ckpt, arch, arch_arg, input_size, mean, std, state_key, resize), device)
+    outputs.preflight({"--plot": plot}, input_files(ckpt, class_map, specs=(data,)), force)
+    session = open_session(ckpt, device=device, model=model)
     say_notes(session.ckpt.path, session.ckpt.notes)
     ds = session.load_data(DataChoice(data, split, limit, seed, read_class_map(class_map)), unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         result = monitor.check(session, ds, alpha, progress)
     if plot is not None:
-        plots.drift(result, plot, force, (ckpt, *data_files(data, ds.spec)))
+        plots.drift(result, plot, force, input_files(ckpt, specs=(data, ds.spec)))
     report.print_json(result.to_dict()) if as_json else report.drift_table(result)
     if result.shifted:
         raise typer.Exit(SHIFT_EXIT)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from beta_diag import checkpoint, ranking
-from beta_diag.configs import RankConfig
+from beta_diag.configs import ModelChoice, RankConfig
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import Ranking
 from beta_diag.runtime import Progress
@@ -80,6 +80,9 @@ class Pair:
 
 @dataclass(frozen=True)
 class Comparison:
+    """Rankings of the same groups in two or more checkpoints, side by side: each pair's overlap of flags
+    (and its chance probability), rank correlations and bootstrap agreement; the groups flagged by all."""
+
     labels: tuple[str, ...]
     rankings: tuple[Ranking, ...]
     group_names: tuple[str, ...]
@@ -232,26 +235,27 @@ def _load_saved(path: Path) -> Ranking:
 
 def compare(
     inputs: Sequence[Openable],
+    *,
     data: DataChoice = DataChoice(),
     config: RankConfig = RankConfig(),
     device: str = "auto",
-    top_k: int | None = None,
     progress: Progress | None = None,
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
+    model: ModelChoice | None = None,
 ) -> Comparison:
     """Rank each checkpoint (or read each saved ranking) with identical options, then compare.
 
-    ``arch``/``arch_kwargs`` (``--arch``/``--arch-arg``) name the architecture of every checkpoint given,
-    for plain state dicts. The data is decoded once for all checkpoints. Example:
+    ``config.top_k``: flag exactly K groups in each and report overlap@K (default: the largest-gap rule).
+    ``model`` (``--arch``, ``--input-size`` and the other model options) applies to every checkpoint
+    given, for plain state dicts. The data is decoded once for all checkpoints. Example:
     ``compare(['sgd.safetensors', 'adam.safetensors']).verdict``.
     """
     paths = [p.path if isinstance(p, checkpoint.Checkpoint) else Path(p) for p in inputs]
+    top_k = config.top_k  # overlap@K as asked, also when saved rankings bring their own options
     saved = {
         i: _load_saved(p) for i, p in enumerate(paths) if p.suffix.lower() == ".json" and not isinstance(inputs[i], checkpoint.Checkpoint)
     }
     sessions = {
-        i: open_session(inputs[i] if isinstance(inputs[i], checkpoint.Checkpoint) else p, device, arch, arch_kwargs)
+        i: open_session(inputs[i] if isinstance(inputs[i], checkpoint.Checkpoint) else p, device=device, model=model)
         for i, p in enumerate(paths)
         if i not in saved
     }
@@ -268,6 +272,6 @@ def compare(
     done: dict[str, Ranking] = {}
     for i, session in sessions.items():
         if session.ckpt.sha256 not in done:  # the same file twice is ranked once
-            done[session.ckpt.sha256] = ranking.rank(session, data, config, dataset=dataset, progress=progress)
+            done[session.ckpt.sha256] = ranking.rank(session, data=data, config=config, dataset=dataset, progress=progress)
         results[i] = done[session.ckpt.sha256]
     return compare_rankings([results[i] for i in range(len(paths))], [str(p) for p in paths], top_k)

@@ -8,9 +8,10 @@ here. A new option's value type or default goes here; what it does goes in its m
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from beta_diag.errors import ConfigError
 from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
@@ -73,10 +74,37 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
 
 
+@dataclass(frozen=True)
+class DataChoice:
+    """Which data to use: a spec (None: the checkpoint's own), a split (None: test), a seeded limit, and for image
+    folders, which folder holds which of the model's classes where their names do not say (``--class-map``)."""
+
+    spec: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    class_map: tuple[tuple[str, str], ...] = ()  # image folder -> the model's class (name or index): ``--class-map``
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelChoice:
+    """What a checkpoint's metadata does not say about its model (or says wrong), given by hand: ``--arch``,
+    ``--arch-arg``, ``--input-size`` (height, width), ``--mean``/``--std`` (one value or one per channel),
+    ``--resize`` and ``--state-key``. ``None`` (and no arch keywords) keeps what the file says."""
+
+    arch: str | None = None
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: Fit | None = None
+    state_key: str | None = None
+
+
 DEFAULT_LR = {OptimizerName.sgd: 0.05, OptimizerName.adam: 0.001, OptimizerName.adamw: 0.001}  # when --lr is not given
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """How to train. ``momentum`` picks the schedule; the LR follows cosine (or 1cycle)."""
 
@@ -150,12 +178,15 @@ REPAIR_TRAINING = TrainConfig(epochs=3, lr=0.003, batch_size=128, optimizer=Opti
 
 
 def repair_training(**changes: Any) -> TrainConfig:
-    """Repair's training with some values changed, e.g. ``RepairConfig(repair_training(epochs=1))``
+    """Repair's training with some values changed, e.g. ``RepairConfig(training=repair_training(epochs=1))``
     (a bare ``TrainConfig()`` carries ``train``'s defaults: 5 epochs at LR 0.05)."""
     return replace(REPAIR_TRAINING, **changes)
 
 
-@dataclass(frozen=True)
+Layers = Literal["auto", "all"] | Sequence[str]  # what repair trains: auto (rank leads), all, or names (a bare string: a comma list)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RepairConfig:
     """How to repair: the ``training`` of the chosen layers (the one training loop's configuration; its
     device is the repair's), plus what only repair has. ``distill`` > 0 adds a pull towards the
@@ -207,7 +238,7 @@ class RepairConfig:
             raise ConfigError(f"--accept-p {self.accept_p}: pass a p-value from 0 to 1 (1 accepts any gain)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankConfig:
     """How to rank. ``include``: glob patterns restricting the groups (e.g. ``layer3*``). ``contrast``
     also scores as many correct examples as there are errors (one more pass; the contrast and

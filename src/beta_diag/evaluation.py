@@ -18,6 +18,9 @@ TOP_CONFUSIONS = 5
 
 @dataclass(frozen=True)
 class Evaluation:
+    """One checkpoint on one data set: accuracy, mean loss, per-class accuracy under the class names, and the
+    most frequent confusions."""
+
     checkpoint: str
     data: str
     split: str
@@ -31,7 +34,7 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate(session: Session, ds: Dataset, top: int = TOP_CONFUSIONS, progress: Any = None) -> Evaluation:
+def evaluate(session: Session, ds: Dataset, *, top: int = TOP_CONFUSIONS, progress: Any = None) -> Evaluation:
     """``session``'s model on labelled ``ds``: one evaluation pass."""
     preds = session.evaluate(ds, progress)
     logits, labels = preds.logits.float(), preds.labels

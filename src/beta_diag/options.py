@@ -5,20 +5,22 @@ Torch-free (with ``configs``), so the command line answers --help before torch l
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
 from beta_diag import configs
-from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Fit, Focus, MomentumSchedule, OptimizerName, RankConfig
+from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Fit, Focus, ModelChoice, MomentumSchedule, OptimizerName, RankConfig
 from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
 
-if TYPE_CHECKING:
-    from beta_diag.checkpoint import Checkpoint
+F = TypeVar("F", bound=Callable[..., Any])
 
 # every command
 
@@ -212,20 +214,32 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop
 
 
 def rank_config(
-    metric: configs.Metric,
-    granularity: configs.Granularity,
-    top_k: int | None,
-    bootstrap: int,
-    seed: int,
-    by_class: bool,
-    groups_glob: str | None,
+    *,
+    metric: configs.Metric = configs.DEFAULT_METRIC,
+    granularity: configs.Granularity = configs.Granularity.group,
+    top_k: int | None = None,
+    bootstrap: int = configs.DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    by_class: bool = False,
+    groups_glob: str | None = None,
     contrast: bool = False,
-    control: int = 0,
+    control: int = configs.DEFAULT_CONTROL,
 ) -> RankConfig:
+    """``RankConfig`` from the rank options (``--groups`` as a comma list of patterns)."""
     include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
     if groups_glob is not None and not include:
         raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
-    return RankConfig(metric, granularity, top_k, bootstrap, seed, by_class, include, contrast=contrast, control=control)
+    return RankConfig(
+        metric=metric,
+        granularity=granularity,
+        top_k=top_k,
+        bootstrap=bootstrap,
+        seed=seed,
+        by_class=by_class,
+        include=include,
+        contrast=contrast,
+        control=control,
+    )
 
 
 MAX_CLASS_MAP_BYTES = 1 << 20
@@ -267,15 +281,27 @@ def read_class_map(path: Path | None) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in pairs)
 
 
-def data_files(*specs: str | None) -> tuple[Path, ...]:
-    """The files data specs name (bundles), which no output may replace; a malformed spec is left to the command to refuse."""
+def input_files(*paths: Path | None, specs: tuple[str | None, ...] = ()) -> tuple[Path, ...]:
+    """The files a command reads, which no output may replace: the paths given, and the files its data specs
+    name (bundles); a malformed spec is left to the command to refuse."""
     from beta_diag.readers import DataSpec
 
-    found: list[Path] = []
+    found = [p for p in paths if p is not None]
     for spec in specs:
         with contextlib.suppress(BetaDiagError):
             found += DataSpec.parse(spec).files() if spec else []
     return tuple(found)
+
+
+def parse_layers(text: str) -> Literal["auto", "all"] | tuple[str, ...]:
+    """``--layers``: auto, all, or a comma list of group, block or module names."""
+    text = text.strip()
+    if text in ("auto", "all"):
+        return "auto" if text == "auto" else "all"
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ConfigError("--layers names no layer: pass auto, all, or a comma list such as layer4,fc")
+    return names
 
 
 def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
@@ -301,32 +327,58 @@ def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
         raise ConfigError(f"{option} {text}: pass numbers separated by commas (sizes: 28 or 224x224)") from None
 
 
-def load_checkpoint(
-    path: Path,
-    arch: str | None,
-    arch_args: list[str] | None,
+MODEL_OPTIONS = {
+    "arch": Arch,
+    "arch_arg": ArchArg,
+    "input_size": InputSize,
+    "mean": Mean,
+    "std": Std,
+    "resize": Resize,
+    "state_key": StateKey,
+}
+
+
+def model_choice(
+    arch: str | None = None,
+    arch_arg: list[str] | None = None,
     input_size: str | None = None,
     mean: str | None = None,
     std: str | None = None,
-    state_key: str | None = None,
     resize: Fit | None = None,
-) -> Checkpoint:
-    """The checkpoint with the model options applied (its ``notes`` say what loading converted or assumed)."""
-    from beta_diag import checkpoint
-
+    state_key: str | None = None,
+) -> ModelChoice:
+    """The model options as the command line gives them (text), parsed into the library's ``ModelChoice``."""
     size = _numbers("--input-size", input_size, int)
     if size is not None and len(size) not in (1, 2):
         raise ConfigError(f"--input-size {input_size}: pass one side (28) or height x width (224x224)")
-    ckpt = (
-        checkpoint.load(path, state_key)
-        .with_overrides(
-            arch,
-            parse_arch_args(arch_args),
-            None if size is None else (size[0], size[-1]),
-            _numbers("--mean", mean, float),
-            _numbers("--std", std, float),
-            resize,
-        )
-        .inferred()
+    return ModelChoice(
+        arch=arch,
+        arch_kwargs=parse_arch_args(arch_arg),
+        input_size=None if size is None else (size[0], size[-1]),
+        mean=_numbers("--mean", mean, float),
+        std=_numbers("--std", std, float),
+        resize=resize,
+        state_key=state_key,
     )
-    return ckpt
+
+
+def takes_model(command: F) -> F:
+    """Declare the model options (``MODEL_OPTIONS``) on a command in place of its ``model`` parameter, and call it
+    with one ``ModelChoice`` built from them: each command that opens a checkpoint shares one declaration."""
+    signature = inspect.signature(command, eval_str=True)
+    declared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        for name, annotation in MODEL_OPTIONS.items()
+    ]
+    params = []
+    for param in signature.parameters.values():
+        params += declared if param.name == "model" else [param.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name, None) for name in MODEL_OPTIONS}
+        return command(**kwargs, model=model_choice(**given))
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
+    return wrapper  # type: ignore[return-value]

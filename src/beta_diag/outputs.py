@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from beta_diag import distributed
@@ -85,16 +85,20 @@ def check_output(out: Path, force: bool, inputs: Iterable[Path] = (), checkpoint
         raise OutputError(f"{out.parent}: folder is not writable: choose another output path")
 
 
-def distinct(**outs: Path | None) -> None:
-    """Two outputs of one command may not share a path (``--out X --plot X`` would keep only the last)."""
+def preflight(outs: Mapping[str, Path | None], inputs: Iterable[Path], force: bool, checkpoint_file: str | None = None) -> None:
+    """Every output of a command checked before any work (``check_output``), and no two sharing a path
+    (``--out X --plot X`` would keep only the last). ``outs``: option -> path (None: not asked for);
+    ``checkpoint_file``: the option that writes a checkpoint. Each write checks its own again (``atomic_path``)."""
     seen: dict[str, str] = {}
+    given = tuple(inputs)
     for option, path in outs.items():
         if path is None:
             continue
         key = os.path.abspath(path)
         if key in seen:
-            raise OutputError(f"{path}: named by both --{seen[key]} and --{option}: give each output its own path")
-        seen[key] = option.replace("_", "-")
+            raise OutputError(f"{path}: named by both {seen[key]} and {option}: give each output its own path")
+        seen[key] = option
+        check_output(Path(path), force, given, checkpoint_file=option == checkpoint_file)
 
 
 @contextlib.contextmanager

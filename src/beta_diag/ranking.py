@@ -57,7 +57,7 @@ class GroupScore:
     score_hi: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ranking:
     """Which layer groups carry a checkpoint's errors. Render with ``report``; save with ``save``."""
 
@@ -118,14 +118,9 @@ class Ranking:
             **{k: v for k, v in self.config.to_dict().items() if k not in ("by_class",)},
         }
 
-    def save(self, path: str | Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
-        """Write the ranking as JSON (``rank --out``), under the output rule; ``load`` reads it back."""
-        from beta_diag.serial import dumps
-
-        out = Path(path)
-        outputs.check_output(out, force, (Path(self.checkpoint), *inputs))
-        with outputs.atomic_path(out, force) as tmp:
-            tmp.write_text(dumps(self.to_dict()) + "\n")
+    def save(self, path: str | Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+        """``save(self, path)``."""
+        save(self, path, force=force, inputs=inputs)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,40 +136,50 @@ class Ranking:
     def from_dict(cls, d: dict[str, Any]) -> Ranking:
         c = dict(d["config"])
         config = RankConfig(
-            Metric(c["metric"]),
-            Granularity(c["granularity"]),
-            c["top_k"],
-            c["bootstrap"],
-            c["seed"],
-            c["by_class"],
-            tuple(c["include"]),
+            metric=Metric(c["metric"]),
+            granularity=Granularity(c["granularity"]),
+            top_k=c["top_k"],
+            bootstrap=c["bootstrap"],
+            seed=c["seed"],
+            by_class=c["by_class"],
+            include=tuple(c["include"]),
             contrast=c.get("contrast", False),  # rankings saved before --contrast scored the correct sample always
             control=c.get("control", 0),  # rankings saved before the control pass had none
         )
         return cls(
-            d["checkpoint"],
-            d["sha256"],
-            d["data"],
-            d["split"],
-            d["limit"],
-            config,
-            d["examples"],
-            d["accuracy"],
-            tuple(d["error_index"]),
-            d["correct_sampled"],
-            tuple(GroupScore(**g) for g in d["groups"]),
-            tuple(tuple(r) for r in d["bootstrap_flags"]),
-            tuple(tuple(r) for r in d["bootstrap_ranks"]),
-            tuple(d["group_names"]),
-            d.get("by_class"),
-            Drift.from_dict(d["drift"]) if d.get("drift") else None,
-            tuple(d.get("notes", ())),
-            Cause.from_dict(d["cause"]) if d.get("cause") else None,
+            checkpoint=d["checkpoint"],
+            sha256=d["sha256"],
+            data=d["data"],
+            split=d["split"],
+            limit=d["limit"],
+            config=config,
+            examples=d["examples"],
+            accuracy=d["accuracy"],
+            error_index=tuple(d["error_index"]),
+            correct_sampled=d["correct_sampled"],
+            groups=tuple(GroupScore(**g) for g in d["groups"]),
+            bootstrap_flags=tuple(tuple(r) for r in d["bootstrap_flags"]),
+            bootstrap_ranks=tuple(tuple(r) for r in d["bootstrap_ranks"]),
+            group_names=tuple(d["group_names"]),
+            by_class=d.get("by_class"),
+            drift=Drift.from_dict(d["drift"]) if d.get("drift") else None,
+            notes=tuple(d.get("notes", ())),
+            cause=Cause.from_dict(d["cause"]) if d.get("cause") else None,
         )
 
 
+def save(r: Ranking, path: str | Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write a ranking as JSON (``rank --out``), under the output rule (``inputs``: files it may not replace); ``load`` reads it back."""
+    from beta_diag.serial import dumps
+
+    out = Path(path)
+    outputs.check_output(out, force, (Path(r.checkpoint), *inputs))
+    with outputs.atomic_path(out, force) as tmp:
+        tmp.write_text(dumps(r.to_dict()) + "\n")
+
+
 def load(path: str | Path) -> Ranking:
-    """Read a ranking saved by ``rank --out``."""
+    """Read a ranking saved by ``rank --out`` or ``save``."""
     path = Path(path)
     outputs.check_input(path, "ranking", ConfigError)
     try:
@@ -205,6 +210,7 @@ def _select_groups(every: list, config: RankConfig) -> list:
 
 def rank(
     ckpt: Openable | Session,
+    *,
     data: DataChoice = DataChoice(),
     config: RankConfig = RankConfig(),
     device: str = "auto",
@@ -218,7 +224,7 @@ def rank(
     images of it, 0: none). Raises NoErrorsToDiagnose when every example is right. Example:
     ``rank('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors').verdict``.
     """
-    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
+    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device=device)
     every = layer_groups(session.model, config.granularity)  # drift looks at all of them, the ranking at those --groups selects
     found = _select_groups(every, config)
     ds = dataset if dataset is not None else session.load_data(data)
@@ -291,24 +297,24 @@ def rank(
         load, labels = shares(m.errors), ds.labels[wrong].numpy()
         by_class = {ds.class_names[c]: {g.name: float(load[labels == c, j].mean()) for j, g in enumerate(found)} for c in np.unique(labels)}
     return Ranking(
-        str(session.ckpt.path),
-        session.ckpt.sha256,
-        ds.spec,
-        ds.split,
-        data.limit,
-        config,
-        len(ds),
-        preds.accuracy,
-        tuple(int(i) for i in wrong),
-        int(sample.numel()),
-        tuple(sorted(rows, key=lambda r: r.rank)),
-        tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
-        tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (),
-        tuple(g.name for g in found),
-        by_class,
-        drift,
-        session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))) + causes.notes(cause),
-        cause,
-        m,
-        preds,
+        checkpoint=str(session.ckpt.path),
+        sha256=session.ckpt.sha256,
+        data=ds.spec,
+        split=ds.split,
+        limit=data.limit,
+        config=config,
+        examples=len(ds),
+        accuracy=preds.accuracy,
+        error_index=tuple(int(i) for i in wrong),
+        correct_sampled=int(sample.numel()),
+        groups=tuple(sorted(rows, key=lambda r: r.rank)),
+        bootstrap_flags=tuple(tuple(bool(b) for b in row) for row in stab.flag_sets) if stab else (),
+        bootstrap_ranks=tuple(tuple(int(b) for b in row) for row in stab.replicate_ranks) if stab else (),
+        group_names=tuple(g.name for g in found),
+        by_class=by_class,
+        drift=drift,
+        notes=session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))) + causes.notes(cause),
+        cause=cause,
+        matrices=m,
+        predictions=preds,
     )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from beta_diag import checkpoint, fingerprint, groups, outputs, prefix, ranking, search
-from beta_diag.configs import AutoLayers, Granularity, RankConfig, RepairConfig, RepairMethod
+from beta_diag.configs import AutoLayers, Granularity, Layers, RankConfig, RepairConfig, RepairMethod
 from beta_diag.data import Dataset
 from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.ranking import Ranking
@@ -58,7 +58,7 @@ def resolve_layers(model: nn.Module, layers: list[str]) -> list[str]:
     return sorted({p for n in layers for p in known[n].param_names}, key=list(dict(model.named_parameters())).index)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     """What a repair will do and everything it needs: the hand-off from ``plan`` to ``apply``.
 
@@ -146,7 +146,8 @@ def _saved_ranking(session: Session, saved: str | Path | None, verify: DataChoic
 
 def plan(
     ckpt: Openable | Session,
-    layers: list[str] | str = "auto",
+    *,
+    layers: Layers = "auto",
     train: DataChoice = DataChoice(),
     verify: DataChoice = DataChoice(),
     config: RepairConfig = RepairConfig(),
@@ -157,9 +158,11 @@ def plan(
     val: DataChoice | None = None,
     keep_data: DataChoice | None = None,
 ) -> Plan:
-    """What ``apply`` will do (groups, parameters, training/validation/verification data, the cut), without training."""
+    """What ``apply`` will do (groups, parameters, training/validation/verification data, the cut), without training.
+    ``layers``: "auto" (rank's cause and place lead), "all", or group, block or module names (a bare string is a
+    comma list: "fc" is one name)."""
     config.check()
-    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
+    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device=device)
     saved, verify = _saved_ranking(session, saved_ranking, verify)
     verify_ds = session.load_data(verify)
     before: dict[str, Predictions] = {}
@@ -176,7 +179,7 @@ def plan(
             raise ConfigError("--method recalibrate re-estimates every BatchNorm's statistics and trains no layer: drop --layers")
         names: list[str] = [RECALIBRATED]
     elif layers == "auto":
-        result = saved or ranking.rank(session, verify, rank_config, dataset=verify_ds, progress=progress, train=train)
+        result = saved or ranking.rank(session, data=verify, config=rank_config, dataset=verify_ds, progress=progress, train=train)
         if result.predictions is not None:
             before["verify"] = result.predictions
         if AutoLayers(config.auto_layers) is AutoLayers.search or (result.cause is not None and result.cause.kind == "statistics"):
@@ -275,7 +278,7 @@ def _focus(before: Predictions, seed: int, where: str) -> torch.Tensor:
     return torch.cat([wrong, right[torch.randperm(right.numel(), generator=gen)[:n_right]]]).sort().values
 
 
-def apply(p: Plan, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> RepairReport:
+def apply(p: Plan, *, output: str | Path | None = None, force: bool = False, progress: Progress | None = None) -> RepairReport:
     """Fine-tune the plan's parameters (or search its candidates), keep the best epoch on validation, verify on
     held-out data, and write the result only if the gate accepts it (``RepairReport.accepted``; otherwise nothing
     is written)."""
@@ -462,7 +465,8 @@ def _metadata(session: Session, out: Path, plan_dict: dict[str, Any], arm: Arm) 
 
 def repair(
     ckpt: Openable | Session,
-    layers: list[str] | str = "auto",
+    *,
+    layers: Layers = "auto",
     output: str | Path | None = None,
     train: DataChoice = DataChoice(),
     verify: DataChoice = DataChoice(),
@@ -480,12 +484,23 @@ def repair(
 
     Example: ``r = repair('sgd.safetensors', 'auto'); r.accepted, r.surgical.verify.net``.
     """
-    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device)
+    session = ckpt if isinstance(ckpt, Session) else open_session(ckpt, device=device)
     given = (
         session.ckpt.path,
         *([Path(saved_ranking)] if saved_ranking else []),
         *(f for c in (train, verify, val, keep_data) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()),
     )
     outputs.check_output(_output_path(session, output), force, given, checkpoint_file=True)  # before any work
-    planned = plan(session, layers, train, verify, config, rank_config, saved_ranking, device, progress, val, keep_data)
-    return apply(planned, output, force, progress)
+    planned = plan(
+        session,
+        layers=layers,
+        train=train,
+        verify=verify,
+        config=config,
+        rank_config=rank_config,
+        saved_ranking=saved_ranking,
+        progress=progress,
+        val=val,
+        keep_data=keep_data,
+    )
+    return apply(planned, output=output, force=force, progress=progress)

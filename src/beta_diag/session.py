@@ -15,22 +15,11 @@ from torch import nn
 from beta_diag import checkpoint
 from beta_diag import data as data_mod
 from beta_diag.checkpoint import Checkpoint
+from beta_diag.configs import DataChoice, ModelChoice
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.errors import CheckpointError, DataError
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Predictions, evaluate, prepare, resolve_device
-
-
-@dataclass(frozen=True)
-class DataChoice:
-    """Which data to use: a spec (None: the checkpoint's own), a split (None: test), a seeded limit, and for image
-    folders, which folder holds which of the model's classes where their names do not say (``--class-map``)."""
-
-    spec: str | None = None
-    split: str | None = None
-    limit: int | None = None
-    seed: int = 0
-    class_map: tuple[tuple[str, str], ...] = ()  # image folder -> the model's class (name or index): ``--class-map``
 
 
 @dataclass(frozen=True)
@@ -94,28 +83,24 @@ def preprocess_for(ckpt: Checkpoint) -> Preprocess:
 Openable = str | Path | Checkpoint  # what ``open_session`` opens: a checkpoint's path or a loaded checkpoint
 
 
-def open_session(
-    path: Openable,
-    device: str = "auto",
-    arch: str | None = None,
-    arch_kwargs: dict[str, Any] | None = None,
-) -> Session:
-    """Load a checkpoint, build its model on the device, and derive its preprocessing.
+def open_session(path: Openable, *, device: str = "auto", model: ModelChoice | None = None) -> Session:
+    """Load a checkpoint (``model``: what its metadata does not say, as ``--arch``, ``--input-size`` and the
+    other model options give it), build its model on the device, and derive its preprocessing.
 
     Example: ``open_session('sample_checkpoints/fmnist_resnet18w16_sgd_beta.safetensors')``.
     """
-    ckpt = path if isinstance(path, Checkpoint) else checkpoint.load(path)
-    ckpt = ckpt.with_overrides(arch, arch_kwargs).inferred()
+    choice = model or ModelChoice()
+    ckpt = path.with_model(choice).inferred() if isinstance(path, Checkpoint) else checkpoint.load_as(path, choice)
     dev = resolve_device(device)
-    model = prepare(ckpt.build_model(), dev).eval()
+    net = prepare(ckpt.build_model(), dev).eval()
     pre = preprocess_for(ckpt)
-    width = output_width(ckpt, model, pre.input_shape, dev)
+    width = output_width(ckpt, net, pre.input_shape, dev)
     names = ckpt.metadata.class_names
     if names and len(names) != width:
         raise CheckpointError(
             f"{ckpt.path}: metadata names {len(names)} classes but the model has {width} outputs: fix or remove 'class_names'"
         )
-    return Session(ckpt, model, pre, dev, width)
+    return Session(ckpt, net, pre, dev, width)
 
 
 def output_width(ckpt: Checkpoint, model: nn.Module, shape: tuple[int, int, int], device: torch.device) -> int:

@@ -15,7 +15,7 @@ from torch import nn
 from beta_diag import data as data_mod
 from beta_diag import distributed, fingerprint
 from beta_diag.checkpoint import Metadata, nonfinite
-from beta_diag.configs import DISTILL_TEMPERATURE, OptimizerName, TrainConfig
+from beta_diag.configs import DISTILL_TEMPERATURE, DataChoice, OptimizerName, TrainConfig
 from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.fingerprint import Fingerprint
@@ -196,29 +196,32 @@ class TrainResult:
 
 def train(
     arch: str,
-    data: str = "fashion-mnist",
-    test_data: str | None = None,
-    arch_kwargs: dict | None = None,
+    *,
+    data: DataChoice = DataChoice("fashion-mnist"),
+    test: DataChoice | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
     config: TrainConfig = TrainConfig(),
-    limit: int | None = None,
-    test_limit: int | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Train ``arch`` on the train split of ``data``, testing each epoch on ``test_data`` (default: its test split).
+    """Train ``arch`` on the train split of ``data``, testing each epoch on ``test`` (default: the test split
+    of ``data``'s spec). A choice's ``limit`` takes a subset seeded by its ``seed``.
 
-    Example: ``train('resnet18_cifar', 'fashion-mnist', arch_kwargs={'width': 16}, limit=2000)``.
+    Example: ``train('resnet18_cifar', data=DataChoice('fashion-mnist', limit=2000), arch_kwargs={'width': 16})``.
     """
     import inspect
 
     from beta_diag import models
 
     config.check()  # before any data is read
-    train_spec = DataSpec.parse(data)
-    if test_data is None and train_spec.reader.one_split:
-        raise ConfigError(f"{data} is a bundle, which holds one split: pass --test-data with held-out images")
-    train_ds = data_mod.load(data, "train", limit=limit, seed=config.seed)
-    test_spec = test_data or data
-    test_ds = data_mod.load(test_spec, "test", limit=test_limit, seed=config.seed)
+    if not data.spec:
+        raise ConfigError("train needs data: pass e.g. DataChoice('fashion-mnist')")
+    train_spec = DataSpec.parse(data.spec)
+    if (test is None or not test.spec) and train_spec.reader.one_split:
+        raise ConfigError(f"{data.spec} is a bundle, which holds one split: pass --test-data with held-out images")
+    test_spec = test.spec if test is not None and test.spec else data.spec
+    limit, test_limit = data.limit, test.limit if test is not None else None
+    train_ds = data_mod.load(data.spec, "train", limit=limit, seed=data.seed)
+    test_ds = data_mod.load(test_spec, "test", limit=test_limit, seed=data.seed if test is None else test.seed)
     data_mod.check_fits(train_ds, 10**9, min_classes=2)
     num_classes = max(len(train_ds.class_names), int(train_ds.labels.max()) + 1)
     data_mod.check_fits(test_ds, num_classes)

@@ -177,6 +177,9 @@ class Arm:
 
 @dataclass(frozen=True)
 class RepairReport:
+    """What a repair did: the plan, the surgical arm's gate and held-out verdicts (and the full fine-tune's, when
+    asked), whether it was accepted and written (``output``, ``sha256``), and the search it ran."""
+
     plan: dict[str, Any]  # Plan.to_dict(): what was chosen, on which data
     surgical: Arm
     baseline: Arm | None
