@@ -37,8 +37,9 @@ from beta_diag import data
 from beta_diag.configs import REPAIR_TRAINING, AutoLayers, RankConfig, RepairConfig, repair_training
 from beta_diag.data import Dataset
 from beta_diag.groups import layer_groups
+from beta_diag.planning import auto_groups
 from beta_diag.ranking import rank
-from beta_diag.repairing import auto_groups, repair
+from beta_diag.repairing import repair
 from beta_diag.session import DataChoice, open_session
 
 

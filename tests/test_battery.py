@@ -3,12 +3,14 @@ no traceback, nothing written, every input file unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -220,7 +222,20 @@ def test_half_precision_weights_load_and_rank(tiny: dict[str, Path], tmp_path: P
 
 
 def test_colour_data_for_a_grey_model_is_converted(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """RGB images for a grey model: converted as PIL's convert("L") converts them (ITU-R 601 luma), and said."""
+    from beta_diag.configs import DataChoice
+    from beta_diag.session import open_session
+
     rgb = write_bundle(tmp_path / "rgb.safetensors", 64, channels=3, seed=5, label_noise=0.2)
     result = runner.invoke(app, ["rank", str(tiny["ckpt"]), "--data", str(rgb), "--bootstrap", "5", "--json"])
     assert result.exit_code == 0, result.stderr
-    assert json.loads(result.stdout)["examples"] == 64
+    ranked = json.loads(result.stdout)
+    assert ranked["examples"] == 64 and any("3-channel images are converted to grey (ITU-R 601 luma)" in n for n in ranked["notes"])
+    session = open_session(tiny["ckpt"], device="cpu")
+    colour = session.load_data(DataChoice(str(rgb)))
+    by_pil_images = [np.array(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L")) for im in colour.images]
+    grey = torch.stack([torch.from_numpy(im)[None] for im in by_pil_images])
+    by_pil = session.evaluate(dataclasses.replace(colour, images=grey)).logits
+    ours = session.evaluate(colour).logits
+    first_channel = session.evaluate(dataclasses.replace(colour, images=colour.images[:, :1])).logits
+    assert (ours - by_pil).abs().max() < 0.05 < (first_channel - by_pil).abs().max()  # 8-bit rounding apart; not one channel

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from beta_diag import checkpoint
 from beta_diag.cli import app
+from beta_diag.configs import DEFAULT_LR, OptimizerName, TrainConfig
 from tests.conftest import sha, train_args, write_bundle
 
 runner = CliRunner()
@@ -304,39 +305,30 @@ def test_python_dash_m() -> None:
     assert "Usage: python -m beta_diag [OPTIONS] COMMAND [ARGS]..." in out.stdout
 
 
-def test_cli_defaults_are_the_librarys() -> None:
-    """One policy: every training and repair option defaults to the library's own default, and a Python
-    TrainConfig for Adam gets Adam's learning rate, as the command line does."""
-    import inspect
+def test_cli_defaults_are_the_librarys(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """One policy: what each command runs with when no option is given is what the library runs with, read from what
+    the command recorded (not from its declarations), and the documented values hold."""
+    from beta_diag import schedules
+    from beta_diag.configs import RankConfig, RepairConfig
 
-    from beta_diag import cli, schedules
-    from beta_diag.configs import DEFAULT_LR, REPAIR_TRAINING, OptimizerName, RepairConfig, TrainConfig
+    out = tmp_path / "m.safetensors"
+    assert run(*train_args(tiny, out, "--device", "cpu")).exit_code == 0
+    recorded = checkpoint.load(out).metadata.training
+    expected = TrainConfig(epochs=1, device="cpu").to_dict()
+    assert {k: recorded[k] for k in expected} == expected
+    documented = (TrainConfig().epochs, TrainConfig().lr, TrainConfig(optimizer=OptimizerName.adam).lr, TrainConfig().batch_size)
+    assert documented == (5, 0.05, DEFAULT_LR[OptimizerName.adam], 128) and DEFAULT_LR[OptimizerName.adam] == 0.001
 
-    train_params = inspect.signature(cli.train).parameters
-    for option, field in (
-        ("epochs", "epochs"),
-        ("batch_size", "batch_size"),
-        ("weight_decay", "weight_decay"),
-        ("warmup", "warmup_epochs"),
-        ("augment", "augment"),
-        ("seed", "seed"),
-        ("optimizer", "optimizer"),
-        ("momentum", "momentum"),
-    ):
-        assert train_params[option].default == getattr(TrainConfig, field), option
-    assert train_params["lr"].default is None and TrainConfig(optimizer=OptimizerName.adam).lr == DEFAULT_LR[OptimizerName.adam] == 0.001
-    repair_params = inspect.signature(cli.repair).parameters
-    for option in ("epochs", "lr", "batch_size", "optimizer", "momentum", "seed"):
-        assert repair_params[option].default == getattr(REPAIR_TRAINING, option) == getattr(RepairConfig().training, option), option
-    for option in (
-        "distill",
-        "auto_layers",
-        "val_fraction",
-        "accept_p",
-        "focus",
-        "baseline",
-    ):
-        assert repair_params[option].default == getattr(RepairConfig, option), option
-    schedule_params, planned = inspect.signature(cli.schedule).parameters, inspect.signature(schedules.planned_runs).parameters
-    for option in ("lr", "epochs", "steps_per_epoch", "warmup", "optimizer"):
-        assert schedule_params[option].default == planned[option].default, option
+    planned = run("repair", tiny["damaged"], "--layers", "fc", "--dry-run", "--json")
+    assert planned.exit_code == 0, planned.stderr
+    config = json.loads(planned.stdout)["config"]
+    assert {k: config[k] for k in RepairConfig().to_dict()} == RepairConfig().to_dict()
+    assert (config["epochs"], config["lr"], config["accept_p"], config["auto_layers"]) == (3, 0.003, 0.05, "search")
+
+    ranked = run("rank", tiny["ckpt"], "--json")
+    assert ranked.exit_code == 0, ranked.stderr
+    assert json.loads(ranked.stdout)["config"] == RankConfig().to_dict()
+    assert (RankConfig().bootstrap, RankConfig().control) == (200, 1000)
+
+    shown = run("schedule", "--json")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["schedules"] == json.loads(json.dumps(schedules.planned_runs()))

@@ -22,7 +22,23 @@ def made_up(scores: list[float], flagged: set[str], config: RankConfig = RankCon
     rks = ranking.ranks(np.array(scores))
     groups = tuple(
         sorted(
-            (GroupScore(n, 1, 0.25, {}, s, int(r), n in flagged, 1.0, r, r, s, s) for n, s, r in zip(names, scores, rks)),
+            (
+                GroupScore(
+                    name=n,
+                    numel=1,
+                    param_share=0.25,
+                    scores={},
+                    score=s,
+                    rank=int(r),
+                    flagged=n in flagged,
+                    p_flagged=1.0,
+                    rank_lo=r,
+                    rank_hi=r,
+                    score_lo=s,
+                    score_hi=s,
+                )
+                for n, s, r in zip(names, scores, rks)
+            ),
             key=lambda g: g.rank,
         )
     )

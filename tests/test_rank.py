@@ -135,3 +135,28 @@ def test_rank_edge_cases(tiny: dict[str, Path], tmp_path: Path) -> None:
         r = run("rank", tiny["ckpt"], *args)
         assert r.exit_code == 1 and r.stderr.startswith("Error: ") and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_by_class_is_each_classs_mean_share_of_its_errors_gradients(tiny: dict[str, Path]) -> None:
+    """``by_class[c][g]``: over the errors whose true class is c, the mean share of group g in each error's squared
+    gradient norm, against a plain loop (one autograd.grad per error) on the same errors."""
+    from beta_diag.configs import DataChoice, RankConfig
+    from beta_diag.groups import layer_groups
+
+    r = ranking.rank(tiny["damaged"], config=RankConfig(bootstrap=0, control=0, by_class=True), device="cpu")
+    session = open_session(tiny["damaged"], device="cpu")
+    ds = session.load_data(DataChoice())
+    model, params = session.model, dict(session.model.named_parameters())
+    expected: dict[str, dict[str, list[float]]] = {}
+    for i in r.error_index:
+        x, y = session.preprocess(ds.images[i : i + 1]), ds.labels[i : i + 1]
+        loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        sq = {g.name: sum(float(grads[n].double().pow(2).sum()) for n in g.param_names) for g in layer_groups(model)}
+        total = sum(sq.values())
+        for name, value in sq.items():
+            expected.setdefault(ds.class_names[int(y)], {}).setdefault(name, []).append(value / total)
+    assert r.by_class is not None and set(r.by_class) == set(expected) and len(expected) >= 2
+    for cls, groups in expected.items():
+        assert r.by_class[cls] == pytest.approx({g: float(np.mean(v)) for g, v in groups.items()}, rel=1e-4, abs=1e-7)
+        assert sum(r.by_class[cls].values()) == pytest.approx(1.0)

@@ -13,7 +13,8 @@ from beta_diag.configs import AutoLayers, RepairConfig, TrainConfig, repair_trai
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError
-from beta_diag.repairing import auto_groups, plan, repair
+from beta_diag.planning import auto_groups, plan
+from beta_diag.repairing import repair
 from beta_diag.runtime import Predictions
 from beta_diag.session import DataChoice, open_session
 from beta_diag.training import Anchor, fit, seeded

@@ -15,7 +15,7 @@ _EXPORTS = {
     # the commands
     "rank": "beta_diag.ranking",
     "compare": "beta_diag.comparison",
-    "plan": "beta_diag.repairing",
+    "plan": "beta_diag.planning",
     "apply": "beta_diag.repairing",
     "repair": "beta_diag.repairing",
     "train": "beta_diag.training",
@@ -28,7 +28,7 @@ _EXPORTS = {
     "RepairConfig": "beta_diag.configs",
     "REPAIR_TRAINING": "beta_diag.configs",
     "repair_training": "beta_diag.configs",
-    "Plan": "beta_diag.repairing",
+    "Plan": "beta_diag.planning",
     "RepairReport": "beta_diag.verdicts",
     "Verdict": "beta_diag.verdicts",
     "TrainConfig": "beta_diag.configs",
@@ -37,7 +37,7 @@ _EXPORTS = {
     "DataChoice": "beta_diag.configs",
     "ModelChoice": "beta_diag.configs",
     "Checkpoint": "beta_diag.checkpoint",
-    "Metadata": "beta_diag.checkpoint",
+    "Metadata": "beta_diag.metadata",
     "load_checkpoint": ("beta_diag.checkpoint", "load"),
     "save_checkpoint": ("beta_diag.checkpoint", "save"),
     "load_ranking": ("beta_diag.ranking", "load"),
@@ -57,17 +57,19 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the names above, in one place
 
 if TYPE_CHECKING:  # the real types, for type checkers (at run time, __getattr__ loads each name when first used)
-    from beta_diag.checkpoint import Checkpoint, Metadata
+    from beta_diag.checkpoint import Checkpoint
     from beta_diag.checkpoint import load as load_checkpoint
     from beta_diag.checkpoint import save as save_checkpoint
     from beta_diag.comparison import Comparison, compare
     from beta_diag.configs import REPAIR_TRAINING, DataChoice, ModelChoice, RankConfig, RepairConfig, TrainConfig, repair_training
     from beta_diag.errors import BetaDiagError, CheckpointError, ConfigError, DataError, ModelError, NoErrorsToDiagnose, OutputError
     from beta_diag.evaluation import Evaluation, evaluate
+    from beta_diag.metadata import Metadata
+    from beta_diag.planning import Plan, plan
     from beta_diag.ranking import Ranking, rank
     from beta_diag.ranking import load as load_ranking
     from beta_diag.ranking import save as save_ranking
-    from beta_diag.repairing import Plan, apply, plan, repair
+    from beta_diag.repairing import apply, repair
     from beta_diag.schedules import critical_momentum, damping_ratio, regime
     from beta_diag.session import open_session
     from beta_diag.training import TrainResult, train

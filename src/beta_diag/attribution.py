@@ -25,7 +25,7 @@ import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +156,8 @@ class _Recorder:
             if name and _fast(module) and any(p.requires_grad for p in module.parameters(recurse=False)):
                 self.handles.append(module.register_forward_hook(self._hook(name)))
 
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
             if not self.active or not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
                 return
             record = [args[0].detach()]

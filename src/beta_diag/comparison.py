@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from beta_diag import checkpoint, ranking
-from beta_diag.configs import ModelChoice, RankConfig
+from beta_diag import checkpoint, ranking, scores
+from beta_diag.configs import DataChoice, ModelChoice, RankConfig
 from beta_diag.errors import ConfigError
 from beta_diag.ranking import Ranking
 from beta_diag.runtime import Progress
-from beta_diag.session import DataChoice, Openable, open_session
+from beta_diag.session import Openable, open_session
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -156,7 +156,7 @@ def _aligned(r: Ranking, names: tuple[str, ...], field: str) -> np.ndarray:
     return np.array([getattr(r.group(n), field) for n in names])
 
 
-def _replicates(rows: tuple[tuple, ...], r: Ranking, names: tuple[str, ...]) -> np.ndarray:
+def _replicates(rows: tuple[tuple[int, ...], ...] | tuple[tuple[bool, ...], ...], r: Ranking, names: tuple[str, ...]) -> np.ndarray:
     """(B, G) bootstrap rows of ``r`` with columns in the order ``names``."""
     col = [r.group_names.index(n) for n in names]
     return np.array(rows)[:, col]
@@ -188,7 +188,7 @@ def _pair(i: int, j: int, a: Ranking, b: Ranking, top_k: int | None) -> Pair:
         p_same = float(same.all(1).mean())
     g = len(names)
     p_chance = {k: p_overlap_by_chance(g, k, k, round(overlap[k] * k)) for k in ks}
-    share_rank = ranking.ranks(_aligned(a, names, "param_share"))  # ties in model order, as a ranking's own
+    share_rank = scores.ranks(_aligned(a, names, "param_share"))  # ties in model order, as a ranking's own
     share_overlap = {k: (float(((ra <= k) & (share_rank <= k)).sum() / k), float(((rb <= k) & (share_rank <= k)).sum() / k)) for k in ks}
     p_flags = p_overlap_by_chance(g, len(fa), len(fb), len(fa & fb))
     return Pair(i, j, overlap, ci, jaccard, spearman(sa, sb), kendall_tau_b(sa, sb), p_same, p_chance, p_flags, share_overlap)

@@ -123,7 +123,7 @@ class TrainConfig:
         if self.lr is None:  # one policy for Python and the command line: Adam at SGD's 0.05 diverges
             object.__setattr__(self, "lr", DEFAULT_LR[OptimizerName(self.optimizer)])
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["optimizer"], d["momentum"] = OptimizerName(self.optimizer).value, MomentumSchedule(self.momentum).value
         return d

@@ -25,13 +25,14 @@ from beta_diag import data as data_mod
 from beta_diag import drift as drift_mod
 from beta_diag import fingerprint
 from beta_diag.causes import Cause, Evidence, decide
+from beta_diag.configs import DataChoice
 from beta_diag.data import Dataset, Preprocess
 from beta_diag.drift import Drift
 from beta_diag.errors import BetaDiagError
 from beta_diag.groups import Group
 from beta_diag.recalibration import agreement, recalibrated
 from beta_diag.runtime import Predictions, Progress, evaluate
-from beta_diag.session import DataChoice, Session
+from beta_diag.session import Session
 
 ADAPT_WHEN = 2.0  # measure what adapting to the data recovers once its drift passes this many times the training data's
 NORMALISATIONS = {  # what a model trained elsewhere was most likely normalised with
@@ -57,7 +58,10 @@ def _channel_stats(ds: Dataset, pre: Preprocess, limit: int = 512, chunk: int = 
     mean = sums[1] / sums[0]
     std = (sums[2] / sums[0] - mean.square()).clamp_min(0).sqrt()
     scale, shift = torch.tensor(pre.std, dtype=torch.float64).expand_as(mean), torch.tensor(pre.mean, dtype=torch.float64).expand_as(mean)
-    rounded = lambda t: [round(float(v), 4) for v in t]
+
+    def rounded(t: torch.Tensor) -> list[float]:
+        return [round(float(v), 4) for v in t]
+
     return {
         "input_mean": rounded(mean),
         "input_std": rounded(std),
@@ -73,7 +77,10 @@ def _input_features(ds: Dataset, pre: Preprocess, limit: int = 1000, chunk: int 
     for start in range(0, min(limit, len(ds)), chunk):
         x = pre(ds.images[start : min(start + chunk, limit)])
         smooth = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True), size=x.shape[-2:], mode="nearest")
-        grid = lambda t: torch.nn.functional.adaptive_avg_pool2d(t, 4).flatten(1)
+
+        def grid(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(t, 4).flatten(1)
+
         rows.append(torch.cat([grid(x), grid(x.square()), grid((x - smooth).square())], 1).double())
     return torch.cat(rows)
 

@@ -282,7 +282,7 @@ class Recorder:
         ]
 
     def _seen(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
             if self.layout is None and name not in self.order:
                 self.order.append(name)
 
@@ -291,7 +291,7 @@ class Recorder:
     def _stats(self, name: str) -> Any:
         ref = self.refs[name]
 
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
             seen = (args[0] if args else None) if ref.at == "input" else output
             if not isinstance(seen, torch.Tensor) or seen.dim() < 2 or seen.shape[ref.axis] != ref.channels:
                 return

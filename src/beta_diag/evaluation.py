@@ -42,7 +42,10 @@ def evaluate(session: Session, ds: Dataset, *, top: int = TOP_CONFUSIONS, progre
     names = ds.class_names
     classes = max(logits.shape[1], len(names))
     matrix = torch.bincount(labels * classes + guessed, minlength=classes * classes).view(classes, classes)  # true x predicted
-    name = lambda c: names[c] if c < len(names) else str(c)
+
+    def name(c: int) -> str:
+        return names[c] if c < len(names) else str(c)
+
     per_class = {
         name(c): {"examples": int(matrix[c].sum()), "accuracy": float(matrix[c, c] / matrix[c].sum())}
         for c in range(classes)

@@ -122,7 +122,7 @@ def points_of(model: nn.Module, input_shape: tuple[int, ...], device: torch.devi
     seen: dict[str, list[torch.Tensor | None]] = {}
 
     def watch(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: object) -> None:
             seen.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else None)
 
         return hook

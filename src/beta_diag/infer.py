@@ -45,7 +45,7 @@ class LargeOnMeta(TorchFunctionMode):
     SMALL = 1 << 16
     FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full})
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func in self.FACTORIES and kwargs.get("device") is None:
             first = args[0] if args else kwargs.get("size", ())

@@ -318,7 +318,7 @@ def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _numbers(option: str, text: str | None, kind: type) -> tuple | None:
+def _numbers(option: str, text: str | None, kind: type[int | float]) -> tuple[Any, ...] | None:
     if text is None:
         return None
     try:

@@ -34,7 +34,14 @@ def _save(fig: Any, path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> N
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+def _write(fig: Any, path: Path, force: bool, inputs: tuple[Path, ...]) -> None:
+    try:
+        _save(fig, path, force, inputs)
+    finally:
+        _pyplot().close(fig)
+
+
+def schedule_figure(schedules: list[dict[str, Any]]) -> Any:
     """The paper's Figures 1 and 3: LR; momentum against the critical curve; regime per epoch."""
     plt = _pyplot()
     fig, (ax_lr, ax_mu, ax_reg) = plt.subplots(1, 3, figsize=(15, 4))
@@ -58,11 +65,15 @@ def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, i
         ax.set_xlabel("epoch")
     ax_lr.legend(fontsize=7)
     ax_mu.legend(fontsize=7)
-    _save(fig, path, force, inputs)
-    plt.close(fig)
+    return fig
 
 
-def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+def schedule(schedules: list[dict[str, Any]], path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write ``schedule_figure`` as a PNG."""
+    _write(schedule_figure(schedules), path, force, inputs)
+
+
+def ranking_figure(r: Any) -> Any:
     """Scores per group in rank order with bootstrap 5-95% bars and P(flagged), flagged groups in red;
     beside it, when available, the drift profile along depth (each BatchNorm's KL, mean and variance parts)."""
     plt = _pyplot()
@@ -83,19 +94,27 @@ def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = 
     if layers:
         _drift_profile(axes[0][1], r.drift)
     fig.suptitle(textwrap.fill(plain(r.verdict, None), 180), fontsize=7)  # the cause first; a $ is not mathtext
-    _save(fig, path, force, inputs)
-    plt.close(fig)
+    return fig
 
 
-def drift(check: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+def ranking(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write ``ranking_figure`` as a PNG."""
+    _write(ranking_figure(r), path, force, inputs)
+
+
+def drift_figure(check: Any) -> Any:
     """``drift``: the drift profile along depth (each watched point's KL, mean and variance parts)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(check.drift.layers)), 4))
     _drift_profile(ax, check.drift)
     verdict = "shifted" if check.shifted else "no shift"
     fig.suptitle(plain(f"{verdict} (p = {check.p_value:.3g}, alpha {check.alpha:g}); {check.drift.finding}", None), fontsize=7)
-    _save(fig, path, force, inputs)
-    plt.close(fig)
+    return fig
+
+
+def drift(check: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write ``drift_figure`` as a PNG."""
+    _write(drift_figure(check), path, force, inputs)
 
 
 def _drift_profile(ax: Any, drift: Any) -> None:
@@ -120,7 +139,7 @@ def _drift_profile(ax: Any, drift: Any) -> None:
     ax.legend(fontsize=7)
 
 
-def comparison(c: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+def comparison_figure(c: Any) -> Any:
     """Rank bump chart: each group's rank in each input, flagged ranks marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.5 + 1.8 * len(c.rankings), 4))
@@ -134,11 +153,15 @@ def comparison(c: Any, path: Path, force: bool = False, inputs: tuple[Path, ...]
     ax.set_ylabel("rank (1 = most implicated)")
     ax.invert_yaxis()
     ax.set_title(plain(c.verdict, None), fontsize=8)
-    _save(fig, path, force, inputs)
-    plt.close(fig)
+    return fig
 
 
-def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+def comparison(c: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write ``comparison_figure`` as a PNG."""
+    _write(comparison_figure(c), path, force, inputs)
+
+
+def repair_figure(r: Any) -> Any:
     """Held-out errors per class before/after, the training loss per epoch, and the validation net per
     epoch (epoch 0: the original) with the epoch the gate kept."""
     plt = _pyplot()
@@ -170,8 +193,12 @@ def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = (
     ax_val.set_xlabel("epoch (0: the original)")
     ax_val.set_title(f"validation net (circled: kept; {'accepted' if r.accepted else 'original kept'})")
     ax_val.legend()
-    _save(fig, path, force, inputs)
-    plt.close(fig)
+    return fig
+
+
+def repair(r: Any, path: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write ``repair_figure`` as a PNG."""
+    _write(repair_figure(r), path, force, inputs)
 
 
 def curves(runs: dict[str, list[list[dict[str, Any]]]], thresholds: list[float], path: Path, force: bool = False) -> None:

@@ -19,11 +19,11 @@ from beta_diag import causes, fingerprint, outputs
 from beta_diag import control as control_mod
 from beta_diag.attribution import per_example_norms
 from beta_diag.causes import Cause
-from beta_diag.configs import Granularity, Metric, RankConfig
+from beta_diag.configs import DataChoice, Granularity, Metric, RankConfig
 from beta_diag.data import Dataset
 from beta_diag.drift import Drift
 from beta_diag.errors import ConfigError, NoErrorsToDiagnose
-from beta_diag.groups import layer_groups
+from beta_diag.groups import Group, layer_groups
 from beta_diag.runtime import Predictions, Progress
 from beta_diag.scores import (  # noqa: F401  (re-exported for callers of ranking.*)
     Matrices,
@@ -36,12 +36,12 @@ from beta_diag.scores import (  # noqa: F401  (re-exported for callers of rankin
     scores,
     shares,
 )
-from beta_diag.session import DataChoice, Openable, Session, open_session
+from beta_diag.session import Openable, Session, open_session
 
 FORMAT = "beta-diag-ranking"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GroupScore:
     name: str
     numel: int
@@ -193,7 +193,7 @@ def load(path: str | Path) -> Ranking:
         raise ConfigError(f"{path}: not a ranking saved by beta-diag rank --out: rerun rank with --out") from None
 
 
-def _select_groups(every: list, config: RankConfig) -> list:
+def _select_groups(every: list[Group], config: RankConfig) -> list[Group]:
     found = every
     if config.include:
         found = [g for g in found if any(fnmatch.fnmatchcase(g.name, pat) for pat in config.include)]
@@ -206,6 +206,64 @@ def _select_groups(every: list, config: RankConfig) -> list:
         raise ConfigError(f"--top-k {config.top_k}: there are {len(found)} groups; pass a number from 1 to {len(found)}")
     config.check()
     return found
+
+
+def _matrices(
+    session: Session,
+    ds: Dataset,
+    wrong: torch.Tensor,
+    sample: torch.Tensor,
+    found: list[Group],
+    config: RankConfig,
+    progress: Progress | None,
+) -> Matrices:
+    """The one attribution pass over the errors (and, with ``--contrast``, one over the correct sample), per group."""
+    model, dev, pre = session.model, session.device, session.preprocess
+    sketch = config.bootstrap > 0 and Metric(config.metric) is Metric.coherence  # the bootstrap of coherence needs <g_i, S>
+    sketch_groups = [list(g.param_names) for g in found] if sketch else None
+    err = per_example_norms(model, ds, wrong, pre, dev, config.batch_size, sketch_groups, progress, config.seed)  # one pass
+    cor = per_example_norms(model, ds, sample, pre, dev, config.batch_size, None, progress) if sample.numel() else None
+    col = {n: j for j, n in enumerate(err.names)}
+    assign = np.zeros((len(err.names), len(found)))  # (P, G): which parameter belongs to which group
+    for j, g in enumerate(found):
+        assign[[col[p] for p in g.param_names if p in col], j] = 1.0
+    params = dict(model.named_parameters())
+    weight_norm = np.array([float(sum(params[p].detach().double().pow(2).sum() for p in g.param_names)) ** 0.5 for g in found])
+    summed_sq = np.array([sum(float(err.summed[p].double().pow(2).sum()) for p in g.param_names if p in err.summed) for g in found])
+    return Matrices(
+        err.sq_norms.numpy() @ assign,
+        cor.sq_norms.numpy() @ assign if cor is not None else np.zeros((0, len(found))),
+        np.sqrt(summed_sq),
+        np.array([g.numel for g in found], dtype=float),
+        weight_norm,
+        err.sketch.dots(summed_sq) if err.sketch is not None else None,
+    )
+
+
+def _scored(found: list[Group], m: Matrices, config: RankConfig, total: int) -> tuple[list[GroupScore], Stability | None]:
+    """Each group's scores, rank and flag, and their bootstrap intervals (None without replicates)."""
+    values = scores(m)
+    main = values[Metric(config.metric).value]
+    rk, fl = ranks(main), flags(main, config.top_k)
+    stab = bootstrap(m, config.metric, config.top_k, config.bootstrap, config.seed) if config.bootstrap else None
+    rows = [
+        GroupScore(
+            name=g.name,
+            numel=g.numel,
+            param_share=g.numel / total,
+            scores={k: None if np.isnan(v[j]) else float(v[j]) for k, v in values.items()},  # None: not computed (contrast off)
+            score=float(main[j]),
+            rank=int(rk[j]),
+            flagged=bool(fl[j]),
+            p_flagged=float(stab.p_flagged[j]) if stab else float(fl[j]),
+            rank_lo=float(stab.rank_lo[j]) if stab else float(rk[j]),
+            rank_hi=float(stab.rank_hi[j]) if stab else float(rk[j]),
+            score_lo=float(stab.score_lo[j]) if stab else float(main[j]),
+            score_hi=float(stab.score_hi[j]) if stab else float(main[j]),
+        )
+        for j, g in enumerate(found)
+    ]
+    return rows, stab
 
 
 def rank(
@@ -250,48 +308,8 @@ def rank(
     cause = control_mod.diagnose(session, ds, preds, drift, every, control, progress)
     gen = torch.Generator().manual_seed(config.seed)
     sample = right[torch.randperm(right.numel(), generator=gen)[: wrong.numel()]].sort().values if config.scores_correct else right[:0]
-    model, dev, pre = session.model, session.device, session.preprocess
-    sketch = config.bootstrap > 0 and Metric(config.metric) is Metric.coherence  # the bootstrap of coherence needs <g_i, S>
-    sketch_groups = [list(g.param_names) for g in found] if sketch else None
-    err = per_example_norms(model, ds, wrong, pre, dev, config.batch_size, sketch_groups, progress, config.seed)  # one pass
-    cor = per_example_norms(model, ds, sample, pre, dev, config.batch_size, None, progress) if sample.numel() else None
-    col = {n: j for j, n in enumerate(err.names)}
-    assign = np.zeros((len(err.names), len(found)))  # (P, G): which parameter belongs to which group
-    for j, g in enumerate(found):
-        assign[[col[p] for p in g.param_names if p in col], j] = 1.0
-    params = dict(model.named_parameters())
-    weight_norm = np.array([float(sum(params[p].detach().double().pow(2).sum() for p in g.param_names)) ** 0.5 for g in found])
-    summed_sq = np.array([sum(float(err.summed[p].double().pow(2).sum()) for p in g.param_names if p in err.summed) for g in found])
-    m = Matrices(
-        err.sq_norms.numpy() @ assign,
-        cor.sq_norms.numpy() @ assign if cor is not None else np.zeros((0, len(found))),
-        np.sqrt(summed_sq),
-        np.array([g.numel for g in found], dtype=float),
-        weight_norm,
-        err.sketch.dots(summed_sq) if err.sketch is not None else None,
-    )
-    values = scores(m)
-    main = values[Metric(config.metric).value]
-    rk, fl = ranks(main), flags(main, config.top_k)
-    stab = bootstrap(m, config.metric, config.top_k, config.bootstrap, config.seed) if config.bootstrap else None
-    total = sum(p.numel() for p in model.parameters())
-    rows = [
-        GroupScore(
-            g.name,
-            g.numel,
-            g.numel / total,
-            {k: None if np.isnan(v[j]) else float(v[j]) for k, v in values.items()},  # None: not computed (contrast without --contrast)
-            float(main[j]),
-            int(rk[j]),
-            bool(fl[j]),
-            float(stab.p_flagged[j]) if stab else float(fl[j]),
-            float(stab.rank_lo[j]) if stab else float(rk[j]),
-            float(stab.rank_hi[j]) if stab else float(rk[j]),
-            float(stab.score_lo[j]) if stab else float(main[j]),
-            float(stab.score_hi[j]) if stab else float(main[j]),
-        )
-        for j, g in enumerate(found)
-    ]
+    m = _matrices(session, ds, wrong, sample, found, config, progress)
+    rows, stab = _scored(found, m, config, sum(p.numel() for p in session.model.parameters()))
     by_class = None
     if config.by_class:
         load, labels = shares(m.errors), ds.labels[wrong].numpy()
@@ -313,7 +331,7 @@ def rank(
         group_names=tuple(g.name for g in found),
         by_class=by_class,
         drift=drift,
-        notes=session.ckpt.notes + ds.notes + tuple(pre.conversions(tuple(ds.images.shape[1:]))) + causes.notes(cause),
+        notes=session.ckpt.notes + ds.notes + tuple(session.preprocess.conversions(tuple(ds.images.shape[1:]))) + causes.notes(cause),
         cause=cause,
         matrices=m,
         predictions=preds,

@@ -127,7 +127,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data batch")
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path) -> dict[str, Any]:
     check_input(path, "data batch", DataError)
     try:
         with open(path, "rb") as f:

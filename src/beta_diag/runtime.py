@@ -57,7 +57,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return distributed.join(device)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[object]:
     """bf16 (or fp16) autocast on CUDA; nothing on CPU, where results must be exact."""
     if device.type != "cuda":
         return contextlib.nullcontext()

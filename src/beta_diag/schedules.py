@@ -185,14 +185,14 @@ def history_problem(history: Iterable[Any]) -> str | None:
     return None
 
 
-def regime_fractions(history: Iterable[dict]) -> dict[str, float]:
+def regime_fractions(history: Iterable[dict[str, Any]]) -> dict[str, float]:
     """Fraction of epochs in each damping regime."""
     regimes = [h["regime"] for h in history]
     n = max(1, len(regimes))
     return {r.value: regimes.count(r.value) / n for r in Regime}
 
 
-def history_summary(history: list[dict] | tuple[dict, ...]) -> dict[str, Any]:
+def history_summary(history: list[dict[str, Any]] | tuple[dict[str, Any], ...]) -> dict[str, Any]:
     """A training history in a few figures: epochs, final and best test accuracy, seconds, regime shares."""
     if not history:
         return {}

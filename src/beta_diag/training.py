@@ -14,11 +14,12 @@ from torch import nn
 
 from beta_diag import data as data_mod
 from beta_diag import distributed, fingerprint
-from beta_diag.checkpoint import Metadata, nonfinite
+from beta_diag.checkpoint import nonfinite
 from beta_diag.configs import DISTILL_TEMPERATURE, DataChoice, OptimizerName, TrainConfig
 from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.fingerprint import Fingerprint
+from beta_diag.metadata import Metadata
 from beta_diag.readers import DataSpec
 from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device
 from beta_diag.schedules import MomentumScheduler, epoch_record, lr_scheduler
@@ -86,7 +87,7 @@ def fit(
     progress: Progress | None = None,
     anchor: Anchor | None = None,
     on_epoch: Callable[[nn.Module], dict[str, Any]] | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Train the parameters that have ``requires_grad``; return the per-epoch history. ``on_epoch(model)``
     runs after each epoch (eval mode, e.g. repair's validation) and adds its figures to the epoch's record;
     a record with ``stopped`` true ends training there (the schedule is not shortened: the run is cut).
@@ -110,7 +111,7 @@ def fit(
     net = model
     if world.size > 1:
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]  # torch's own, untyped
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = make_optimizer(params, config)
     steps_per_epoch = -(-len(train_ds) // config.batch_size)
@@ -146,7 +147,7 @@ def fit(
                 pull = anchor.loss(logits, idx) if anchor is not None else None
                 loss = (ce if pull is None else ce + pull) * (world.size / global_batch)  # DDP averages over processes
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]  # torch's own, untyped
             scaler.step(opt)
             scaler.update()
             sched.step()

@@ -102,8 +102,12 @@ def best_epoch(curve: list[dict[str, Any]]) -> int:
     """The epoch with the best validation net among those that fix more than they break (ties: lower
     validation loss, a non-finite one last, then earlier); 0, the original, when none does."""
     better = [e for e in range(1, len(curve)) if curve[e]["val_net"] > 0]
-    loss = lambda e: curve[e]["val_loss"] if math.isfinite(curve[e]["val_loss"]) else math.inf
-    return min(better, key=lambda e: (-curve[e]["val_net"], loss(e), e)) if better else 0
+
+    def order(e: int) -> tuple[float, float, int]:
+        loss = curve[e]["val_loss"] if math.isfinite(curve[e]["val_loss"]) else math.inf
+        return (-curve[e]["val_net"], loss, e)
+
+    return min(better, key=order) if better else 0
 
 
 def choose(curve: list[dict[str, Any]], accept_p: float, tries: int | None = None) -> Gate:
@@ -201,7 +205,7 @@ class RepairReport:
     @property
     def full(self) -> bool:
         """Every parameter trained: a full fine-tune, never called surgical."""
-        return self.surgical.trainable == self.plan["total"]
+        return bool(self.surgical.trainable == self.plan["total"])
 
     @property
     def compute_saving(self) -> float | None:
