@@ -8,7 +8,7 @@ suspect, both) under repair's default budget (3 epochs on the bundled 5,000 unse
 SGD + beta momentum, cosine LR from 0.003), verified on the bundled 3,000 test images, which no arm
 trains on. A policy that picks the same groups as another reuses its repair. Reports per policy: the
 share of the drop won back, net fixed, the share of parameters trained, and how often each policy
-picked the damaged group. --quick: one group (layer2), one epoch on 1,000 training images, 1,000 verification images.
+picked the damaged group. --quick: one group (layer2), one epoch on 400 training images, 400 verification images.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from beta_diag.ranking import rank
 from beta_diag.repairing import repair
 from beta_diag.session import DataChoice, open_session
 
+QUICK_IMAGES = 400  # --quick: enough for every figure to be computed, small enough for the test suite
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,7 +47,7 @@ def main() -> None:
     )
     start = time.perf_counter()
     session = open_session(SGD, device="cpu")
-    verify = DataChoice(limit=1000 if args.quick else None)
+    verify = DataChoice(limit=QUICK_IMAGES if args.quick else None)
     ds = session.load_data(verify)
     calib = ds if args.quick else session.load_data(DataChoice(limit=1000))
     base_calib, base = session.evaluate(calib).accuracy, session.evaluate(ds).accuracy
@@ -53,7 +55,7 @@ def main() -> None:
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     kinds = ["noise"] if args.quick else args.kinds.split(",")
     config = RepairConfig(training=repair_training(epochs=1) if args.quick else REPAIR_TRAINING)
-    train = DataChoice(limit=1000 if args.quick else None)
+    train = DataChoice(limit=QUICK_IMAGES if args.quick else None)
     policies = [p.value for p in AutoLayers]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 For each convolution and the linear layer of the SGD sample, on a batch of its bundled test images:
 (s) the summed weight gradient a plain backward computes (``torch.nn.grad.conv2d_weight``, or one
 matmul for the linear layer) against (p) the per-example squared norms beta-diag computes for that
-layer (``attribution._module_terms``, whichever path it picks). p/s is how much the per-layer work
+layer (``attribution._module_grads``, whichever path it picks). p/s is how much the per-layer work
 of an attribution pass costs beyond the weight gradients it replaces. Median of 7 runs each, the two
 alternating (attribution_speed.interleaved_medians), after one warm-up call.
 """
@@ -53,7 +53,7 @@ def main() -> int:
             def summed() -> torch.Tensor:
                 return g.t() @ x
 
-        fns = {"s": summed, "p": lambda: attribution._module_terms(module, calls, {}, f"{name}.")}
+        fns = {"s": summed, "p": lambda: attribution._module_grads(module, calls, None, f"{name}.")}
         for fn in fns.values():
             fn()  # warm-up
         med = interleaved_medians(fns, 7)

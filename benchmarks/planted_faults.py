@@ -20,7 +20,7 @@ all examples (right and wrong) relative to the group's weight norm. ``drift``: r
 first (a miss when there is none), the other groups by their charged jump. Each row keeps the
 drift profile, so that ``benchmarks/drift_rule.py`` can choose the rule's thresholds on some seeds
 and report the others. --figure writes the coherence confusion matrix (damaged group vs group
-ranked first). --quick: one seed, noise only, the SGD sample, 1,000 images.
+ranked first). --quick: one seed, noise only, the SGD sample, 400 images.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from beta_diag.configs import Metric, RankConfig
 from beta_diag.groups import Group, layer_groups
 from beta_diag.ranking import Ranking, flags, rank, ranks
 from beta_diag.session import DataChoice, Session, open_session
+
+QUICK_IMAGES = 400  # --quick: enough for every figure to be computed, small enough for the test suite
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 SGD = SAMPLES / "fmnist_resnet18w16_sgd_beta.safetensors"
@@ -205,7 +207,7 @@ def main() -> None:
     arrays: dict[str, np.ndarray] = {}
     for sample in samples:
         session = open_session({"sgd": SGD, "adam": ADAM}[sample], device="cpu")
-        ds = session.load_data(DataChoice(limit=1000 if args.quick else None))
+        ds = session.load_data(DataChoice(limit=QUICK_IMAGES if args.quick else None))
         calib = ds if args.quick else session.load_data(DataChoice(limit=1000))
         base = session.evaluate(calib).accuracy
         groups = layer_groups(session.model)

@@ -11,7 +11,7 @@ groups (`--layers auto`), one group chosen at random (seeded), and the whole mod
 Reports per arm what it ships: accuracy recovered (share of the drop won back), fixed / broken / net, seconds,
 and how many repairs the validation gate refused (a refused repair ships the damaged model: recovered 0).
 --distill W: every arm repairs with `--distill W` (does keeping the damaged model's right answers slow the recovery?).
---quick: one seed, one group (fc), one epoch, 1,000 training and 1,000 verification images.
+--quick: one seed, one group (fc), one epoch, 400 training and 400 verification images.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from beta_diag.groups import layer_groups
 from beta_diag.repairing import repair
 from beta_diag.session import DataChoice, open_session
 from beta_diag.verdicts import Arm
+
+QUICK_IMAGES = 400  # --quick: enough for every figure to be computed, small enough for the test suite
 
 
 def arm_row(arm: Arm, base: float, damaged: float) -> dict:
@@ -75,8 +77,8 @@ def main() -> None:
     )
     start = time.perf_counter()
     session = open_session(SGD, device="cpu")
-    verify = DataChoice(limit=1000 if args.quick else None)
-    train = DataChoice(limit=1000 if args.quick else None)  # --quick: the repairs train on 1,000 of the bundled images
+    verify = DataChoice(limit=QUICK_IMAGES if args.quick else None)
+    train = DataChoice(limit=QUICK_IMAGES if args.quick else None)  # --quick: the repairs train on 400 of the bundled images
     ds = session.load_data(verify)
     base = session.evaluate(ds).accuracy
     names = [g.name for g in layer_groups(session.model)]

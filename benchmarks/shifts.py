@@ -15,7 +15,7 @@ For each shift: the oracle is the group whose `repair --layers G` with the defau
 recovers most on the held-out shifted images (recovery = share of the accuracy lost to the shift
 won back); reported beside rank's drift suspect, coherence's top group and Auto-RGN's top group on
 the shifted held-out images, and the recovery of `--layers auto` (each `--auto-layers` policy) and
-of the full fine-tune. --quick: one shift (invert), one epoch, two groups, 1,000 images.
+of the full fine-tune. --quick: one shift (invert), one epoch, two groups, 400 images.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from beta_diag.planning import auto_groups
 from beta_diag.ranking import rank
 from beta_diag.repairing import repair
 from beta_diag.session import DataChoice, open_session
+
+QUICK_IMAGES = 400  # --quick: enough for every figure to be computed, small enough for the test suite
 
 
 def _pixels(f: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> Callable[[Dataset, int], Dataset]:
@@ -75,7 +77,7 @@ def main() -> None:
     print("command: python benchmarks/shifts.py" + (" --quick" if args.quick else f" --shifts {args.shifts}"), flush=True)
     start = time.perf_counter()
     session = open_session(SGD, device="cpu")
-    limit = 1000 if args.quick else None
+    limit = QUICK_IMAGES if args.quick else None
     clean_test = session.load_data(DataChoice(limit=limit))
     clean_train = session.load_data(DataChoice(limit=limit), default_split="train")
     clean_acc = session.evaluate(clean_test).accuracy

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from beta_diag import options as opt
-from beta_diag.cli import app, handle_errors, say_notes
+from beta_diag.cli_app import app, handle_errors, say_notes
 from beta_diag.configs import DataChoice, ModelChoice
 from beta_diag.options import read_class_map
 

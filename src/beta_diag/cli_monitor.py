@@ -6,7 +6,7 @@ import typer
 
 from beta_diag import options as opt
 from beta_diag import outputs
-from beta_diag.cli import app, handle_errors, say_notes
+from beta_diag.cli_app import app, handle_errors, say_notes
 from beta_diag.configs import DataChoice, ModelChoice
 from beta_diag.options import input_files, read_class_map
 

@@ -9,7 +9,7 @@ import typer
 
 from beta_diag import options as opt
 from beta_diag import outputs
-from beta_diag.cli import app, handle_errors, say_notes
+from beta_diag.cli_app import app, handle_errors, say_notes
 from beta_diag.configs import DEFAULT_METRIC, REPAIR_TRAINING, Baseline, DataChoice, Focus, Granularity, ModelChoice, RepairConfig
 from beta_diag.options import input_files, rank_config, read_class_map
 

@@ -298,10 +298,7 @@ def parse_layers(text: str) -> Literal["auto", "all"] | tuple[str, ...]:
     text = text.strip()
     if text in ("auto", "all"):
         return "auto" if text == "auto" else "all"
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise ConfigError("--layers names no layer: pass auto, all, or a comma list such as layer4,fc")
-    return names
+    return tuple(n.strip() for n in text.split(",") if n.strip())  # none: refused with the valid names (planning.resolve_layers)
 
 
 def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
