@@ -41,6 +41,7 @@ from planted_faults import ADAM, SGD, damage
 from torch import nn
 
 from beta_diag import control, data
+from beta_diag import drift as drift_mod
 from beta_diag.causes import CauseRule, Evidence, decide
 from beta_diag.configs import DEFAULT_CONTROL
 from beta_diag.data import Dataset, Preprocess
@@ -147,7 +148,7 @@ def scenarios(session: Session, sample: str, test: Dataset, train: Dataset, seed
 
 def measure(session: Session, name: str, model: nn.Module, pre: Preprocess, test: Dataset, train: Dataset, seed: int) -> Evidence:
     groups = layer_groups(model)
-    preds, drift = control._profile(model, test, pre, session.device, groups)
+    preds, drift = control._profile(model, test, pre, session.device, groups, drift_mod.Recorder)  # BatchNorm statistics, as probe
     recorded = control.recorded_accuracy(session.ckpt.metadata.history)
     return control.probe(model, pre, session.device, test, preds, drift, train, groups, recorded_accuracy=recorded, seed=seed)
 

@@ -99,7 +99,21 @@ def evidence(**changes) -> Evidence:
         "layers": layers, "normalisations": {}, "input_difference": 0.5, "data_input": {"input_mean": [0.0], "input_std": [1.0]},
         "train_input": {"input_mean": [0.0], "input_std": [1.0]}, "pairs": [],
     }  # fmt: skip
-    base = Evidence(1000, 10, 0.9, "a", 0.11, 0.21, True, "bn0", "g0", None, ("fc",), 0.91, control)
+    base = Evidence(
+        examples=1000,
+        classes=10,
+        accuracy=0.9,
+        top_class="a",
+        top_class_share=0.11,
+        top2_share=0.21,
+        drift_available=True,
+        first_layer="bn0",
+        first_group="g0",
+        suspect=None,
+        downstream=("fc",),
+        recorded_accuracy=0.91,
+        control=control,
+    )
     return dataclasses.replace(base, **changes)
 
 

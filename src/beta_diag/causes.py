@@ -45,7 +45,7 @@ class CauseRule:
     normalise: float = 4.0  # a normalisation that cuts the first BatchNorm's disagreement by this factor names preprocessing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Evidence:
     """Every figure a cause is decided from (plain numbers, as ``--json`` records them)."""
 
@@ -129,6 +129,26 @@ def _decide_degenerate(e: Evidence, rule: CauseRule) -> Cause:
 
 
 def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
+    c = e.control
+    if not e.drift_available or c is None:
+        return _undetermined(e, rule, ev)
+    layers = c["layers"]
+    layers = [x for x in layers if x["agreement_kl"] is not None]  # the BatchNorms both passes measured, so indices agree
+    disagree = [x["agreement_kl"] > max(rule.disagree, rule.noise * x.get("train_noise", 0.0)) for x in layers]
+    now = _pct(c["data_sample_accuracy"])
+    recal_text = (
+        f"recalibrating the BatchNorm statistics on {c['examples']} training images takes this data from {now} "
+        f"to {_pct(c['recalibrated_data_accuracy'] or 0)}"
+    )
+    return (
+        _statistics_or_weights(e, c, layers, disagree, recal_text, rule, ev)
+        or _shifted(e, c, layers, now, rule, ev)
+        or _by_accuracy(e, c, rule, ev)
+    )
+
+
+def _undetermined(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
+    """No drift to read, or no training data to compare with: what could not be decided, and what would decide it."""
     if not e.drift_available:
         return Cause(
             "undetermined",
@@ -138,33 +158,30 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
             undecided=("statistics", "weights", "input_shift", "feature_shift", "label_shift"),
             rule=rule,
         )
-    c = e.control
-    if c is None:
-        moved = e.suspect is not None
-        return Cause(
-            "undetermined",
-            (
-                f"activations leave their training statistics at {e.suspect}: the data differ from the training data there, or the "
-                "model changed after its statistics were recorded (its weights or statistics); "
-                "without training data these cannot be told apart"
-                if moved
-                else "no activation drift on this data; without training data a label shift cannot be told from a uniformly weak model"
-            )
-            + (f" ({e.why_no_control})" if e.why_no_control else ""),
-            "pass --train-data with the data the model was trained on to decide",
-            ev,
-            place=e.suspect,
-            undecided=("input_shift", "feature_shift", "statistics", "weights") if moved else ("label_shift", "none"),
-            rule=rule,
+    moved = e.suspect is not None
+    return Cause(
+        "undetermined",
+        (
+            f"activations leave their training statistics at {e.suspect}: the data differ from the training data there, or the "
+            "model changed after its statistics were recorded (its weights or statistics); "
+            "without training data these cannot be told apart"
+            if moved
+            else "no activation drift on this data; without training data a label shift cannot be told from a uniformly weak model"
         )
-    layers = c["layers"]
-    layers = [x for x in layers if x["agreement_kl"] is not None]  # the BatchNorms both passes measured, so indices agree
-    disagree = [x["agreement_kl"] > max(rule.disagree, rule.noise * x.get("train_noise", 0.0)) for x in layers]
-    now = _pct(c["data_sample_accuracy"])
-    recal_text = (
-        f"recalibrating the BatchNorm statistics on {c['examples']} training images takes this data from {now} "
-        f"to {_pct(c['recalibrated_data_accuracy'] or 0)}"
+        + (f" ({e.why_no_control})" if e.why_no_control else ""),
+        "pass --train-data with the data the model was trained on to decide",
+        ev,
+        place=e.suspect,
+        undecided=("input_shift", "feature_shift", "statistics", "weights") if moved else ("label_shift", "none"),
+        rule=rule,
     )
+
+
+def _statistics_or_weights(
+    e: Evidence, c: dict[str, Any], layers: list[dict[str, Any]], disagree: list[bool], recal_text: str, rule: CauseRule, ev: dict[str, Any]
+) -> Cause | None:
+    """The model disagrees with its own statistics on its training data: the input's normalisation, the statistics
+    themselves, or the weights after some point."""
     norms = c["normalisations"]
     if norms and disagree and disagree[0]:
         best = min(norms, key=lambda k: norms[k]["first_kl"] if norms[k]["first_kl"] is not None else math.inf)
@@ -204,6 +221,11 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
             place=place,
             rule=rule,
         )
+    return None
+
+
+def _shifted(e: Evidence, c: dict[str, Any], layers: list[dict[str, Any]], now: str, rule: CauseRule, ev: dict[str, Any]) -> Cause | None:
+    """The data differ from the training data: at the input, or first at some layer."""
     shifted = [i for i, x in enumerate(layers) if x["shift"] > rule.shift]
     adapt = f"re-estimating the statistics on this data (no labels) takes it from {now} to {_pct(c['adapted_data_accuracy'] or 0)}"
     if c.get("input_difference", 0.0) > rule.input:
@@ -232,6 +254,11 @@ def _decide(e: Evidence, rule: CauseRule, ev: dict[str, Any]) -> Cause:
             place=at["group"],
             rule=rule,
         )
+    return None
+
+
+def _by_accuracy(e: Evidence, c: dict[str, Any], rule: CauseRule, ev: dict[str, Any]) -> Cause:
+    """No drift and the statistics agree: lost weights after the last BatchNorm, a label shift, or nothing."""
     recorded = e.recorded_accuracy
     if recorded is not None and c["accuracy"] < recorded - rule.lost and e.downstream:
         place = e.downstream[0]

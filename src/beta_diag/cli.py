@@ -57,7 +57,8 @@ def train(
     from beta_diag import checkpoint, report, schedules
     from beta_diag.training import train as train_model
 
-    outputs.preflight({"--output": output}, input_files(specs=(data, test_data)), force, checkpoint_file="--output")
+    train_choice, test_choice = DataChoice(data, "train", limit, seed), DataChoice(test_data, "test", test_limit, seed)
+    outputs.preflight({"--output": output}, input_files(specs=(train_choice, test_choice)), force, checkpoint_file="--output")
     config = TrainConfig(
         epochs=epochs,
         lr=lr,  # type: ignore[arg-type]  # None: the optimizer's default LR (TrainConfig fills it in)
@@ -73,8 +74,8 @@ def train(
     with report.progress(quiet or as_json) as progress:
         result = train_model(
             arch,
-            data=DataChoice(data, "train", limit, seed),
-            test=DataChoice(test_data, "test", test_limit, seed),
+            data=train_choice,
+            test=test_choice,
             arch_kwargs=parse_arch_args(arch_arg),
             config=config,
             progress=progress,
@@ -175,7 +176,9 @@ def rank(
     from beta_diag.ranking import rank as rank_fn
     from beta_diag.session import open_session
 
-    outputs.preflight({"--out": out, "--plot": plot}, input_files(ckpt, class_map, specs=(data, train_data)), force)
+    folders = read_class_map(class_map)
+    chosen, train_choice = DataChoice(data, split, limit, seed, folders), DataChoice(train_data, "train", class_map=folders)
+    outputs.preflight({"--out": out, "--plot": plot}, input_files(ckpt, class_map, specs=(chosen, train_choice)), force)
     config = rank_config(
         metric=metric,
         granularity=granularity,
@@ -189,11 +192,9 @@ def rank(
     )
     session = open_session(ckpt, device=device, model=model)
     with report.progress(quiet or as_json) as progress:
-        folders = read_class_map(class_map)
-        chosen, train_choice = DataChoice(data, split, limit, seed, folders), DataChoice(train_data, "train", class_map=folders)
         result = rank_fn(session, data=chosen, config=config, progress=progress, train=train_choice)
     say_notes(session.ckpt.path, result.notes)
-    inputs = input_files(ckpt, specs=(data, train_data, result.data))  # the data the checkpoint's metadata named too
+    inputs = input_files(ckpt, specs=(chosen, train_choice, result.data))  # the data the checkpoint's metadata named too
     if plot is not None:
         plots.ranking(result, plot, force, inputs)
     if out is not None:
@@ -234,7 +235,8 @@ def compare(
     from beta_diag import checkpoint, plots, report
     from beta_diag.comparison import compare as compare_fn
 
-    outputs.preflight({"--plot": plot}, input_files(*inputs, class_map, specs=(data,)), force)
+    chosen = DataChoice(data, split, limit, seed, read_class_map(class_map))
+    outputs.preflight({"--plot": plot}, input_files(*inputs, class_map, specs=(chosen,)), force)
     config = rank_config(
         metric=metric,
         granularity=granularity,
@@ -247,14 +249,12 @@ def compare(
     )
     opened = [p if p.suffix.lower() == ".json" else checkpoint.load_as(p, model) for p in inputs]
     with report.progress(quiet or as_json) as progress:
-        result = compare_fn(
-            opened, data=DataChoice(data, split, limit, seed, read_class_map(class_map)), config=config, device=device, progress=progress
-        )
+        result = compare_fn(opened, data=chosen, config=config, device=device, progress=progress)
     for opened_ckpt, ranked in zip(opened, result.rankings):
         if isinstance(opened_ckpt, checkpoint.Checkpoint):  # a saved ranking's notes were said when it was made
             say_notes(opened_ckpt.path, ranked.notes)
     if plot is not None:
-        plots.comparison(result, plot, force, input_files(*inputs, specs=(data, *(r.data for r in result.rankings))))
+        plots.comparison(result, plot, force, input_files(*inputs, specs=(chosen, *(r.data for r in result.rankings))))
     report.print_json(result.to_dict()) if as_json else report.compare_table(result)
 
 

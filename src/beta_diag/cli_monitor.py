@@ -38,13 +38,14 @@ def fingerprint(
     from beta_diag.fingerprint import record
     from beta_diag.session import open_session
 
-    outputs.preflight({"--output": output}, input_files(ckpt, class_map, specs=(data,)), force, checkpoint_file="--output")
+    chosen = DataChoice(data, "train", limit, seed, read_class_map(class_map))
+    outputs.preflight({"--output": output}, input_files(ckpt, class_map, specs=(chosen,)), force, checkpoint_file="--output")
     session = open_session(ckpt, device=device, model=model)
     say_notes(session.ckpt.path, session.ckpt.notes)
-    ds = session.load_data(DataChoice(data, "train", limit, seed, read_class_map(class_map)), default_split="train", unlabelled=True)
+    ds = session.load_data(chosen, default_split="train", unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         found = record(session, ds, progress)
-    inputs = input_files(ckpt, specs=(data, ds.spec))  # the data the metadata named, too
+    inputs = input_files(ckpt, specs=(chosen, ds.spec))  # the data the metadata named, too
     sha = checkpoint.save(output, session.ckpt.state_dict, session.ckpt.metadata, force=force, inputs=inputs, fingerprint=found)
     summary = {"path": str(output), "sha256": sha, "fingerprint": found.describe()}
     report.print_json(summary) if as_json else report.fingerprint_summary(summary)
@@ -78,14 +79,15 @@ def drift(
     from beta_diag import monitor, plots, report
     from beta_diag.session import open_session
 
-    outputs.preflight({"--plot": plot}, input_files(ckpt, class_map, specs=(data,)), force)
+    chosen = DataChoice(data, split, limit, seed, read_class_map(class_map))
+    outputs.preflight({"--plot": plot}, input_files(ckpt, class_map, specs=(chosen,)), force)
     session = open_session(ckpt, device=device, model=model)
     say_notes(session.ckpt.path, session.ckpt.notes)
-    ds = session.load_data(DataChoice(data, split, limit, seed, read_class_map(class_map)), unlabelled=True)
+    ds = session.load_data(chosen, unlabelled=True)
     with report.progress(quiet or as_json) as progress:
         result = monitor.check(session, ds, alpha, progress)
     if plot is not None:
-        plots.drift(result, plot, force, input_files(ckpt, specs=(data, ds.spec)))
+        plots.drift(result, plot, force, input_files(ckpt, specs=(chosen, ds.spec)))
     report.print_json(result.to_dict()) if as_json else report.drift_table(result)
     if result.shifted:
         raise typer.Exit(SHIFT_EXIT)

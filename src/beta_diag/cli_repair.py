@@ -64,7 +64,14 @@ def repair(
     from beta_diag.repairing import default_output
     from beta_diag.repairing import repair as repair_fn
 
-    repair_inputs = input_files(ckpt, ranking_file, class_map, specs=(data, train_data, val_data, keep_data))
+    folders = read_class_map(class_map)
+    choices = {
+        "train": DataChoice(train_data, "train", train_limit, seed, folders),
+        "verify": DataChoice(data, split, limit, seed, folders),
+        "val": DataChoice(val_data, "train", None, seed, folders) if val_data else None,
+        "keep_data": DataChoice(keep_data, "test", class_map=folders) if keep_data else None,
+    }
+    repair_inputs = input_files(ckpt, ranking_file, class_map, specs=tuple(choices.values()))
     if not dry_run:
         outputs.preflight({"--output": output or default_output(ckpt), "--plot": plot}, repair_inputs, force, checkpoint_file="--output")
     config = RepairConfig(
@@ -87,13 +94,9 @@ def repair(
         method=method,
         allow_forgetting=allow_forgetting,
     )
-    folders = read_class_map(class_map)
     asked: dict[str, Any] = {  # what plan and repair share
         "layers": opt.parse_layers(layers),
-        "train": DataChoice(train_data, "train", train_limit, seed, folders),
-        "verify": DataChoice(data, split, limit, seed, folders),
-        "val": DataChoice(val_data, "train", None, seed, folders) if val_data else None,
-        "keep_data": DataChoice(keep_data, "test", class_map=folders) if keep_data else None,
+        **choices,
         "config": config,
         "rank_config": rank_config(metric=metric, granularity=granularity, top_k=top_k, seed=seed),  # the cause leads, the place follows
         "saved_ranking": ranking_file,

@@ -7,14 +7,18 @@ here. A new option's value type or default goes here; what it does goes in its m
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from beta_diag.errors import ConfigError
 from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
+
+if TYPE_CHECKING:
+    from beta_diag.readers import DataSpec
 
 # ranking (scores, groups)
 
@@ -84,6 +88,14 @@ class DataChoice:
     limit: int | None = None
     seed: int = 0
     class_map: tuple[tuple[str, str], ...] = ()  # image folder -> the model's class (name or index): ``--class-map``
+
+    @functools.cached_property
+    def source(self) -> DataSpec | None:
+        """The spec, parsed once for every use of this choice (None: the checkpoint's own data). A malformed spec
+        raises DataError naming the formats."""
+        from beta_diag.readers import DataSpec
+
+        return DataSpec.parse(self.spec) if self.spec else None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ from beta_diag import fingerprint
 from beta_diag.causes import Cause, Evidence, decide
 from beta_diag.configs import DataChoice
 from beta_diag.data import Dataset, Preprocess
-from beta_diag.drift import Drift
+from beta_diag.drift import Drift, LayerDrift
 from beta_diag.errors import BetaDiagError
 from beta_diag.groups import Group
 from beta_diag.recalibration import agreement, recalibrated
@@ -135,6 +135,77 @@ def _pairs(preds: Predictions, names: Sequence[str], reference: Predictions | No
     ]
 
 
+def _normalisations(
+    model: torch.nn.Module, train: Dataset, pre: Preprocess, device: torch.device, groups: Sequence[Group], watch: Watch
+) -> dict[str, dict[str, Any]]:
+    """The first BatchNorm disagrees: is it the input's scale? Its drift on a few training images under each common
+    normalisation, the current one and the training data's own."""
+    normalisations: dict[str, dict[str, Any]] = {}
+    few = train.subset(torch.arange(min(len(train), 256)))
+    for label, (mean, std) in {
+        "current": (pre.mean, pre.std),
+        **NORMALISATIONS,
+        "training data's own": data_mod.channel_stats(train.images),
+    }.items():
+        if len(mean) not in (1, pre.input_shape[0]):
+            continue
+        c = pre.input_shape[0]
+        cand = Preprocess(pre.input_shape, tuple(mean) * (c // len(mean)), tuple(std) * (c // len(std)))
+        _, d = _profile(model, few, cand, device, groups, watch)
+        normalisations[label] = {"mean": list(cand.mean), "std": list(cand.std), "first_kl": d.layers[0].kl if d.layers else None}
+    return normalisations
+
+
+def _per_layer(layers: Sequence[LayerDrift], train_drift: Drift, agree: dict[str, Any], floor: float) -> list[dict[str, Any]]:
+    """Per watched point: the data's drift against the training data's (its shift), and the recalibration agreement."""
+    per_layer = []
+    for u, t in zip(layers, train_drift.layers):
+        base = max(t.kl, u.noise + t.noise, floor)
+        per_layer.append(
+            {
+                "name": u.name,
+                "group": u.group or u.feeder_group,
+                "feeder_group": u.feeder_group or u.group,
+                "data_kl": u.kl,
+                "train_kl": t.kl,
+                "train_noise": t.noise,
+                "shift": u.kl / base if math.isfinite(u.kl) else math.inf,
+                # a BatchNorm's own; a fingerprint point's: the largest of the BatchNorms inside it (None: it holds none)
+                "agreement_kl": agree[u.name].kl
+                if u.name in agree
+                else max((a.kl for n, a in agree.items() if n.startswith(u.name + ".")), default=None),
+            }
+        )
+    return per_layer
+
+
+def _evidence(
+    data: Dataset, preds: Predictions, data_drift: Drift, recorded_accuracy: float | None, why_no_control: str | None
+) -> Evidence:
+    """What the user's data alone says: the predictions' spread over classes and where drift starts."""
+    counts = torch.bincount(preds.preds, minlength=preds.logits.shape[1]).double() / max(1, len(preds.labels))
+    top2 = counts.sort(descending=True).values[:2]
+    top = int(counts.argmax())
+    layers = data_drift.layers if data_drift.available else ()
+    first = layers[0] if layers else None
+    return Evidence(
+        examples=len(preds.labels),
+        classes=int(preds.logits.shape[1]),
+        accuracy=preds.accuracy,
+        top_class=data.class_names[top] if top < len(data.class_names) else str(top),
+        top_class_share=float(top2[0]),
+        top2_share=float(top2.sum()),
+        drift_available=data_drift.available,
+        first_layer=first.name if first else None,
+        first_group=(first.group or first.feeder_group) if first else None,
+        suspect=data_drift.suspect,
+        downstream=data_drift.downstream,
+        recorded_accuracy=recorded_accuracy,
+        control=None,
+        why_no_control=why_no_control,
+    )
+
+
 def probe(
     model: torch.nn.Module,
     pre: Preprocess,
@@ -152,26 +223,8 @@ def probe(
 ) -> Evidence:
     """Measure what ``decide`` needs: the user's data as ``rank`` evaluated it, and, when ``train`` (a
     sample of the training data) is given, the control pass and the recalibration probe on copies."""
-    counts = torch.bincount(preds.preds, minlength=preds.logits.shape[1]).double() / max(1, len(preds.labels))
-    top2 = counts.sort(descending=True).values[:2]
+    evidence = _evidence(data, preds, data_drift, recorded_accuracy, why_no_control)
     layers = data_drift.layers if data_drift.available else ()
-    first = layers[0] if layers else None
-    evidence = Evidence(
-        len(preds.labels),
-        int(preds.logits.shape[1]),
-        preds.accuracy,
-        data.class_names[int(counts.argmax())] if int(counts.argmax()) < len(data.class_names) else str(int(counts.argmax())),
-        float(top2[0]),
-        float(top2.sum()),
-        data_drift.available,
-        first.name if first else None,
-        (first.group or first.feeder_group) if first else None,
-        data_drift.suspect,
-        data_drift.downstream,
-        recorded_accuracy,
-        None,
-        why_no_control,
-    )
     if train is None or not data_drift.available:
         return evidence if train is None else replace(evidence, why_no_control=data_drift.reason)
     if progress:
@@ -197,40 +250,12 @@ def probe(
         ).accuracy  # label-free: the data's own statistics
     if progress:
         progress("control", 3, 4)
-    normalisations = {}
-    if agree_list and agree_list[0].kl > data_drift.rule.floor:  # the first BatchNorm disagrees: is it the input's scale?
-        few = train.subset(torch.arange(min(len(train), 256)))
-        for label, (mean, std) in {
-            "current": (pre.mean, pre.std),
-            **NORMALISATIONS,
-            "training data's own": data_mod.channel_stats(train.images),
-        }.items():
-            if len(mean) not in (1, pre.input_shape[0]):
-                continue
-            c = pre.input_shape[0]
-            cand = Preprocess(pre.input_shape, tuple(mean) * (c // len(mean)), tuple(std) * (c // len(std)))
-            _, d = _profile(model, few, cand, device, groups, watch)
-            normalisations[label] = {"mean": list(cand.mean), "std": list(cand.std), "first_kl": d.layers[0].kl if d.layers else None}
+    normalisations = (
+        _normalisations(model, train, pre, device, groups, watch) if agree_list and agree_list[0].kl > data_drift.rule.floor else {}
+    )
     if progress:
         progress("control", 4, 4)
-    per_layer = []
-    for u, t in zip(layers, train_drift.layers):
-        base = max(t.kl, u.noise + t.noise, data_drift.rule.floor)
-        per_layer.append(
-            {
-                "name": u.name,
-                "group": u.group or u.feeder_group,
-                "feeder_group": u.feeder_group or u.group,
-                "data_kl": u.kl,
-                "train_kl": t.kl,
-                "train_noise": t.noise,
-                "shift": u.kl / base if math.isfinite(u.kl) else math.inf,
-                # a BatchNorm's own; a fingerprint point's: the largest of the BatchNorms inside it (None: it holds none)
-                "agreement_kl": agree[u.name].kl
-                if u.name in agree
-                else max((a.kl for n, a in agree.items() if n.startswith(u.name + ".")), default=None),
-            }
-        )
+    per_layer = _per_layer(layers, train_drift, agree, data_drift.rule.floor)
     control = {
         "spec": train.spec,
         "split": train.split,

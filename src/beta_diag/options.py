@@ -16,7 +16,18 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 
 from beta_diag import configs
-from beta_diag.configs import MAX_DISTILL, AutoLayers, Baseline, Fit, Focus, ModelChoice, MomentumSchedule, OptimizerName, RankConfig
+from beta_diag.configs import (
+    MAX_DISTILL,
+    AutoLayers,
+    Baseline,
+    DataChoice,
+    Fit,
+    Focus,
+    ModelChoice,
+    MomentumSchedule,
+    OptimizerName,
+    RankConfig,
+)
 from beta_diag.errors import BetaDiagError, ConfigError
 from beta_diag.limits import MAX_BATCH, MAX_BOOTSTRAP, MAX_EPOCHS
 
@@ -281,15 +292,14 @@ def read_class_map(path: Path | None) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in pairs)
 
 
-def input_files(*paths: Path | None, specs: tuple[str | None, ...] = ()) -> tuple[Path, ...]:
-    """The files a command reads, which no output may replace: the paths given, and the files its data specs
-    name (bundles); a malformed spec is left to the command to refuse."""
-    from beta_diag.readers import DataSpec
-
+def input_files(*paths: Path | None, specs: tuple[str | DataChoice | None, ...] = ()) -> tuple[Path, ...]:
+    """The files a command reads, which no output may replace: the paths given, and the files its data choices (or
+    specs recorded in results) name, such as bundles; a malformed spec is left to the command to refuse."""
     found = [p for p in paths if p is not None]
     for spec in specs:
+        choice = spec if isinstance(spec, DataChoice) else DataChoice(spec)
         with contextlib.suppress(BetaDiagError):
-            found += DataSpec.parse(spec).files() if spec else []
+            found += choice.source.files() if choice.source is not None else []
     return tuple(found)
 
 

@@ -273,7 +273,7 @@ def _keep_data(session: Session, keep: DataChoice | None, verify_ds: Dataset, po
         ds = session.load_data(keep)
     else:
         try:
-            ds = session.load_data(DataChoice(*session.resolve_data(DataChoice(), "test")))
+            ds = session.load_data(DataChoice())  # the test data the checkpoint's metadata names
         except BetaDiagError:
             return None  # no held-out data named, or not on this machine: the plan's keep_data says none
     if _same_data(ds, pool):

@@ -236,7 +236,7 @@ def repair(
     given = (
         session.ckpt.path,
         *([Path(saved_ranking)] if saved_ranking else []),
-        *(f for c in (train, verify, val, keep_data) if c is not None and c.spec for f in DataSpec.parse(c.spec).files()),
+        *(f for c in (train, verify, val, keep_data) if c is not None and c.source is not None for f in c.source.files()),
     )
     outputs.check_output(_output_path(session, output), force, given, checkpoint_file=True)  # before any work
     planned = plan(

@@ -30,11 +30,11 @@ class Session:
     device: torch.device
     num_classes: int  # the width of the model's output on one input of ``preprocess.input_shape``
 
-    def resolve_data(self, choice: DataChoice, default_split: str = "test") -> tuple[str, str]:
+    def resolve_data(self, choice: DataChoice, default_split: str = "test") -> tuple[DataSpec, str]:
         """(spec, split): explicit choice first, then the checkpoint's recorded data, then its data set name."""
         split = choice.split or default_split
-        if choice.spec:
-            return choice.spec, split
+        if choice.source is not None:
+            return choice.source, split
         meta = self.ckpt.metadata
         recorded = meta.data.get(split)
         named = recorded["spec"] if isinstance(recorded, dict) and recorded.get("spec") else meta.dataset
@@ -46,7 +46,7 @@ class Session:
                     f"{self.ckpt.path}: its metadata names {split} data {spec.path}, which is not there "
                     f"(was the checkpoint copied without it?): pass {option} with the data"
                 )
-            return str(spec), split
+            return spec, split
         raise DataError(f"{self.ckpt.path}: metadata names no data: pass --data, e.g. --data fashion-mnist")
 
     def load_data(self, choice: DataChoice, default_split: str = "test", min_classes: int = 2, unlabelled: bool = False) -> Dataset:

@@ -20,7 +20,6 @@ from beta_diag.data import Dataset, Preprocess, ToInput
 from beta_diag.errors import ConfigError
 from beta_diag.fingerprint import Fingerprint
 from beta_diag.metadata import Metadata
-from beta_diag.readers import DataSpec
 from beta_diag.runtime import Progress, autocast, evaluate, prepare, resolve_device
 from beta_diag.schedules import MomentumScheduler, epoch_record, lr_scheduler
 from beta_diag.serial import without_timing
@@ -214,14 +213,14 @@ def train(
     from beta_diag import models
 
     config.check()  # before any data is read
-    if not data.spec:
+    train_spec = data.source
+    if train_spec is None:
         raise ConfigError("train needs data: pass e.g. DataChoice('fashion-mnist')")
-    train_spec = DataSpec.parse(data.spec)
-    if (test is None or not test.spec) and train_spec.reader.one_split:
-        raise ConfigError(f"{data.spec} is a bundle, which holds one split: pass --test-data with held-out images")
-    test_spec = test.spec if test is not None and test.spec else data.spec
+    if (test is None or test.source is None) and train_spec.reader.one_split:
+        raise ConfigError(f"{train_spec} is a bundle, which holds one split: pass --test-data with held-out images")
+    test_spec = test.source if test is not None and test.source is not None else train_spec
     limit, test_limit = data.limit, test.limit if test is not None else None
-    train_ds = data_mod.load(data.spec, "train", limit=limit, seed=data.seed)
+    train_ds = data_mod.load(train_spec, "train", limit=limit, seed=data.seed)
     test_ds = data_mod.load(test_spec, "test", limit=test_limit, seed=data.seed if test is None else test.seed)
     data_mod.check_fits(train_ds, 10**9, min_classes=2)
     num_classes = max(len(train_ds.class_names), int(train_ds.labels.max()) + 1)
@@ -252,7 +251,7 @@ def train(
         dataset=train_spec.name,
         data={
             "train": {"spec": str(train_spec.resolved()), "split": "train"},
-            "test": {"spec": str(DataSpec.parse(test_spec).resolved()), "split": "test"},
+            "test": {"spec": str(test_spec.resolved()), "split": "test"},
         },
         training={
             **config.to_dict(),
