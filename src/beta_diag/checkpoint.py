@@ -51,25 +51,17 @@ class Checkpoint:
     def with_model(self, choice: ModelChoice) -> Checkpoint:
         """The same checkpoint with the architecture (``--arch``, ``--arch-arg``) or the preprocessing
         (``--input-size``, ``--mean``, ``--std``: one value or one per channel; ``--resize``) given by hand."""
-        arch, arch_kwargs, input_size, mean, std, resize = (
-            choice.arch,
-            dict(choice.arch_kwargs),
-            choice.input_size,
-            choice.mean,
-            choice.std,
-            choice.resize,
-        )
-        meta = self.metadata
-        if resize is not None:
-            meta = replace(meta, resize=Fit(resize).value)
-        if arch_kwargs:
-            meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **arch_kwargs})
+        meta, input_size = self.metadata, choice.input_size
+        if choice.resize is not None:
+            meta = replace(meta, resize=Fit(choice.resize).value)
+        if choice.arch_kwargs:
+            meta = replace(meta, arch_kwargs={**meta.arch_kwargs, **choice.arch_kwargs})
         channels = meta.input_shape[0] if meta.input_shape else infer.first_conv_channels(self.state_dict) or 3
         if input_size is not None:
             if not all(isinstance(v, int) and 1 <= v <= MAX_INPUT_SIDE for v in input_size):
                 raise CheckpointError(f"--input-size {input_size}: pass sides from 1 to {MAX_INPUT_SIDE} pixels, e.g. --input-size 28")
             meta = replace(meta, input_shape=(channels, *input_size))
-        for name, values in (("mean", mean), ("std", std)):  # checked, then one per channel
+        for name, values in (("mean", choice.mean), ("std", choice.std)):  # checked, then one per channel
             if values is None:
                 continue
             if len(values) not in (1, channels) or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
@@ -79,8 +71,8 @@ class Checkpoint:
                 )
             per_channel = tuple(values) * (channels if len(values) == 1 else 1)
             meta = replace(meta, mean=per_channel) if name == "mean" else replace(meta, std=per_channel)
-        if arch is not None:
-            return replace(self, metadata=replace(meta, arch=arch), arch_from_user=True, resolved=False)
+        if choice.arch is not None:
+            return replace(self, metadata=replace(meta, arch=choice.arch), arch_from_user=True, resolved=False)
         return self if meta == self.metadata else replace(self, metadata=meta, resolved=False)
 
     def _arch_kwargs(self) -> dict[str, Any]:

@@ -5,26 +5,24 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 from beta_diag import distributed, outputs
 from beta_diag import options as opt
 from beta_diag.cli_app import app, handle_errors, say_notes
 from beta_diag.configs import (
-    DEFAULT_BOOTSTRAP,
-    DEFAULT_CONTROL,
-    DEFAULT_METRIC,
     PLANNED,
     PLANNED_EPOCHS,
     PLANNED_LR,
     PLANNED_STEPS_PER_EPOCH,
     DataChoice,
-    Granularity,
     ModelChoice,
     OptimizerName,
+    RankConfig,
     TrainConfig,
 )
 from beta_diag.errors import ConfigError
-from beta_diag.options import input_files, parse_arch_args, rank_config, read_class_map
+from beta_diag.options import input_files, parse_arch_args, read_class_map
 
 
 @app.command()
@@ -142,23 +140,18 @@ def schedule(
 @app.command()
 @handle_errors
 @opt.takes_model
+@opt.takes_ranking
 def rank(
     ckpt: opt.Ckpt,
     data: opt.Data = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
     class_map: opt.ClassMap = None,
-    metric: opt.Metric = DEFAULT_METRIC,
-    granularity: opt.Granularity = Granularity.group,
+    ranking: RankConfig = RankConfig(),
     top_k: opt.TopK = None,
-    bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
-    contrast: opt.Contrast = False,
-    control: opt.Control = DEFAULT_CONTROL,
-    no_control: opt.NoControl = False,
     train_data: opt.TrainDataSpec = None,
     seed: opt.Seed = 0,
     by_class: opt.ByClass = False,
-    groups_glob: opt.Groups = None,
     model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     out: opt.RankingOut = None,
@@ -179,17 +172,7 @@ def rank(
     folders = read_class_map(class_map)
     chosen, train_choice = DataChoice(data, split, limit, seed, folders), DataChoice(train_data, "train", class_map=folders)
     outputs.preflight({"--out": out, "--plot": plot}, input_files(ckpt, class_map, specs=(chosen, train_choice)), force)
-    config = rank_config(
-        metric=metric,
-        granularity=granularity,
-        top_k=top_k,
-        bootstrap=bootstrap,
-        seed=seed,
-        by_class=by_class,
-        groups_glob=groups_glob,
-        contrast=contrast,
-        control=0 if no_control else control,
-    )
+    config = replace(ranking, top_k=top_k, seed=seed, by_class=by_class)
     session = open_session(ckpt, device=device, model=model)
     with report.progress(quiet or as_json) as progress:
         result = rank_fn(session, data=chosen, config=config, progress=progress, train=train_choice)
@@ -205,21 +188,16 @@ def rank(
 @app.command()
 @handle_errors
 @opt.takes_model
+@opt.takes_ranking
 def compare(
     inputs: opt.CompareInputs,
     data: opt.Data = None,
     split: opt.Split = None,
     limit: opt.Limit = None,
     class_map: opt.ClassMap = None,
-    metric: opt.Metric = DEFAULT_METRIC,
-    granularity: opt.Granularity = Granularity.group,
+    ranking: RankConfig = RankConfig(),
     top_k: opt.OverlapTopK = None,
-    bootstrap: opt.Bootstrap = DEFAULT_BOOTSTRAP,
-    contrast: opt.Contrast = False,
-    control: opt.Control = DEFAULT_CONTROL,
-    no_control: opt.NoControl = False,
     seed: opt.Seed = 0,
-    groups_glob: opt.Groups = None,
     model: ModelChoice = ModelChoice(),
     device: opt.Device = "auto",
     plot: opt.Plot = None,
@@ -237,16 +215,7 @@ def compare(
 
     chosen = DataChoice(data, split, limit, seed, read_class_map(class_map))
     outputs.preflight({"--plot": plot}, input_files(*inputs, class_map, specs=(chosen,)), force)
-    config = rank_config(
-        metric=metric,
-        granularity=granularity,
-        top_k=top_k,
-        bootstrap=bootstrap,
-        seed=seed,
-        groups_glob=groups_glob,
-        contrast=contrast,
-        control=0 if no_control else control,
-    )
+    config = replace(ranking, top_k=top_k, seed=seed)
     opened = [p if p.suffix.lower() == ".json" else checkpoint.load_as(p, model) for p in inputs]
     with report.progress(quiet or as_json) as progress:
         result = compare_fn(opened, data=chosen, config=config, device=device, progress=progress)

@@ -8,14 +8,14 @@ import functools
 import os
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
 from beta_diag import distributed, entry
 from beta_diag import options as opt
 from beta_diag.errors import BetaDiagError, NoErrorsToDiagnose
+from beta_diag.options import F
 from beta_diag.shown import plain
 
 app = typer.Typer(
@@ -25,8 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the layer groups that carry a classifier's errors, compare across optimizers, repair just those.",
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @app.callback()

@@ -78,7 +78,7 @@ def repair(
         training=replace(
             REPAIR_TRAINING,
             epochs=epochs,
-            lr=lr or REPAIR_TRAINING.lr,
+            lr=REPAIR_TRAINING.lr if lr is None else lr,
             batch_size=batch_size,
             optimizer=optimizer,
             momentum=momentum,
@@ -95,7 +95,7 @@ def repair(
         allow_forgetting=allow_forgetting,
     )
     asked: dict[str, Any] = {  # what plan and repair share
-        "layers": opt.parse_layers(layers),
+        "layers": layers,
         **choices,
         "config": config,
         "rank_config": rank_config(metric=metric, granularity=granularity, top_k=top_k, seed=seed),  # the cause leads, the place follows

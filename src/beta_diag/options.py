@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -224,33 +224,14 @@ AcceptP = Annotated[
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")]
 
 
-def rank_config(
-    *,
-    metric: configs.Metric = configs.DEFAULT_METRIC,
-    granularity: configs.Granularity = configs.Granularity.group,
-    top_k: int | None = None,
-    bootstrap: int = configs.DEFAULT_BOOTSTRAP,
-    seed: int = 0,
-    by_class: bool = False,
-    groups_glob: str | None = None,
-    contrast: bool = False,
-    control: int = configs.DEFAULT_CONTROL,
-) -> RankConfig:
-    """``RankConfig`` from the rank options (``--groups`` as a comma list of patterns)."""
+def rank_config(*, groups_glob: str | None = None, no_control: bool = False, **fields: Any) -> RankConfig:
+    """``RankConfig`` from the rank options: ``--groups`` as a comma list of patterns, ``--no-control`` as control 0."""
     include = tuple(p.strip() for p in groups_glob.split(",") if p.strip()) if groups_glob is not None else ()
     if groups_glob is not None and not include:
         raise ConfigError(f"--groups '{groups_glob}' names no pattern: pass e.g. --groups 'layer3*,fc', or drop it to rank every group")
-    return RankConfig(
-        metric=metric,
-        granularity=granularity,
-        top_k=top_k,
-        bootstrap=bootstrap,
-        seed=seed,
-        by_class=by_class,
-        include=include,
-        contrast=contrast,
-        control=control,
-    )
+    if no_control:
+        fields["control"] = 0
+    return RankConfig(include=include, **fields)
 
 
 MAX_CLASS_MAP_BYTES = 1 << 20
@@ -303,14 +284,6 @@ def input_files(*paths: Path | None, specs: tuple[str | DataChoice | None, ...] 
     return tuple(found)
 
 
-def parse_layers(text: str) -> Literal["auto", "all"] | tuple[str, ...]:
-    """``--layers``: auto, all, or a comma list of group, block or module names."""
-    text = text.strip()
-    if text in ("auto", "all"):
-        return "auto" if text == "auto" else "all"
-    return tuple(n.strip() for n in text.split(",") if n.strip())  # none: refused with the valid names (planning.resolve_layers)
-
-
 def parse_arch_args(items: list[str] | None) -> dict[str, Any]:
     """``["width=16", "name=x"]`` -> ``{"width": 16, "name": "x"}`` (values parsed as JSON when they can be)."""
     out: dict[str, Any] = {}
@@ -334,14 +307,23 @@ def _numbers(option: str, text: str | None, kind: type[int | float]) -> tuple[An
         raise ConfigError(f"{option} {text}: pass numbers separated by commas (sizes: 28 or 224x224)") from None
 
 
-MODEL_OPTIONS = {
-    "arch": Arch,
-    "arch_arg": ArchArg,
-    "input_size": InputSize,
-    "mean": Mean,
-    "std": Std,
-    "resize": Resize,
-    "state_key": StateKey,
+MODEL_OPTIONS = {  # option: (declaration, default)
+    "arch": (Arch, None),
+    "arch_arg": (ArchArg, None),
+    "input_size": (InputSize, None),
+    "mean": (Mean, None),
+    "std": (Std, None),
+    "resize": (Resize, None),
+    "state_key": (StateKey, None),
+}
+RANK_OPTIONS = {  # the options rank and compare share; each command adds its own --top-k, --seed (and rank --by-class)
+    "metric": (Metric, configs.DEFAULT_METRIC),
+    "granularity": (Granularity, configs.Granularity.group),
+    "bootstrap": (Bootstrap, configs.DEFAULT_BOOTSTRAP),
+    "contrast": (Contrast, False),
+    "control": (Control, configs.DEFAULT_CONTROL),
+    "no_control": (NoControl, False),
+    "groups_glob": (Groups, None),
 }
 
 
@@ -369,23 +351,31 @@ def model_choice(
     )
 
 
-def takes_model(command: F) -> F:
-    """Declare the model options (``MODEL_OPTIONS``) on a command in place of its ``model`` parameter, and call it
-    with one ``ModelChoice`` built from them: each command that opens a checkpoint shares one declaration."""
-    signature = inspect.signature(command, eval_str=True)
-    declared = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-        for name, annotation in MODEL_OPTIONS.items()
-    ]
-    params = []
-    for param in signature.parameters.values():
-        params += declared if param.name == "model" else [param.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
+def _takes(param: str, options: dict[str, tuple[Any, Any]], build: Callable[..., Any]) -> Callable[[F], F]:
+    """A decorator that declares ``options`` on a command in place of its ``param`` parameter, and calls the command
+    with ``build(**options given)`` there: options several commands share are declared once."""
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name, None) for name in MODEL_OPTIONS}
-        return command(**kwargs, model=model_choice(**given))
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        declared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in options.items()
+        ]
+        params = []
+        for p in signature.parameters.values():
+            params += declared if p.name == param else [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)]
 
-    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
-    return wrapper  # type: ignore[return-value]
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name, default) for name, (_, default) in options.items()}
+            return command(**kwargs, **{param: build(**given)})
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+takes_model = _takes("model", MODEL_OPTIONS, model_choice)  # every command that opens a checkpoint: one ModelChoice
+takes_ranking = _takes("ranking", RANK_OPTIONS, rank_config)  # rank and compare: one RankConfig, before --top-k and --seed

@@ -157,6 +157,8 @@ def _chosen(
     cands: list[Candidate] = []
     settles = False
     because = "--method recalibrate" if recalibrate else "named by --layers"
+    if isinstance(layers, str):  # auto, all, or a comma list ("fc" is one name, not 'f', 'c'; empty names dropped)
+        layers = layers.strip() if layers.strip() in ("auto", "all") else [n.strip() for n in layers.split(",") if n.strip()]
     if recalibrate:
         if not tracked_norms(session.model):
             raise ConfigError(
@@ -185,7 +187,7 @@ def _chosen(
     elif layers == "all":  # every group: a full fine-tune, reported as one
         names = [g.name for g in groups.layer_groups(session.model, Granularity.group)]
     else:
-        names = [n.strip() for n in layers.split(",")] if isinstance(layers, str) else list(layers)  # "fc" is one name, not 'f', 'c'
+        names = list(layers)
     return names, cands, settles, because
 
 
